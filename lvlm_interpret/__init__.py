@@ -1,0 +1,22 @@
+"""lvlm_interpret: see where a vision-language model looked, token by token.
+
+Python API:
+    from lvlm_interpret import load_model, generate_with_capture, get_method
+    loaded = load_model("random:llava")
+    trace = generate_with_capture(loaded, [image], "Describe the image.")
+    explanation = get_method("attention").explain(trace, token_index=0)
+"""
+
+from .capture import GenerationOptions, generate_with_capture
+from .errors import UserInputError
+from .families import FAMILIES, ImageLayout
+from .images import load_image
+from .methods import METHODS, Explanation, get_method
+from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .service import ExplainService
+from .trace import Trace
+
+__all__ = [
+    "DEFAULT_MODEL", "FAMILIES", "METHODS", "ExplainService", "Explanation", "GenerationOptions", "ImageLayout",
+    "LoadedModel", "Trace", "UserInputError", "generate_with_capture", "get_method", "load_image", "load_model",
+]

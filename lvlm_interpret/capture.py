@@ -1,0 +1,166 @@
+"""Generation with capture: one `generate` call that also records what the explanation methods need.
+
+Capture rides on a registered attention implementation (`lvlm_capture`): every attention call runs the fast
+SDPA kernel, and for the language-model layers the softmax row of the *last* query is recomputed on the side.
+With a KV cache that last query is exactly the position that predicts the next token, so one generation
+yields every answer token's attention row in every layer and head, without eager attention and without
+keeping the layers x heads x P x P prompt attention.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import UserInputError
+from .trace import Trace
+
+CAPTURE_ATTENTION = "lvlm_capture"
+_ACTIVE_RECORDER: contextvars.ContextVar["_Recorder | None"] = contextvars.ContextVar("lvlm_recorder", default=None)
+
+
+def last_query_attention(query, key, attention_mask, scaling) -> torch.Tensor:
+    """Softmax attention weights [heads, keys] of the last query position (batch element 0)."""
+    q = query[0:1, :, -1:, :].float()
+    k = repeat_kv(key[0:1], q.shape[1] // key.shape[1]).float()
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        row = attention_mask[0:1, :, -1:, : k.shape[-2]]
+        scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
+    return torch.softmax(scores, dim=-1)[0, :, 0, :]
+
+
+def capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    recorder = _ACTIVE_RECORDER.get()
+    if recorder is not None:
+        layer = recorder.layer_of.get(id(module))
+        if layer is not None:
+            recorder.rows[layer].append(last_query_attention(query, key, attention_mask, scaling).half().cpu())
+    return output
+
+
+AttentionInterface.register(CAPTURE_ATTENTION, capture_attention)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+
+
+class _Recorder:
+    def __init__(self, attention_modules, final_norm):
+        self.layer_of = {id(module): index for index, module in enumerate(attention_modules)}
+        self.rows: list[list[torch.Tensor]] = [[] for _ in attention_modules]
+        self.hidden: list[torch.Tensor] = []
+        self._final_norm = final_norm
+
+    def __enter__(self):
+        self._token = _ACTIVE_RECORDER.set(self)
+        self._hook = self._final_norm.register_forward_hook(
+            lambda module, args, output: self.hidden.append(output[0].detach().half().cpu())
+        )
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+        _ACTIVE_RECORDER.reset(self._token)
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 32
+    do_sample: bool = False  # greedy unless asked
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 1024:
+            raise UserInputError(f"max new tokens must be between 1 and 1024, got {self.max_new_tokens}")
+        if not 0 < self.temperature <= 10:
+            raise UserInputError(f"temperature must be in (0, 10], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def build_inputs(loaded, images, prompt: str):
+    """The processor's model inputs for a single-turn chat: the images first, then the prompt."""
+    if not prompt or not prompt.strip():
+        raise UserInputError("the prompt is empty: type a question about the image")
+    if not images:
+        raise UserInputError("no image given: provide at least one image")
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt.strip()}]
+    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                tokenize=False)
+    inputs = loaded.processor(images=list(images), text=text, return_tensors="pt")
+    limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and inputs["input_ids"].shape[1] >= limit:
+        raise UserInputError(
+            f"the prompt and image take {inputs['input_ids'].shape[1]} tokens, more than the model's context of "
+            f"{limit}: shorten the prompt or use fewer images"
+        )
+    return inputs
+
+
+@torch.no_grad()
+def generate_with_capture(loaded, images, prompt: str, options: GenerationOptions | None = None) -> Trace:
+    """Generate an answer to `prompt` about `images` and return the Trace of that generation."""
+    options = options or GenerationOptions()
+    options.validate()
+    model, family, tokenizer = loaded.model, loaded.family, loaded.processor.tokenizer
+    inputs = build_inputs(loaded, images, prompt)
+    layouts = family.image_layouts(model, loaded.processor, inputs, list(images))
+    prompt_length = int(inputs["input_ids"].shape[1])
+
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
+        if options.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if options.do_sample:
+        torch.manual_seed(options.seed)
+    with _Recorder(family.language_attentions(model), family.final_norm(model)) as recorder:
+        output = model.generate(
+            **inputs.to(loaded.device),
+            max_new_tokens=options.max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+
+    sequence = output.sequences[0].cpu()
+    stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                   else [model.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    n_answer = int(sequence.shape[0]) - prompt_length
+    # A final end-of-sequence token ends the answer; it is not part of it.
+    if n_answer > 1 and int(sequence[-1]) in stop_ids:
+        n_answer -= 1
+    sequence = sequence[: prompt_length + n_answer]
+    n_keys = prompt_length + n_answer - 1
+
+    attention = torch.zeros(n_answer, len(recorder.rows), recorder.rows[0][0].shape[0], n_keys, dtype=torch.float16)
+    for layer, rows in enumerate(recorder.rows):
+        for t in range(n_answer):
+            attention[t, layer, :, : rows[t].shape[-1]] = rows[t]
+    hidden = torch.cat(recorder.hidden, dim=0)[:n_keys]
+    logprobs = torch.stack([
+        torch.log_softmax(output.logits[t][0].float(), dim=-1)[sequence[prompt_length + t]].cpu()
+        for t in range(n_answer)
+    ])
+    return Trace(
+        model_name=loaded.name,
+        prompt=prompt.strip(),
+        answer=tokenizer.decode(sequence[prompt_length:], skip_special_tokens=True).strip(),
+        input_ids=sequence.long(),
+        prompt_length=prompt_length,
+        token_texts=[tokenizer.decode([token]) for token in sequence.tolist()],
+        images=layouts,
+        attention=attention,
+        hidden=hidden,
+        answer_logprobs=logprobs.float(),
+        model_inputs={name: value.detach().cpu() for name, value in inputs.items()
+                      if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)},
+        generation=asdict(options),
+        special_token_ids=sorted(set(tokenizer.all_special_ids)),
+    )

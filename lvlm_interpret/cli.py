@@ -1,0 +1,180 @@
+"""Command line: `python -m lvlm_interpret explain --image PATH --prompt TEXT --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .capture import GenerationOptions, generate_with_capture
+from .errors import UserInputError
+from .images import load_image
+from .methods import METHODS, get_method
+from .models.loading import DEFAULT_MODEL, load_model
+from .rendering import blend, overlay
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise UserInputError(message)
+
+
+def _parse_methods(spec: str) -> list[str]:
+    names = sorted(METHODS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UserInputError("--methods is empty: name at least one of " + ", ".join(sorted(METHODS)))
+    for name in names:
+        get_method(name)
+    return list(dict.fromkeys(names))
+
+
+def _parse_tokens(spec: str) -> list[int] | None:
+    if spec.strip() == "all":
+        return None
+    try:
+        indices = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise UserInputError(f"--tokens must be 'all' or comma-separated indices like 0,2,5; got {spec!r}") from None
+    if not indices or any(i < 0 for i in indices):
+        raise UserInputError(f"--tokens must list non-negative answer-token indices; got {spec!r}")
+    return list(dict.fromkeys(indices))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lvlm_interpret", description="Explain what a vision-language model looked at.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    explain = commands.add_parser("explain", help="generate an answer and write maps for its tokens")
+    explain.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
+    explain.add_argument("--prompt", required=True, help="the question or instruction")
+    explain.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or random:PRESET "
+                                                                f"(default {DEFAULT_MODEL})")
+    explain.add_argument("--methods", default="attention", help=f"comma list of {', '.join(sorted(METHODS))}, or all")
+    explain.add_argument("--max-new-tokens", type=int, default=32)
+    explain.add_argument("--temperature", type=float, default=None, help="sample with this temperature "
+                                                                         "(default: greedy)")
+    explain.add_argument("--top-p", type=float, default=1.0)
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--tokens", default="all", help="answer tokens to explain: all, or indices like 0,2")
+    explain.add_argument("--layers", default="all", help="attention layers: all, 3, 2-5 or 1,4")
+    explain.add_argument("--heads", default="all", help="attention heads: all, 3, 0-7 or 1,4")
+    explain.add_argument("--aggregation", default="mean", choices=["mean", "max"])
+    explain.add_argument("--device", default="auto")
+    explain.add_argument("--dtype", default="auto")
+    explain.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto, for large models")
+    explain.add_argument("--trust-remote-code", action="store_true")
+    explain.add_argument("--png", action="store_true", help="also write one overlay PNG per method and token")
+    explain.add_argument("--save-trace", action="store_true", help="also write trace.safetensors")
+    explain.add_argument("--out", required=True, help="output folder")
+    return parser
+
+
+def run_explain(args) -> Path:
+    start = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    methods = _parse_methods(args.methods)
+    tokens = _parse_tokens(args.tokens)
+    if not args.prompt.strip():
+        raise UserInputError("--prompt is empty: give a question about the image")
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
+                                temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+    options.validate()
+    images = [load_image(path) for path in args.image]
+    timings = {}
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                        trust_remote_code=args.trust_remote_code)
+    timings["load_model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trace = generate_with_capture(loaded, images, args.prompt, options)
+    timings["generate"] = time.perf_counter() - t0
+    indices = list(range(trace.n_answer)) if tokens is None else tokens
+    for index in indices:
+        trace.check_token_index(index)
+
+    method_options = {"attention": {"layers": args.layers, "heads": args.heads, "aggregation": args.aggregation}}
+    arrays, explanations = {}, {}
+    for name in methods:
+        t0 = time.perf_counter()
+        explained = [get_method(name).explain(trace, i, model=loaded, **method_options.get(name, {}))
+                     for i in indices]
+        timings[name] = time.perf_counter() - t0
+        explanations[name] = explained
+        for k in range(len(images)):
+            key = name if len(images) == 1 else f"{name}_image{k}"
+            arrays[key] = np.stack([e.maps[k] for e in explained]).astype(np.float32)
+    timings["total"] = time.perf_counter() - start
+
+    def token(i):
+        return {"index": i, "id": trace.answer_ids[i], "text": trace.answer_texts[i]}
+
+    image_info = [{"width": l.image_size[0], "height": l.image_size[1], "grid": [l.rows, l.cols],
+                   "box": [round(v, 3) for v in l.box]} for l in trace.images]
+    if len(images) == 1:
+        image_info = image_info[0]
+    else:
+        image_info = {"width": [i["width"] for i in image_info], "height": [i["height"] for i in image_info],
+                      "grid": [i["grid"] for i in image_info], "box": [i["box"] for i in image_info]}
+    result = {
+        "model": trace.model_name,
+        "prompt": trace.prompt,
+        "answer": trace.answer,
+        "tokens": [token(i) for i in indices],
+        "answer_tokens": [token(i) for i in range(trace.n_answer)],
+        "answer_logprobs": [round(float(v), 6) for v in trace.answer_logprobs],
+        "image": image_info,
+        "methods": methods,
+        "method_options": {name: method_options.get(name, {}) for name in methods},
+        "generation": trace.generation,
+        "trace_bytes": trace.nbytes,
+        "timings_s": {name: round(value, 4) for name, value in timings.items()},
+    }
+
+    # Everything is written into a staging folder first, then moved into place: no half-written DIR.
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        (staging / "result.json").write_text(json.dumps(result, indent=2))
+        np.savez_compressed(staging / "maps.npz", **arrays)
+        if args.save_trace:
+            trace.save(staging / "trace.safetensors")
+        if args.png:
+            (staging / "overlays").mkdir()
+            for name, explained in explanations.items():
+                for explanation in explained:
+                    for k, (grid_map, layout) in enumerate(zip(explanation.maps, trace.images)):
+                        suffix = "" if len(images) == 1 else f"_image{k}"
+                        blend(images[k], overlay(grid_map, layout)).save(
+                            staging / "overlays" / f"{name}_token{explanation.token_index}{suffix}.png")
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "explain":
+            out = run_explain(args)
+            print(f"wrote {out / 'result.json'} and {out / 'maps.npz'}")
+        return 0
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

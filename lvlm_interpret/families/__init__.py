@@ -1,0 +1,20 @@
+"""Model-family adapters, found by the checkpoint config's `model_type`. A new family is one file plus one line here."""
+
+from __future__ import annotations
+
+from .base import ImageLayout, ModelFamily
+from .llava import LlavaFamily
+from .qwen2_vl import Qwen2VLFamily
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LlavaFamily(), Qwen2VLFamily())}
+
+
+def family_for_model_type(model_type: str) -> ModelFamily:
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for family in FAMILIES.values() for t in family.model_types)
+    raise KeyError(f"model type {model_type!r} has no adapter; supported model types: {', '.join(supported)}")
+
+
+__all__ = ["FAMILIES", "ImageLayout", "ModelFamily", "family_for_model_type"]

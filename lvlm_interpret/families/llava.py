@@ -1,0 +1,102 @@
+"""LLaVA-1.5 layout: one run of image tokens per image, a square patch grid of the (padded, resized, cropped) image."""
+
+from __future__ import annotations
+
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
+from .base import ModelFamily, seeded_model
+
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _dim(size, key: str):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def processed_box(width: int, height: int, image_processor) -> tuple[float, float, float, float]:
+    """The region of the original image that survives the processor's pad-to-square, resize and centre crop."""
+    x0, y0, w, h = 0.0, 0.0, float(width), float(height)
+    if getattr(image_processor, "do_pad", False) and w != h:
+        side = max(w, h)
+        x0, y0, w, h = x0 - (side - w) / 2, y0 - (side - h) / 2, side, side
+    if not getattr(image_processor, "do_center_crop", False):
+        return (x0, y0, x0 + w, y0 + h)
+    size = image_processor.size
+    if getattr(image_processor, "do_resize", True) and _dim(size, "shortest_edge"):
+        scale_x = scale_y = _dim(size, "shortest_edge") / min(w, h)
+    elif getattr(image_processor, "do_resize", True) and _dim(size, "height"):
+        scale_x, scale_y = _dim(size, "width") / w, _dim(size, "height") / h
+    else:
+        scale_x = scale_y = 1.0
+    crop_w = min(_dim(image_processor.crop_size, "width") / scale_x, w)
+    crop_h = min(_dim(image_processor.crop_size, "height") / scale_y, h)
+    cx, cy = x0 + w / 2, y0 + h / 2
+    return (cx - crop_w / 2, cy - crop_h / 2, cx + crop_w / 2, cy + crop_h / 2)
+
+
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    model_types = ("llava",)
+
+    def grids(self, model, processor, inputs, images):
+        patch = model.config.vision_config.patch_size
+        height, width = inputs["pixel_values"].shape[-2:]
+        # The "full" strategy keeps the CLS feature as one extra image token in front of the grid.
+        skip = 1 if model.config.vision_feature_select_strategy == "full" else 0
+        return [
+            (height // patch, width // patch, skip, processed_box(*image.size, processor.image_processor))
+            for image in images
+        ]
+
+    def vision_layers(self, model):
+        return list(model.model.vision_tower.vision_model.encoder.layers)
+
+    def build_random(self, preset):
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)
+        image = preset["image"]
+        vision = CLIPVisionConfig(image_size=image["crop"], patch_size=image["patch"], **preset["vision_config"])
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **preset["text_config"],
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(
+                size={"shortest_edge": image["crop"]},
+                crop_size={"height": image["crop"], "width": image["crop"]},
+                do_center_crop=True,
+            ),
+            tokenizer=tokenizer,
+            patch_size=image["patch"],
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )
+        return seeded_model(LlavaForConditionalGeneration, config, preset.get("seed", 0)), processor

@@ -1,0 +1,84 @@
+"""Qwen2-VL layout: any-resolution patches, 2x2 patches merged into one LM token, grid from `image_grid_thw`."""
+
+from __future__ import annotations
+
+from transformers import (
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+
+from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
+from .base import ModelFamily, seeded_model
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>", "<|endoftext|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor, which needs torchvision (absent from CPU installs)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLFamily(ModelFamily):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def grids(self, model, processor, inputs, images):
+        merge = model.config.vision_config.spatial_merge_size
+        grids = []
+        for (frames, height, width), image in zip(inputs["image_grid_thw"].tolist(), images, strict=True):
+            if frames != 1:
+                raise ValueError("qwen2_vl: only still images are supported (image_grid_thw has t != 1)")
+            # smart_resize keeps the whole image (only rounding the sides), so the grid covers all of it.
+            grids.append((height // merge, width // merge, 0, (0.0, 0.0, float(image.width), float(image.height))))
+        return grids
+
+    def vision_layers(self, model):
+        return list(model.model.visual.blocks)
+
+    def build_random(self, preset):
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,
+                                         CHAT_TEMPLATE)
+        ids = tokenizer.convert_tokens_to_ids
+        image = preset["image"]
+        config = Qwen2VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": ids("<|im_end|>"),
+                "pad_token_id": tokenizer.pad_token_id,
+                **preset["text_config"],
+            },
+            vision_config={"patch_size": image["patch"], "spatial_merge_size": image["merge"],
+                           "temporal_patch_size": 2, "hidden_size": preset["text_config"]["hidden_size"],
+                           **preset["vision_config"]},
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+        factor = image["patch"] * image["merge"]
+        processor = Qwen2VLImageProcessorOnly(
+            image_processor=Qwen2VLImageProcessorPil(
+                min_pixels=image["min_cells"] * factor * factor,
+                max_pixels=image["max_cells"] * factor * factor,
+                patch_size=image["patch"],
+                merge_size=image["merge"],
+                temporal_patch_size=2,
+            ),
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+        )
+        return seeded_model(Qwen2VLForConditionalGeneration, config, preset.get("seed", 0)), processor

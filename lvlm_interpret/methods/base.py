@@ -1,0 +1,60 @@
+"""The one interface every explanation method implements, and the registry that finds methods by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import UserInputError
+from ..trace import Trace
+
+
+@dataclass
+class Explanation:
+    """What a method says about one answer token."""
+
+    method: str
+    token_index: int
+    maps: list[np.ndarray]  # one non-negative float32 [rows, cols] map per image
+    text_scores: np.ndarray | None = None  # one score per position before the token (image positions zero)
+    details: dict = field(default_factory=dict)
+
+
+class ExplanationMethod:
+    """Subclasses set `name` and `description` and implement `explain`; options are keyword arguments."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def explain(self, trace: Trace, token_index: int, model=None, **options) -> Explanation:
+        raise NotImplementedError
+
+
+METHODS: dict[str, ExplanationMethod] = {}
+
+
+def register_method(cls: type[ExplanationMethod]) -> type[ExplanationMethod]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> ExplanationMethod:
+    if name not in METHODS:
+        raise UserInputError(f"unknown method {name!r}: available methods are {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def split_by_image(trace: Trace, scores: np.ndarray) -> list[np.ndarray]:
+    """Cut a score-per-position vector into one [rows, cols] grid per image."""
+    return [scores[layout.start:layout.end].reshape(layout.rows, layout.cols).astype(np.float32)
+            for layout in trace.images]
+
+
+def text_only(trace: Trace, scores: np.ndarray) -> np.ndarray:
+    """The same vector with image positions zeroed: what is left scores prompt and earlier answer text."""
+    text = scores.astype(np.float32).copy()
+    for layout in trace.images:
+        text[layout.start:layout.end] = 0.0
+    return text

@@ -1,0 +1,46 @@
+"""Turning grid maps into pictures: colour scales, RGBA overlays the size of the original image, blends."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from plotly.colors import get_colorscale, sample_colorscale, unlabel_rgb
+
+from .families.base import ImageLayout
+
+
+def normalise(grid_map: np.ndarray, ignore_top: int = 0) -> np.ndarray:
+    """Scale to [0, 1] by the maximum; `ignore_top` > 0 scales by the (k+1)-th largest cell instead, so a few
+    attention-sink cells do not wash out the rest (they saturate)."""
+    values = np.clip(np.asarray(grid_map, dtype=np.float32), 0.0, None)
+    flat = np.sort(values.ravel())[::-1]
+    top = flat[min(ignore_top, flat.size - 1)] if flat.size else 0.0
+    return np.clip(values / top, 0.0, 1.0) if top > 0 else np.zeros_like(values)
+
+
+def colour_lookup(colorscale: str = "Inferno", levels: int = 256) -> np.ndarray:
+    """[levels, 3] uint8 colours sampled from a plotly colour scale."""
+    colours = sample_colorscale(get_colorscale(colorscale), np.linspace(0, 1, levels))
+    return np.array([unlabel_rgb(colour) for colour in colours], dtype=np.float32).round().astype(np.uint8)
+
+
+def overlay(grid_map: np.ndarray, layout: ImageLayout, *, alpha: float = 0.6, colorscale: str = "Inferno",
+            ignore_top: int = 0, smooth: bool = False) -> Image.Image:
+    """An RGBA image the size of the original image: the map stretched over the box its grid covers."""
+    width, height = layout.image_size
+    x0, y0, x1, y1 = (int(round(v)) for v in layout.box)
+    scaled = Image.fromarray(normalise(grid_map, ignore_top), mode="F").resize(
+        (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    )
+    levels = (np.clip(np.asarray(scaled), 0, 1) * 255).round().astype(np.uint8)
+    rgba = np.zeros((*levels.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = colour_lookup(colorscale)[levels]
+    rgba[..., 3] = int(round(alpha * 255))
+    canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    canvas.paste(Image.fromarray(rgba, mode="RGBA"), (x0, y0))
+    return canvas
+
+
+def blend(image: Image.Image, overlay_image: Image.Image) -> Image.Image:
+    """The original image with the overlay composited on top (RGB)."""
+    return Image.alpha_composite(image.convert("RGBA"), overlay_image).convert("RGB")

@@ -1,0 +1,117 @@
+"""The service: the only owner of loaded models and of cached traces and explanations.
+
+The CLI, the Python API and the web app all go through it. A request keeps its (small) inputs for as long
+as the service lives; its Trace and maps sit in a cache bounded in bytes, and a request whose Trace was
+evicted is regenerated transparently (generation is deterministic for fixed options).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from .capture import GenerationOptions, generate_with_capture
+from .errors import UserInputError
+from .methods import Explanation, get_method
+from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .trace import Trace
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    images: tuple[Image.Image, ...]
+    prompt: str
+    options: GenerationOptions
+
+
+class ByteBoundedCache:
+    """Least-recently-used mapping whose values' sizes add up to at most `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key, value, size: int) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._sizes[key] = size
+            self._entries.move_to_end(key)
+            while sum(self._sizes.values()) > self.max_bytes and len(self._entries) > 1:
+                oldest, _ = self._entries.popitem(last=False)
+                del self._sizes[oldest]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+
+class ExplainService:
+    def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30, **load_options):
+        self.default_model = default_model
+        self.load_options = load_options
+        self._models: dict[str, LoadedModel] = {}
+        self._model_lock = threading.Lock()
+        self._requests: dict[str, Request] = {}
+        self._cache = ByteBoundedCache(cache_bytes)
+
+    def model(self, name: str | None = None) -> LoadedModel:
+        name = name or self.default_model
+        with self._model_lock:
+            if name not in self._models:
+                self._models[name] = load_model(name, **self.load_options)
+            return self._models[name]
+
+    def generate(self, images: list[Image.Image], prompt: str, model: str | None = None,
+                 options: GenerationOptions | None = None) -> tuple[str, Trace]:
+        """Run a new request; returns its id (for later `explain` calls) and its Trace."""
+        options = replace(options) if options else GenerationOptions()
+        options.validate()
+        request = Request(model or self.default_model, tuple(images), prompt, options)
+        trace = self._run(request)
+        request_id = uuid.uuid4().hex
+        self._requests[request_id] = request
+        self._cache.put(("trace", request_id), trace, trace.nbytes)
+        return request_id, trace
+
+    def trace(self, request_id: str) -> Trace:
+        cached = self._cache.get(("trace", request_id))
+        if cached is not None:
+            return cached
+        trace = self._run(self.request(request_id))
+        self._cache.put(("trace", request_id), trace, trace.nbytes)
+        return trace
+
+    def request(self, request_id: str) -> Request:
+        if request_id not in self._requests:
+            raise UserInputError("unknown or expired request: generate an answer first")
+        return self._requests[request_id]
+
+    def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
+        """The method's explanation of one answer token, computed on first use and cached."""
+        explainer = get_method(method)
+        key = ("explanation", request_id, method, token_index, tuple(sorted(options.items())))
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        trace = self.trace(request_id)
+        explanation = explainer.explain(trace, token_index, model=self.model(trace.model_name), **options)
+        self._cache.put(key, explanation, sum(m.nbytes for m in explanation.maps) + 1024)
+        return explanation
+
+    def _run(self, request: Request) -> Trace:
+        return generate_with_capture(self.model(request.model), list(request.images), request.prompt,
+                                     request.options)

@@ -67,7 +67,8 @@ class LlavaFamily(ModelFamily):
         ]
 
     def vision_layers(self, model):
-        return list(model.model.vision_tower.vision_model.encoder.layers)
+        tower = model.model.vision_tower
+        return list(getattr(tower, "vision_model", tower).encoder.layers)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)

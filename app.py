@@ -1,0 +1,86 @@
+"""The web app: upload an image, ask, click an answer token, see where the model looked.
+
+Run `python app.py [--model NAME] [--port 7860] [--share]`; this file is also a hosted demo's entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import gradio as gr
+
+from components import token_strip
+from components.attention_panel import AttentionPanel, control_choices, render_attention
+from components.generation import GenerationPanel, run_generation
+from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
+from lvlm_interpret.images import prepare_image
+
+
+CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
+
+
+def build_app(service: ExplainService) -> gr.Blocks:
+    with gr.Blocks(title="lvlm_interpret", css=CSS) as demo:
+        gr.Markdown("## lvlm_interpret\nUpload an image, ask a question, then click any answer token to see "
+                    f"where the model looked. Model: `{service.default_model}`.")
+        session = gr.State({})  # per browser session: request id, image, selected token
+        with gr.Row():
+            generation = GenerationPanel.build()
+            with gr.Column():
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                tokens = token_strip.build()
+                attention = AttentionPanel.build()
+
+        def on_generate(image, prompt, max_new_tokens):
+            try:
+                request_id, trace = run_generation(service, image, prompt, max_new_tokens)
+            except UserInputError as error:
+                raise gr.Error(str(error)) from None
+            state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
+            layer, head = control_choices(trace.n_layers, trace.n_heads)
+            picture = render_attention(service, request_id, state["image"], 0)
+            return state, trace.answer, token_strip.strip_value(trace, 0), layer, head, picture
+
+        def on_select(state, layer, head, aggregation, ignore_top, event: gr.SelectData):
+            if not state:
+                raise gr.Error("generate an answer first")
+            state = {**state, "token": int(event.index)}
+            trace = service.trace(state["request_id"])
+            picture = _render(state, layer, head, aggregation, ignore_top)
+            return state, token_strip.strip_value(trace, state["token"]), picture
+
+        def on_controls(state, layer, head, aggregation, ignore_top):
+            return _render(state, layer, head, aggregation, ignore_top) if state else None
+
+        def _render(state, layer, head, aggregation, ignore_top):
+            try:
+                return render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
+                                        aggregation, ignore_top)
+            except UserInputError as error:
+                raise gr.Error(str(error)) from None
+
+        generation.button.click(
+            on_generate, [generation.image, generation.prompt, generation.max_new_tokens],
+            [session, answer, tokens, attention.layer, attention.head, attention.image],
+        )
+        tokens.select(on_select, [session, *attention.controls()], [session, tokens, attention.image])
+        for control in attention.controls():
+            control.change(on_controls, [session, *attention.controls()], attention.image)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="lvlm_interpret web app")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or random:PRESET")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a temporary public link")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    service = ExplainService(default_model=args.model, device=args.device)
+    service.model()  # load before serving, so the first click is fast and a bad --model fails here
+    build_app(service).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

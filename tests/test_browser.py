@@ -1,0 +1,108 @@
+"""The web page in a real browser (Debian's Chromium via Playwright): upload, generate, click tokens."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.attention_panel import render_attention
+from components.generation import run_generation
+from lvlm_interpret import ExplainService
+from tests.conftest import make_scene
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed "
+                                                                       "(make test installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "app.py", "--model", "random:llava", "--port", str(port),
+                                "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read().decode())
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("the app did not start within 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _shown_image(page, selector) -> np.ndarray:
+    src = page.locator(f"{selector} img").get_attribute("src")
+    data = page.request.get(src).body() if not src.startswith("data:") else None
+    if data is None:
+        import base64
+        data = base64.b64decode(src.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_upload_generate_and_click_tokens(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image = make_scene(160, 96)
+    path = tmp_path / "scene.png"
+    image.save(path)
+    ARTIFACTS.mkdir(exist_ok=True)
+    # the same deterministic model in-process gives the maps the page must show
+    service = ExplainService(default_model="random:llava", device="cpu")
+    request_id, trace = run_generation(service, image, "Describe the image.", 32)  # the page default
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.locator("#input-image input[type=file]").set_input_files(str(path))
+        page.locator("#prompt textarea").fill("Describe the image.")
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        assert page.locator("#answer textarea").input_value() == trace.answer
+        tokens = page.locator("#answer-tokens .token")
+        assert tokens.count() == trace.n_answer
+
+        seen = []
+        for index in (1, 3):
+            before = page.locator("#attention-map img").get_attribute("src")
+            tokens.nth(index).click()
+            page.wait_for_function(
+                f"document.querySelector('#attention-map img').getAttribute('src') !== {before!r}", timeout=30_000)
+            classes = [tokens.nth(k).get_attribute("class") or "" for k in range(tokens.count())]
+            assert [k for k, c in enumerate(classes) if "highlighted" in c] == [index]
+            shown = _shown_image(page, "#attention-map")
+            expected = np.asarray(render_attention(service, request_id, image, index))
+            np.testing.assert_array_equal(shown, expected)
+            seen.append(shown)
+        assert not np.array_equal(seen[0], seen[1])
+        page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)
+        browser.close()

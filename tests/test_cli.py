@@ -1,0 +1,110 @@
+"""The `explain` command writes the documented contract and rejects bad input with exit 2, writing nothing."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lvlm_interpret import get_method, load_image
+from lvlm_interpret.cli import main
+from tests.conftest import make_scene
+
+
+@pytest.fixture(scope="module")
+def scene_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    make_scene(160, 96).save(path)
+    return path
+
+
+def _explain(*extra, scene, out):
+    return main(["explain", "--image", str(scene), "--prompt", "Describe the image.", "--max-new-tokens", "5",
+                 "--out", str(out), *extra])
+
+
+def test_contract(tmp_path, scene_path, llava):
+    out = tmp_path / "run"
+    assert _explain("--model", "random:llava", "--png", scene=scene_path, out=out) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert {"model", "prompt", "answer", "tokens", "image", "methods", "timings_s"} <= result.keys()
+    assert result["model"] == "random:llava" and result["methods"] == ["attention"]
+    n = len(result["tokens"])
+    assert n == 5 and [t["index"] for t in result["tokens"]] == list(range(n))
+    assert all(isinstance(t["id"], int) and isinstance(t["text"], str) for t in result["tokens"])
+    assert result["image"] == {"width": 160, "height": 96, "grid": [8, 8], "box": [32.0, 0.0, 128.0, 96.0]}
+    assert all(value >= 0 for value in result["timings_s"].values())
+    maps = np.load(out / "maps.npz")
+    assert list(maps.keys()) == ["attention"]
+    assert maps["attention"].shape == (n, 8, 8) and maps["attention"].dtype == np.float32
+    assert (maps["attention"] >= 0).all()
+    # the file holds the library's maps for the same generation
+    from lvlm_interpret import GenerationOptions, generate_with_capture
+    trace = generate_with_capture(llava, [load_image(scene_path)], "Describe the image.",
+                                  GenerationOptions(max_new_tokens=5))
+    assert [t["id"] for t in result["tokens"]] == trace.answer_ids
+    for t in range(n):
+        np.testing.assert_allclose(maps["attention"][t], get_method("attention").explain(trace, t).maps[0])
+    assert len(list((out / "overlays").glob("attention_token*.png"))) == n
+    assert not list(out.glob(".staging-*"))
+
+
+def test_selected_tokens_and_two_images(tmp_path, scene_path):
+    second = tmp_path / "tall.png"
+    make_scene(90, 200).save(second)
+    out = tmp_path / "two"
+    code = main(["explain", "--image", str(scene_path), "--image", str(second), "--model", "random:qwen2_vl",
+                 "--prompt", "Compare the images.", "--max-new-tokens", "4", "--tokens", "2,0", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [t["index"] for t in result["tokens"]] == [2, 0]
+    assert len(result["answer_tokens"]) == 4
+    grids = result["image"]["grid"]
+    assert len(grids) == 2 and result["image"]["width"] == [160, 90]
+    maps = np.load(out / "maps.npz")
+    assert sorted(maps.keys()) == ["attention_image0", "attention_image1"]
+    assert maps["attention_image0"].shape == (2, *grids[0])
+    assert maps["attention_image1"].shape == (2, *grids[1])
+
+
+def _bad_inputs(tmp_path, scene_path):
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("this is not an image")
+    return {
+        "missing file": ["--image", str(tmp_path / "nope.png"), "--prompt", "hi"],
+        "not an image": ["--image", str(text_file), "--prompt", "hi"],
+        "empty prompt": ["--image", str(scene_path), "--prompt", "   "],
+        "unknown model": ["--image", str(scene_path), "--prompt", "hi", "--model", "random:nothing"],
+        "unknown hub model": ["--image", str(scene_path), "--prompt", "hi", "--model", "nobody/no-such-model"],
+        "unknown method": ["--image", str(scene_path), "--prompt", "hi", "--methods", "attention,saliency"],
+        "token out of range": ["--image", str(scene_path), "--prompt", "hi", "--max-new-tokens", "3",
+                               "--tokens", "0,7"],
+        "bad token list": ["--image", str(scene_path), "--prompt", "hi", "--tokens", "first"],
+        "bad layer": ["--image", str(scene_path), "--prompt", "hi", "--max-new-tokens", "2", "--layers", "40"],
+        "bad max tokens": ["--image", str(scene_path), "--prompt", "hi", "--max-new-tokens", "0"],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "not an image", "empty prompt", "unknown model",
+                                  "unknown hub model", "unknown method", "token out of range", "bad token list",
+                                  "bad layer", "bad max tokens"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, scene_path, capsys):
+    out = tmp_path / "out"
+    code = main(["explain", *_bad_inputs(tmp_path, scene_path)[case], "--out", str(out)])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_required_argument_is_one_line(capsys):
+    assert main(["explain", "--prompt", "hi"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lvlm_interpret", "explain", "--image", str(tmp_path / "x.png"),
+                             "--prompt", "hi", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "image file not found" in result.stderr

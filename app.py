@@ -20,7 +20,7 @@ CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
 
 
 def build_app(service: ExplainService) -> gr.Blocks:
-    with gr.Blocks(title="lvlm_interpret", css=CSS) as demo:
+    with gr.Blocks(title="lvlm_interpret") as demo:
         gr.Markdown("## lvlm_interpret\nUpload an image, ask a question, then click any answer token to see "
                     f"where the model looked. Model: `{service.default_model}`.")
         session = gr.State({})  # per browser session: request id, image, selected token
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     service = ExplainService(default_model=args.model, device=args.device)
     service.model()  # load before serving, so the first click is fast and a bad --model fails here
-    build_app(service).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_app(service).queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                                      css=CSS)
 
 
 if __name__ == "__main__":

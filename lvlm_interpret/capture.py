@@ -130,8 +130,8 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         )
 
     sequence = output.sequences[0].cpu()
-    stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-                   else [model.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    configured_eos = model.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, *(configured_eos if isinstance(configured_eos, list) else [configured_eos])}
     n_answer = int(sequence.shape[0]) - prompt_length
     # A final end-of-sequence token ends the answer; it is not part of it.
     if n_answer > 1 and int(sequence[-1]) in stop_ids:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import UserInputError
 from .families.base import ImageLayout
 
 FORMAT_VERSION = 1
@@ -66,8 +68,6 @@ class Trace:
         return self.prompt_length - 1 + token_index
 
     def check_token_index(self, token_index: int) -> None:
-        from .errors import UserInputError
-
         if not 0 <= token_index < self.n_answer:
             raise UserInputError(
                 f"answer token index {token_index} is out of range: the answer has {self.n_answer} tokens "
@@ -117,8 +117,6 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trace":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads(handle.metadata()[_METADATA_KEY])
         if metadata.get("format_version") != FORMAT_VERSION:

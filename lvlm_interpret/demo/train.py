@@ -1,0 +1,516 @@
+"""Train the embedded demo model (a small LlavaForConditionalGeneration) on synthetic scenes.
+
+    python -m lvlm_interpret.demo.train --out assets/demo-model [--resume] [--minutes N]
+
+Recipe (see assets/demo-model/README.md for the reasons):
+- every training example is one image followed by several *independent* single-turn questions: the image
+  prefix is computed once and each question-answer branch attends to the prefix and to itself only (a tree
+  attention mask, positions restarting after the prefix), so a batch of B images trains ~10 B single-turn
+  examples that are exactly what the product sends, at the cost of one image prefix each;
+- an auxiliary per-patch head on the projector output classifies each visual token's colour and shape with
+  cosine logits against the decoder's own word embeddings of those words (plus a left-to-right rank head);
+- attention supervision: in one decoder layer, three heads are trained to attend, from the position that emits
+  the answer, to the object(s) the question names (head 0: the answer's object; head 1: objects of the named
+  colour; head 2: objects of the named shape); for "Describe the image." head 0 attends to the object whose
+  words are being written. This hands the decoder the question-conditioned retrieval circuit that plain
+  next-token loss finds only slowly, and makes that layer's attention maps point at the right object.
+The auxiliary heads are training-only: the saved model is a plain LlavaForConditionalGeneration.
+
+Training scenes use seeds < 10**9 (scene i of step s has seed s * batch + i); held-out scenes use 10**9 + i.
+Checkpoints (model, auxiliary heads, optimizer, step, elapsed time) go to --ckpt every --ckpt-minutes; a
+killed run continues exactly with --resume. The model is written to --out whenever held-out accuracy improves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..families.llava import CHAT_TEMPLATE, IMAGE_TOKEN
+from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
+from .scenes import COLOURS, KINDS, SHAPES, Scene, draw_scene, parse_prompt, question_kind, sample_questions
+
+HELD_OUT_BASE = 10**9
+IMAGE_SIZE, PATCH = 96, 8
+GRID = IMAGE_SIZE // PATCH
+N_PATCHES = GRID * GRID
+EXTRA_WORDS = ["user", "assistant", "shapes", "colour"]
+
+MODEL_PRESET = {
+    "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+             "num_key_value_heads": 8, "max_position_embeddings": 512},
+}
+
+
+# --- model and processor ---------------------------------------------------------------------------------
+
+def build_processor() -> LlavaProcessor:
+    tokenizer = build_word_tokenizer(COMMON_WORDS + EXTRA_WORDS, [IMAGE_TOKEN], CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            do_center_crop=False,
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(processor: LlavaProcessor, seed: int, preset: dict = MODEL_PRESET) -> LlavaForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, **preset["vision"])
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **preset["text"],
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+class AuxHeads(nn.Module):
+    """Training-only heads on the visual tokens: colour and shape (cosine logits against the decoder's word
+    embeddings, with learned background vectors) and left-to-right rank of the object a patch belongs to."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        dim = model.config.text_config.hidden_size
+        ids = tokenizer.convert_tokens_to_ids
+        self.register_buffer("colour_ids", torch.tensor([ids(c) for c in COLOURS]), persistent=False)
+        self.register_buffer("shape_ids", torch.tensor([ids(s) for s in SHAPES]), persistent=False)
+        self.colour_bg = nn.Parameter(torch.randn(dim) * 0.02)
+        self.shape_bg = nn.Parameter(torch.randn(dim) * 0.02)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.rank = nn.Linear(dim, 4)
+
+    def forward(self, features, embedding):
+        colour_w = torch.cat([self.colour_bg[None], embedding(self.colour_ids)])
+        shape_w = torch.cat([self.shape_bg[None], embedding(self.shape_ids)])
+        f = F.normalize(features, dim=-1)
+        colour = self.scale * f @ F.normalize(colour_w, dim=-1).T
+        shape = self.scale * f @ F.normalize(shape_w, dim=-1).T
+        return colour, shape, self.rank(features)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+def scene_size(seed: int) -> tuple[int, int]:
+    """Training images come in varied sizes and aspect ratios (the processor squashes them to 96 x 96)."""
+    rng = random.Random(seed * 7919 + 17)
+    side = rng.randint(96, 224)
+    if rng.random() < 0.7:
+        return side, side
+    aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.67)))
+    return max(64, round(side * math.sqrt(aspect))), max(64, round(side / math.sqrt(aspect)))
+
+
+def patch_coverage(scene: Scene) -> torch.Tensor:
+    """(objects, 144): the fraction of each patch (after the processor's squash to 96 x 96) each object covers."""
+    masks = torch.from_numpy(np.stack(scene.masks)).float()[:, None]
+    return F.adaptive_avg_pool2d(masks, (GRID, GRID)).flatten(1)
+
+
+class Encoder:
+    """Turns scenes and questions into the tree-packed training tensors."""
+
+    def __init__(self, processor: LlavaProcessor):
+        self.processor = processor
+        self.tokenizer = tok = processor.tokenizer
+        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.eos = tok.eos_token_id
+        self.pad = tok.pad_token_id
+        self.word_id = {w: tok.convert_tokens_to_ids(w) for w in [*COLOURS, *SHAPES]}
+        self._cache: dict[str, list[int]] = {}
+        sample = self.prompt_ids("Describe the image.")
+        first = sample.index(self.image_id)
+        self.prefix = sample[:first] + [self.image_id] * N_PATCHES
+        self.image_start = first
+        self.answer_cache: dict[str, list[int]] = {}
+
+    def chat(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids the product's processor gives for `prompt`, image token expanded."""
+        if prompt not in self._cache:
+            ids = self.tokenizer(self.chat(prompt), add_special_tokens=True)["input_ids"]
+            i = ids.index(self.image_id)
+            self._cache[prompt] = ids[:i] + [self.image_id] * N_PATCHES + ids[i + 1:]
+        return self._cache[prompt]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self.answer_cache:
+            ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            assert self.tokenizer.unk_token_id not in ids, answer
+            self.answer_cache[answer] = ids + [self.eos]
+        return self.answer_cache[answer]
+
+    def encode(self, scenes: list[Scene], questions: list[list[tuple[str, str]]]):
+        images = [scene.image for scene in scenes]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        n_prefix = len(self.prefix)
+        rows, branches_meta = [], []
+        for scene, qas in zip(scenes, questions, strict=True):
+            ids, spans = list(self.prefix), []
+            for prompt, answer in qas:
+                tail = self.prompt_ids(prompt)[n_prefix:]
+                assert self.prompt_ids(prompt)[:n_prefix] == self.prefix
+                ans = self.answer_ids(answer)
+                start = len(ids)
+                ids += tail + ans
+                spans.append((start, start + len(tail), len(ids), prompt, answer))
+            rows.append(ids)
+            branches_meta.append(spans)
+        length = max(len(r) for r in rows)
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad, dtype=torch.long)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
+        mask = torch.zeros((batch, 1, length, length), dtype=torch.bool)
+        causal = torch.ones((n_prefix, n_prefix), dtype=torch.bool).tril()
+        label_pos, label_ids, label_kind, label_q = [], [], [], []  # flat lists over the batch
+        attn = []  # (batch, query position, head, target vector)
+        patch_colour = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
+        patch_shape = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
+        patch_rank = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
+        n_questions = 0
+        for b, (ids, spans, scene) in enumerate(zip(rows, branches_meta, scenes, strict=True)):
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            position_ids[b, :n_prefix] = torch.arange(n_prefix)
+            mask[b, 0, :n_prefix, :n_prefix] = causal
+            for t in range(len(ids), length):
+                mask[b, 0, t, t] = True
+            cover = patch_coverage(scene)
+            order = scene.left_to_right()
+            rank_of = {obj: r for r, obj in enumerate(order)}
+            total = cover.sum(0)
+            best = cover.argmax(0)
+            colour_label = torch.tensor([1 + list(COLOURS).index(o.colour) for o in scene.objects])[best]
+            shape_label = torch.tensor([1 + SHAPES.index(o.shape) for o in scene.objects])[best]
+            rank_label = torch.tensor([1 + rank_of[i] for i in range(len(scene.objects))])[best]
+            solid, empty = cover.max(0).values >= 0.5, total < 0.05
+            patch_colour[b] = torch.where(solid, colour_label, torch.where(empty, 0, -100))
+            patch_shape[b] = torch.where(solid, shape_label, torch.where(empty, 0, -100))
+            patch_rank[b] = torch.where(solid, rank_label, torch.where(empty, 0, -100))
+            for start, answer_start, end, prompt, answer in spans:
+                n = end - start
+                position_ids[b, start:end] = torch.arange(n_prefix, n_prefix + n)
+                mask[b, 0, start:end, :n_prefix] = True
+                mask[b, 0, start:end, start:end] = torch.ones((n, n), dtype=torch.bool).tril()
+                kind, args = parse_prompt(prompt)
+                for t in range(answer_start - 1, end - 1):
+                    label_pos.append((b, t))
+                    label_ids.append(ids[t + 1])
+                    label_q.append(n_questions)
+                label_kind.append(KINDS.index(kind))
+                n_questions += 1
+                q = answer_start - 1  # the position that emits the first answer token
+                objs = scene.objects
+
+                def target(indices):
+                    vec = cover[indices].sum(0) if indices else None
+                    return vec / vec.sum() if vec is not None and vec.sum() > 0 else None
+
+                heads = []
+                if kind == "color":
+                    hit = [i for i, o in enumerate(objs) if o.shape == args[0]]
+                    heads = [(q, 0, target(hit)), (q, 2, target(hit))]
+                elif kind == "shape":
+                    hit = [i for i, o in enumerate(objs) if o.colour == args[0]]
+                    heads = [(q, 0, target(hit)), (q, 1, target(hit))]
+                elif kind == "exists":
+                    both = [i for i, o in enumerate(objs) if o.colour == args[0] and o.shape == args[1]]
+                    col = [i for i, o in enumerate(objs) if o.colour == args[0]]
+                    shp = [i for i, o in enumerate(objs) if o.shape == args[1]]
+                    heads = [(q, 0, target(both)), (q, 1, target(col)), (q, 2, target(shp))]
+                elif kind == "count":
+                    heads = [(q, 0, target(list(range(len(objs)))))]
+                elif kind == "describe":
+                    # answer tokens: a c s , a c s and a c s .  -> the token before c (the "a") and c itself
+                    # emit the words of object k
+                    for k, obj in enumerate(order):
+                        a_pos = answer_start + 4 * k  # position of the k-th "a"
+                        heads += [(a_pos, 0, target([obj])), (a_pos + 1, 0, target([obj]))]
+                attn += [(b, t, h, vec) for t, h, vec in heads if vec is not None]
+        return {
+            "input_ids": input_ids, "pixel_values": pixel_values, "position_ids": position_ids, "mask": mask,
+            "label_pos": torch.tensor(label_pos), "label_ids": torch.tensor(label_ids),
+            "label_q": torch.tensor(label_q), "q_kind": torch.tensor(label_kind), "n_questions": n_questions,
+            "attn_b": torch.tensor([a[0] for a in attn], dtype=torch.long),
+            "attn_t": torch.tensor([a[1] for a in attn], dtype=torch.long),
+            "attn_h": torch.tensor([a[2] for a in attn], dtype=torch.long),
+            "attn_target": torch.stack([a[3] for a in attn]) if attn else torch.zeros((0, N_PATCHES)),
+            "patch_colour": patch_colour, "patch_shape": patch_shape, "patch_rank": patch_rank,
+        }
+
+
+def make_scenes(seeds, rng_seed_offset=0, n_exists=4):
+    scenes, questions = [], []
+    for seed in seeds:
+        scene = draw_scene(seed, size=scene_size(seed))
+        scenes.append(scene)
+        questions.append(sample_questions(scene, random.Random(seed + rng_seed_offset), n_exists=n_exists))
+    return scenes, questions
+
+
+# --- forward ---------------------------------------------------------------------------------------------
+
+def forward(model, aux, batch, attn_layer: int, with_aux: bool = True):
+    core = model.model
+    vision = core.vision_tower(batch["pixel_values"], output_hidden_states=True)
+    features = core.multi_modal_projector(vision.hidden_states[model.config.vision_feature_layer][:, 1:])
+    embed = core.get_input_embeddings()
+    inputs_embeds = embed(batch["input_ids"])
+    image_mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    inputs_embeds = inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.dtype))
+    out = core.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["mask"],
+                              position_ids=batch["position_ids"], output_hidden_states=with_aux)
+    hidden = out.last_hidden_state
+    lp = batch["label_pos"]
+    logits = model.lm_head(hidden[lp[:, 0], lp[:, 1]])
+    result = {"logits": logits}
+    if not with_aux:
+        return result
+    result["patch"] = aux(features, embed)
+    # attention of the supervised heads, recomputed from the layer's input
+    layer = core.language_model.layers[attn_layer]
+    x = layer.input_layernorm(out.hidden_states[attn_layer])
+    att = layer.self_attn
+    head_dim = att.head_dim
+    b, t, h = batch["attn_b"], batch["attn_t"], batch["attn_h"]
+    n_heads = model.config.text_config.num_attention_heads
+    n_kv = model.config.text_config.num_key_value_heads
+    q = att.q_proj(x[b, t]).view(len(b), n_heads, head_dim)  # (M, H, d)
+    k = att.k_proj(x).view(x.shape[0], x.shape[1], n_kv, head_dim)  # (B, L, Hkv, d)
+    cos, sin = core.language_model.rotary_emb(x, batch["position_ids"])
+    q_cos, q_sin = cos[b, t][:, None], sin[b, t][:, None]
+    q = q * q_cos + _rotate_half(q) * q_sin
+    k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+    q = q[torch.arange(len(b)), h]  # (M, d)
+    k = k[b, :, h // (n_heads // n_kv)]  # (M, L, d)
+    scores = torch.einsum("md,mld->ml", q, k) / math.sqrt(head_dim)
+    allowed = batch["mask"][b, 0, t]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(scores, dim=-1)
+    start = batch["image_start"]
+    result["attn_logp"] = logp[:, start:start + N_PATCHES]
+    return result
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def losses(model, aux, batch, attn_layer, weights):
+    result = forward(model, aux, batch, attn_layer)
+    lm = F.cross_entropy(result["logits"], batch["label_ids"])
+    colour, shape, rank = result["patch"]
+    patch = (F.cross_entropy(colour.flatten(0, 1), batch["patch_colour"].flatten(), ignore_index=-100)
+             + F.cross_entropy(shape.flatten(0, 1), batch["patch_shape"].flatten(), ignore_index=-100)
+             + F.cross_entropy(rank.flatten(0, 1), batch["patch_rank"].flatten(), ignore_index=-100))
+    if len(batch["attn_target"]):
+        attn = -(batch["attn_target"] * result["attn_logp"]).sum(-1).mean()
+    else:
+        attn = torch.zeros(())
+    total = lm + weights["patch"] * patch + weights["attn"] * attn
+    return total, {"lm": lm.item(), "patch": patch.item(), "attn": attn.item()}
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, encoder, seeds, batch_size=32, n_exists=4):
+    """Per-kind exact accuracy with teacher forcing: an answer counts when every answer token (and </s>) is the
+    argmax, which is exactly when greedy decoding writes it."""
+    model.eval()
+    correct = {k: 0 for k in KINDS}
+    total = {k: 0 for k in KINDS}
+    for i in range(0, len(seeds), batch_size):
+        scenes, questions = make_scenes(seeds[i:i + batch_size], n_exists=n_exists)
+        batch = encoder.encode(scenes, questions)
+        batch["image_start"] = encoder.image_start
+        logits = forward(model, None, batch, 0, with_aux=False)["logits"]
+        ok = (logits.argmax(-1) == batch["label_ids"]).float()
+        per_q = torch.ones(batch["n_questions"]).scatter_reduce(0, batch["label_q"], ok, reduce="amin")
+        for kind_index, good in zip(batch["q_kind"].tolist(), per_q.tolist(), strict=True):
+            kind = KINDS[kind_index]
+            total[kind] += 1
+            correct[kind] += int(good)
+    model.train()
+    return {k: correct[k] / max(1, total[k]) for k in KINDS}, total
+
+
+# --- training loop ---------------------------------------------------------------------------------------
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_model(model, processor, out: Path, summary: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        for f in tmp.iterdir():
+            f.unlink()
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="assets/demo-model")
+    p.add_argument("--ckpt", default=".train/ckpt.pt")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--minutes", type=float, default=60.0, help="stop (after checkpointing) after this long")
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--total-steps", type=int, default=20000, help="length of the cosine schedule")
+    p.add_argument("--attn-layer", type=int, default=2)
+    p.add_argument("--w-attn", type=float, default=1.0)
+    p.add_argument("--w-patch", type=float, default=0.5)
+    p.add_argument("--n-exists", type=int, default=4)
+    p.add_argument("--eval-every", type=float, default=6.0, help="minutes between held-out evaluations")
+    p.add_argument("--eval-n", type=int, default=300)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-save", action="store_true", help="probe: do not write --out")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    processor = build_processor()
+    model = build_model(processor, args.seed)
+    model.train()
+    encoder = Encoder(processor)
+    aux = AuxHeads(model, processor.tokenizer)
+    decay, no_decay = [], []
+    for module in (model, aux):
+        for name, param in module.named_parameters():
+            (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.98))
+    step, elapsed, best = 0, 0.0, -1.0
+    history = []
+    ckpt = Path(args.ckpt)
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        aux.load_state_dict(state["aux"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, best, history = state["step"], state["elapsed"], state["best"], state.get("history", [])
+        print(f"resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained, best {best:.3f})", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M parameters; args: {vars(args)}", flush=True)
+    weights = {"patch": args.w_patch, "attn": args.w_attn}
+    eval_seeds = [HELD_OUT_BASE + i for i in range(args.eval_n)]
+
+    def checkpoint():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "elapsed": elapsed, "best": best, "history": history, "args": vars(args)}, tmp)
+        os.replace(tmp, ckpt)
+
+    def evaluate():
+        nonlocal best
+        t0 = time.time()
+        acc, total = teacher_forced_accuracy(model, encoder, eval_seeds, n_exists=args.n_exists)
+        score = sum(acc.values()) / len(acc)
+        history.append({"step": step, "minutes": round(elapsed / 60, 2), **{k: round(v, 4) for k, v in acc.items()}})
+        line = " ".join(f"{k} {acc[k] * 100:5.1f}%" for k in KINDS)
+        print(f"[eval] step {step} ({elapsed / 60:.1f} min): {line} (n={sum(total.values())}, "
+              f"{time.time() - t0:.0f}s)", flush=True)
+        if score > best:
+            best = score
+            if not args.no_save:
+                save_model(model, processor, Path(args.out), {"step": step, "minutes_trained": elapsed / 60,
+                                                             "held_out_teacher_forced": acc, "args": vars(args)})
+                print(f"[save] {args.out} (mean {score * 100:.1f}%)", flush=True)
+        return acc
+
+    start = time.time()
+    start_elapsed = elapsed
+    last_ckpt = last_eval = time.time()
+    running = {}
+    while step < args.max_steps and time.time() - start < args.minutes * 60:
+        t0 = time.time()
+        seeds = [step * args.batch + i for i in range(args.batch)]
+        scenes, questions = make_scenes(seeds, n_exists=args.n_exists)
+        batch = encoder.encode(scenes, questions)
+        batch["image_start"] = encoder.image_start
+        t1 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss, parts = losses(model, aux, batch, args.attn_layer, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+        optimizer.step()
+        step += 1
+        elapsed = start_elapsed + time.time() - start
+        for k, v in parts.items():
+            running[k] = 0.98 * running.get(k, v) + 0.02 * v
+        if step % 25 == 0:
+            print(f"step {step} {elapsed / 60:.1f} min lr {lr_at(step, args):.2e} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in running.items())
+                  + f" | data {t1 - t0:.2f}s step {time.time() - t1:.2f}s", flush=True)
+        if time.time() - last_eval > args.eval_every * 60:
+            evaluate()
+            last_eval = time.time()
+        if time.time() - last_ckpt > args.ckpt_minutes * 60:
+            checkpoint()
+            last_ckpt = time.time()
+    evaluate()
+    checkpoint()
+    print(f"stopped at step {step} after {elapsed / 60:.1f} min trained", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,9 +108,10 @@ def run_explain(args) -> Path:
                      for i in indices]
         timings[name] = time.perf_counter() - t0
         explanations[name] = explained
-        for k in range(len(images)):
-            key = name if len(images) == 1 else f"{name}_image{k}"
-            arrays[key] = np.stack([e.maps[k] for e in explained]).astype(np.float32)
+        for array_name in explained[0].all_maps():
+            for k in range(len(images)):
+                key = array_name if len(images) == 1 else f"{array_name}_image{k}"
+                arrays[key] = np.stack([e.all_maps()[array_name][k] for e in explained]).astype(np.float32)
     timings["total"] = time.perf_counter() - start
 
     def token(i):

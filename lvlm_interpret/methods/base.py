@@ -19,7 +19,13 @@ class Explanation:
     token_index: int
     maps: list[np.ndarray]  # one non-negative float32 [rows, cols] map per image
     text_scores: np.ndarray | None = None  # one score per position before the token (image positions zero)
+    # Other maps the method computes on the way, by name (e.g. TAM's "raw"); saved as METHOD_NAME arrays.
+    variants: dict[str, list[np.ndarray]] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+
+    def all_maps(self) -> dict[str, list[np.ndarray]]:
+        """The main map under the method's name, then each variant as METHOD_VARIANT."""
+        return {self.method: self.maps, **{f"{self.method}_{name}": maps for name, maps in self.variants.items()}}
 
 
 class ExplanationMethod:

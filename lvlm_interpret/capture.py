@@ -36,7 +36,51 @@ def last_query_attention(query, key, attention_mask, scaling) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)[0, :, 0, :]
 
 
+_ACTIVE_GRAPH: contextvars.ContextVar["AttentionGraph | None"] = contextvars.ContextVar("lvlm_graph", default=None)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, is_causal):
+    """Attention with explicit probabilities (kept in the autograd graph); output laid out as SDPA's."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query @ key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    elif is_causal and query.shape[2] > 1:
+        offset = key.shape[-2] - query.shape[2]
+        blocked = torch.ones(query.shape[2], key.shape[-2], dtype=torch.bool, device=scores.device).triu(offset + 1)
+        scores = scores.masked_fill(blocked, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    output = (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class AttentionGraph:
+    """While active, the given attention modules run eager attention and keep their probabilities, with their
+    autograd graph, in `weights[module_index]` (one entry per call), so gradients w.r.t. them can be taken."""
+
+    def __init__(self, modules):
+        self.slot = {id(module): index for index, module in enumerate(modules)}
+        self.weights: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def __enter__(self):
+        self._token = _ACTIVE_GRAPH.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE_GRAPH.reset(self._token)
+
+
 def capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    graph = _ACTIVE_GRAPH.get()
+    if graph is not None and id(module) in graph.slot:
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        output, weights = eager_attention(module, query, key, value, attention_mask, scaling, is_causal)
+        graph.weights[graph.slot[id(module)]].append(weights)
+        return output, weights
     output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     recorder = _ACTIVE_RECORDER.get()
     if recorder is not None:
@@ -103,6 +147,17 @@ def build_inputs(loaded, images, prompt: str):
             f"{limit}: shorten the prompt or use fewer images"
         )
     return inputs
+
+
+def replay_inputs(trace: Trace, device=None) -> dict:
+    """Model inputs for one teacher-forced forward over the trace's final sequence (prompt + answer)."""
+    inputs = {"input_ids": trace.input_ids[None], "attention_mask": torch.ones_like(trace.input_ids)[None]}
+    for name, value in trace.model_inputs.items():
+        # per-position inputs of the prompt (e.g. Qwen's mm_token_type_ids) extend over the answer as text
+        if value.dim() == 2 and value.shape == (1, trace.prompt_length):
+            value = torch.cat([value, torch.zeros(1, trace.n_answer, dtype=value.dtype)], dim=1)
+        inputs[name] = value
+    return {name: value.to(device) if device is not None else value for name, value in inputs.items()}
 
 
 @torch.no_grad()

@@ -104,8 +104,7 @@ def run_explain(args) -> Path:
     arrays, explanations = {}, {}
     for name in methods:
         t0 = time.perf_counter()
-        explained = [get_method(name).explain(trace, i, model=loaded, **method_options.get(name, {}))
-                     for i in indices]
+        explained = get_method(name).explain_many(trace, indices, model=loaded, **method_options.get(name, {}))
         timings[name] = time.perf_counter() - t0
         explanations[name] = explained
         for array_name in explained[0].all_maps():

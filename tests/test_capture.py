@@ -4,24 +4,16 @@ import pytest
 import torch
 
 from lvlm_interpret import Trace
-from lvlm_interpret.capture import build_inputs
+from lvlm_interpret.capture import CAPTURE_ATTENTION, replay_inputs
 
 
-def _replay(loaded, trace, image):
+def _replay(loaded, trace, image=None):
     """Eager teacher-forced forward over the final sequence: the reference the capture must match."""
-    inputs = build_inputs(loaded, [image], trace.prompt)
-    inputs["input_ids"] = trace.input_ids[None]
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    if "mm_token_type_ids" in inputs:
-        extra = trace.n_answer
-        inputs["mm_token_type_ids"] = torch.cat(
-            [inputs["mm_token_type_ids"], torch.zeros(1, extra, dtype=inputs["mm_token_type_ids"].dtype)], 1)
     loaded.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            return loaded.model(**inputs, output_attentions=True, output_hidden_states=True)
+            return loaded.model(**replay_inputs(trace), output_attentions=True, output_hidden_states=True)
     finally:
-        from lvlm_interpret.capture import CAPTURE_ATTENTION
         loaded.model.set_attn_implementation(CAPTURE_ATTENTION)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -95,6 +96,16 @@ class ModelFamily:
         return model.lm_head
 
     def vision_layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def vision_attentions(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.vision_layers(model)]
+
+    # --- how LM image tokens map onto the vision tower's tokens (for vision-side relevancy) ----------------
+    vision_readout: str = "cls"  # the vision-tower row that summarises an image: "cls" (row 0) or "mean"
+
+    def vision_token_groups(self, model: nn.Module, layout: ImageLayout) -> np.ndarray:
+        """[n_tokens, k]: the vision-tower token indices (of that image) that make each LM image token."""
         raise NotImplementedError
 
     def load_processor(self, source: str, trust_remote_code: bool = False):

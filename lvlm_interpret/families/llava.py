@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -69,6 +70,10 @@ class LlavaFamily(ModelFamily):
     def vision_layers(self, model):
         tower = model.model.vision_tower
         return list(getattr(tower, "vision_model", tower).encoder.layers)
+
+    def vision_token_groups(self, model, layout):
+        # vision token 0 is CLS; grid token i is patch i, i.e. vision token i + 1
+        return np.arange(1, layout.n_tokens + 1).reshape(-1, 1)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -45,8 +46,18 @@ class Qwen2VLFamily(ModelFamily):
             grids.append((height // merge, width // merge, 0, (0.0, 0.0, float(image.width), float(image.height))))
         return grids
 
+    vision_readout = "mean"  # no CLS token
+
     def vision_layers(self, model):
         return list(model.model.visual.blocks)
+
+    def vision_attentions(self, model):
+        return [block.attn for block in self.vision_layers(model)]
+
+    def vision_token_groups(self, model, layout):
+        # the processor orders patches merge-window by merge-window: LM token i is made of patches 4i .. 4i+3
+        merge = model.config.vision_config.spatial_merge_size
+        return np.arange(layout.n_tokens * merge * merge).reshape(layout.n_tokens, merge * merge)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,

@@ -37,6 +37,10 @@ class ExplanationMethod:
     def explain(self, trace: Trace, token_index: int, model=None, **options) -> Explanation:
         raise NotImplementedError
 
+    def explain_many(self, trace: Trace, token_indices: list[int], model=None, **options) -> list[Explanation]:
+        """Several tokens at once; methods that can batch their work override this."""
+        return [self.explain(trace, t, model=model, **options) for t in token_indices]
+
 
 METHODS: dict[str, ExplanationMethod] = {}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -149,10 +150,11 @@ def build_inputs(loaded, images, prompt: str):
     return inputs
 
 
-def replay_inputs(trace: Trace, device=None) -> dict:
-    """Model inputs for one teacher-forced forward over the trace's final sequence (prompt + answer)."""
+def replay_inputs(trace: Trace, device=None, model_inputs: dict | None = None) -> dict:
+    """Model inputs for one teacher-forced forward over the trace's final sequence (prompt + answer);
+    `model_inputs` replaces the trace's own (e.g. the pixels of an altered image)."""
     inputs = {"input_ids": trace.input_ids[None], "attention_mask": torch.ones_like(trace.input_ids)[None]}
-    for name, value in trace.model_inputs.items():
+    for name, value in (trace.model_inputs if model_inputs is None else model_inputs).items():
         # per-position inputs of the prompt (e.g. Qwen's mm_token_type_ids) extend over the answer as text
         if value.dim() == 2 and value.shape == (1, trace.prompt_length):
             value = torch.cat([value, torch.zeros(1, trace.n_answer, dtype=value.dtype)], dim=1)
@@ -216,6 +218,7 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         answer_logprobs=logprobs.float(),
         model_inputs={name: value.detach().cpu() for name, value in inputs.items()
                       if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)},
+        pixels=[torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()) for image in images],
         generation=asdict(options),
         special_token_ids=sorted(set(tokenizer.all_special_ids)),
     )

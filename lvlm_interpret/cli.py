@@ -16,6 +16,7 @@ from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
 from .images import load_image
 from .methods import METHODS, get_method
+from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, load_model
 from .rendering import blend, overlay
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--layers", default="all", help="attention layers: all, 3, 2-5 or 1,4")
     explain.add_argument("--heads", default="all", help="attention heads: all, 3, 0-7 or 1,4")
     explain.add_argument("--aggregation", default="mean", choices=["mean", "max"])
+    explain.add_argument("--llr-threshold", type=float, default=1.0,
+                         help="log-likelihood ratio (image vs blurred) above which a token is visually relevant")
     explain.add_argument("--device", default="auto")
     explain.add_argument("--dtype", default="auto")
     explain.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto, for large models")
@@ -111,6 +114,9 @@ def run_explain(args) -> Path:
             for k in range(len(images)):
                 key = array_name if len(images) == 1 else f"{array_name}_image{k}"
                 arrays[key] = np.stack([e.all_maps()[array_name][k] for e in explained]).astype(np.float32)
+    t0 = time.perf_counter()
+    relevance = visually_relevant_tokens(loaded, trace, threshold=args.llr_threshold)
+    timings["llr"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
     def token(i):
@@ -134,6 +140,8 @@ def run_explain(args) -> Path:
         "methods": methods,
         "method_options": {name: method_options.get(name, {}) for name in methods},
         "generation": trace.generation,
+        "llr": [round(value, 6) for value in relevance.llr],
+        "visually_relevant": relevance.relevant,
         "trace_bytes": trace.nbytes,
         "timings_s": {name: round(value, 4) for name, value in timings.items()},
     }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +23,7 @@ from .families.base import ImageLayout
 FORMAT_VERSION = 1
 _METADATA_KEY = "lvlm_interpret.trace"
 _INPUT_PREFIX = "inputs."
+_PIXELS_PREFIX = "pixels."
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Trace:
     hidden: torch.Tensor  # [prompt_length + n_answer - 1, d] float16: last-layer states after the final norm
     answer_logprobs: torch.Tensor  # [n_answer] float32: log p(y_t) from the raw logits
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel values etc., to re-run the model
+    pixels: list[torch.Tensor] = field(default_factory=list)  # the original images, uint8 [height, width, 3]
     generation: dict = field(default_factory=dict)  # the options the answer was generated with
     special_token_ids: list[int] = field(default_factory=list)
 
@@ -74,9 +77,14 @@ class Trace:
                 f"(valid indices 0..{self.n_answer - 1})"
             )
 
+    def image(self, index: int = 0) -> Image.Image:
+        """The original image `index` as the model saw it before processing."""
+        return Image.fromarray(self.pixels[index].numpy(), mode="RGB")
+
     @property
     def nbytes(self) -> int:
-        tensors = [self.input_ids, self.attention, self.hidden, self.answer_logprobs, *self.model_inputs.values()]
+        tensors = [self.input_ids, self.attention, self.hidden, self.answer_logprobs, *self.model_inputs.values(),
+                   *self.pixels]
         return sum(t.numel() * t.element_size() for t in tensors) + len(json.dumps(self._metadata()))
 
     # --- persistence ------------------------------------------------------------------------------------
@@ -102,6 +110,7 @@ class Trace:
             "hidden": self.hidden,
             "answer_logprobs": self.answer_logprobs,
             **{_INPUT_PREFIX + name: value for name, value in self.model_inputs.items()},
+            **{f"{_PIXELS_PREFIX}{index}": value for index, value in enumerate(self.pixels)},
         }
         tensors = {name: value.contiguous() for name, value in tensors.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +142,9 @@ class Trace:
             attention=tensors.pop("attention"),
             hidden=tensors.pop("hidden"),
             answer_logprobs=tensors.pop("answer_logprobs"),
-            model_inputs={name[len(_INPUT_PREFIX):]: value for name, value in tensors.items()},
+            model_inputs={name[len(_INPUT_PREFIX):]: value for name, value in tensors.items()
+                          if name.startswith(_INPUT_PREFIX)},
+            pixels=[tensors[f"{_PIXELS_PREFIX}{index}"] for index in range(len(metadata["images"]))],
             generation=metadata["generation"],
             special_token_ids=metadata["special_token_ids"],
         )

@@ -68,6 +68,8 @@ def test_trace_round_trips_losslessly(tmp_path, qwen_trace):
         assert torch.equal(getattr(loaded, field), getattr(qwen_trace, field)), field
     assert loaded.model_inputs.keys() == qwen_trace.model_inputs.keys()
     assert all(torch.equal(loaded.model_inputs[k], v) for k, v in qwen_trace.model_inputs.items())
+    assert len(loaded.pixels) == 1 and torch.equal(loaded.pixels[0], qwen_trace.pixels[0])
+    assert loaded.image(0).size == (200, 90)
     assert loaded.nbytes == qwen_trace.nbytes > qwen_trace.attention.numel() * 2
     assert not list(tmp_path.glob(".trace-*"))  # no temp file left behind
 

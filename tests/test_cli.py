@@ -35,6 +35,7 @@ def test_contract(tmp_path, scene_path, llava):
     assert all(isinstance(t["id"], int) and isinstance(t["text"], str) for t in result["tokens"])
     assert result["image"] == {"width": 160, "height": 96, "grid": [8, 8], "box": [32.0, 0.0, 128.0, 96.0]}
     assert all(value >= 0 for value in result["timings_s"].values())
+    assert len(result["llr"]) == n and len(result["visually_relevant"]) == n
     maps = np.load(out / "maps.npz")
     assert list(maps.keys()) == ["attention"]
     assert maps["attention"].shape == (n, 8, 8) and maps["attention"].dtype == np.float32

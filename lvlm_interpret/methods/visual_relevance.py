@@ -1,0 +1,84 @@
+"""Visually relevant tokens (Xing et al. 2025): answer tokens whose likelihood depends on seeing the image.
+
+LLR_t = log p(y_t | image) - log p(y_t | heavily blurred image), both teacher-forced on the generated answer.
+A token is visually relevant when LLR > threshold (default 1.0) and it is neither punctuation, a stop word nor
+a special token; a one-token answer is kept when p_blur <= 0.5 p.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from ..capture import build_inputs, replay_inputs
+from ..errors import UserInputError
+from ..trace import Trace
+
+STOP_WORDS = frozenset("""
+a an the and or but nor so yet of in on at to from by with for about into over under above below between is are
+was were be been being am do does did have has had it its this that these those there here i you he she we they me
+him her us them my your his our their what which who whom whose where when why how not no as than then too very
+can could will would shall should may might must just also only some any each every all both either neither one
+""".split())
+
+
+def blur_kernel_size(width: int) -> int:
+    """The reference's kernel: 101 / 201 / 301 / 501 px for widths < 500 / >= 500 / >= 800 / >= 2000."""
+    return 501 if width >= 2000 else 301 if width >= 800 else 201 if width >= 500 else 101
+
+
+def blurred(image: Image.Image) -> Image.Image:
+    """Gaussian blur with sigma = kernel - 1, truncated to the kernel's radius (as cv2.GaussianBlur(k, k - 1))."""
+    kernel = blur_kernel_size(image.width)
+    sigma = kernel - 1
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = gaussian_filter(pixels, sigma=(sigma, sigma, 0), truncate=(kernel // 2) / sigma, mode="reflect")
+    return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def is_content_token(text: str, token_id: int, special_ids: set[int]) -> bool:
+    word = text.strip().lower()
+    if not word or token_id in special_ids or word in STOP_WORDS:
+        return False
+    return not all(unicodedata.category(ch)[0] in "PS" for ch in word)
+
+
+@torch.no_grad()
+def answer_logprobs(loaded, trace: Trace, images: list[Image.Image]) -> torch.Tensor:
+    """log p(y_t) for every answer token, teacher-forced, with `images` in place of the trace's images."""
+    inputs = build_inputs(loaded, images, trace.prompt)
+    if not torch.equal(inputs["input_ids"][0], trace.input_ids[: trace.prompt_length]):
+        raise UserInputError("the altered images change the prompt's token layout; use images of the same size")
+    model_inputs = {name: value for name, value in inputs.items()
+                    if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)}
+    logits = loaded.model(**replay_inputs(trace, loaded.device, model_inputs)).logits[0].float().cpu()
+    sources = [trace.source_position(t) for t in range(trace.n_answer)]
+    return torch.log_softmax(logits[sources], dim=-1)[torch.arange(trace.n_answer), trace.answer_ids]
+
+
+@dataclass
+class VisualRelevance:
+    llr: list[float]
+    logprob_image: list[float]
+    logprob_blurred: list[float]
+    relevant: list[bool]
+
+
+def visually_relevant_tokens(loaded, trace: Trace, threshold: float = 1.0) -> VisualRelevance:
+    images = [trace.image(k) for k in range(len(trace.images))]
+    with_image = answer_logprobs(loaded, trace, images)
+    with_blur = answer_logprobs(loaded, trace, [blurred(image) for image in images])
+    llr = (with_image - with_blur).tolist()
+    special = set(trace.special_token_ids)
+    content = [is_content_token(text, token, special) for text, token in zip(trace.answer_texts, trace.answer_ids)]
+    if trace.n_answer == 1:
+        relevant = [bool(content[0] and with_blur.exp()[0] <= 0.5 * with_image.exp()[0])]
+    else:
+        relevant = [bool(keep and value > threshold) for keep, value in zip(content, llr)]
+    return VisualRelevance(llr=llr, logprob_image=with_image.tolist(), logprob_blurred=with_blur.tolist(),
+                           relevant=relevant)

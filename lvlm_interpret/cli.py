@@ -26,8 +26,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
-def _parse_methods(spec: str) -> list[str]:
-    names = sorted(METHODS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+# CLEANN searches and verifies a causal set per token: `all` includes it only for tokens named with --tokens.
+PER_TOKEN_ONLY = ("cleann",)
+
+
+def _parse_methods(spec: str, tokens_given: bool) -> list[str]:
+    if spec.strip() == "all":
+        names = [n for n in sorted(METHODS) if tokens_given or n not in PER_TOKEN_ONLY]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise UserInputError("--methods is empty: name at least one of " + ", ".join(sorted(METHODS)))
     for name in names:
@@ -47,6 +54,12 @@ def _parse_tokens(spec: str) -> list[int] | None:
     return list(dict.fromkeys(indices))
 
 
+def _cleann_record(explanation) -> dict:
+    details = explanation.details
+    keys = ("image_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head", "edges")
+    return {key: details[key] for key in keys}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m lvlm_interpret", description="Explain what a vision-language model looked at.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -55,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt", required=True, help="the question or instruction")
     explain.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or random:PRESET "
                                                                 f"(default {DEFAULT_MODEL})")
-    explain.add_argument("--methods", default="attention", help=f"comma list of {', '.join(sorted(METHODS))}, or all")
+    explain.add_argument("--methods", default="attention",
+                         help=f"comma list of {', '.join(sorted(METHODS))}, or all (cleann only with --tokens)")
     explain.add_argument("--max-new-tokens", type=int, default=32)
     explain.add_argument("--temperature", type=float, default=None, help="sample with this temperature "
                                                                          "(default: greedy)")
@@ -82,8 +96,8 @@ def run_explain(args) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
-    methods = _parse_methods(args.methods)
     tokens = _parse_tokens(args.tokens)
+    methods = _parse_methods(args.methods, tokens_given=tokens is not None)
     if not args.prompt.strip():
         raise UserInputError("--prompt is empty: give a question about the image")
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
@@ -140,6 +154,8 @@ def run_explain(args) -> Path:
         "methods": methods,
         "method_options": {name: method_options.get(name, {}) for name in methods},
         "generation": trace.generation,
+        **({"cleann": {str(e.token_index): _cleann_record(e) for e in explanations["cleann"]}}
+           if "cleann" in explanations else {}),
         "llr": [round(value, 6) for value in relevance.llr],
         "visually_relevant": relevance.relevant,
         "trace_bytes": trace.nbytes,

@@ -51,6 +51,28 @@ def test_contract(tmp_path, scene_path, llava):
     assert not list(out.glob(".staging-*"))
 
 
+def test_all_methods_write_every_array_and_cleann_for_chosen_tokens(tmp_path, scene_path):
+    out = tmp_path / "all"
+    assert _explain("--model", "random:qwen2_vl", "--methods", "all", "--tokens", "1,3", scene=scene_path,
+                    out=out) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
+    grid = result["image"]["grid"]
+    maps = np.load(out / "maps.npz")
+    expected = {"attention", "cleann", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw",
+                "tam_cleaned"}
+    assert set(maps.keys()) == expected
+    for name in expected:
+        assert maps[name].shape == (2, *grid) and (maps[name] >= 0).all(), name
+    assert set(result["cleann"]) == {"1", "3"}
+    record = result["cleann"]["1"]
+    assert {"image_cells", "text_tokens", "prob_before", "prob_after", "edges"} <= record.keys()
+    assert len(result["llr"]) == len(result["answer_tokens"])
+    # without --tokens, "all" leaves out the per-token causal search
+    assert _explain("--model", "random:qwen2_vl", "--methods", "all", scene=scene_path, out=tmp_path / "b") == 0
+    assert "cleann" not in json.loads((tmp_path / "b" / "result.json").read_text())["methods"]
+
+
 def test_selected_tokens_and_two_images(tmp_path, scene_path):
     second = tmp_path / "tall.png"
     make_scene(90, 200).save(second)

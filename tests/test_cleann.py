@@ -1,0 +1,85 @@
+"""CLEANN: the CI test, structure learning and minimal-set search on hand inputs; the method end to end."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lvlm_interpret import UserInputError, get_method
+from lvlm_interpret.methods.cleann import (
+    _Scorer, correlation_from_attention, fisher_z_pvalue, learn_skeleton, partial_correlation,
+    smallest_explaining_prefix,
+)
+
+
+def test_fisher_z_pvalue_hand_value():
+    r, n, given = 0.5, 20, 0
+    z = 0.5 * math.log(1.5 / 0.5)
+    statistic = math.sqrt(n - given - 3) * abs(z)
+    expected = 2 * (1 - 0.5 * (1 + math.erf(statistic / math.sqrt(2))))
+    assert fisher_z_pvalue(r, n, given) == pytest.approx(expected, rel=1e-9)
+    assert fisher_z_pvalue(0.0, 128, 2) == pytest.approx(1.0)
+    assert fisher_z_pvalue(0.99, 128, 0) < 1e-5
+
+
+def test_partial_correlation_matches_the_three_variable_formula():
+    r_xy, r_xz, r_yz = 0.6, 0.5, 0.4
+    correlation = np.array([[1, r_xy, r_xz], [r_xy, 1, r_yz], [r_xz, r_yz, 1]])
+    expected = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+    assert partial_correlation(correlation, 0, 1, (2,)) == pytest.approx(expected)
+    assert partial_correlation(correlation, 0, 1, ()) == r_xy
+
+
+def test_correlation_from_attention_rows():
+    correlation = correlation_from_attention(np.array([[1.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(correlation, [[1, 1 / math.sqrt(2)], [1 / math.sqrt(2), 1]])
+
+
+def test_skeleton_of_a_chain_drops_the_indirect_edge():
+    # x -> y -> z: x and z are correlated only through y
+    correlation = np.array([[1.0, 0.8, 0.64], [0.8, 1.0, 0.8], [0.64, 0.8, 1.0]])
+    assert learn_skeleton(correlation, n_samples=128, alpha=1e-5) == {(0, 1), (1, 2)}
+    # independent tokens lose every edge
+    assert learn_skeleton(np.eye(4), n_samples=128, alpha=1e-5) == set()
+
+
+def test_smallest_prefix_is_found_and_verified():
+    class FakeScorer:
+        calls = []
+
+        def __call__(self, positions):
+            self.calls.append(list(positions))
+            return (0.1, False) if 30 in positions else (0.9, True)
+
+    chosen, probability, reached = smallest_explaining_prefix(FakeScorer(), [10, 20, 30, 40, 50], 0.9, 0.5)
+    assert chosen == [10, 20, 30] and probability == 0.1 and reached
+    chosen, probability, reached = smallest_explaining_prefix(FakeScorer(), [10, 20], 0.9, 0.5)
+    assert chosen == [10, 20] and not reached
+
+
+def test_cleann_end_to_end(llava, llava_trace):
+    t = 2
+    explanation = get_method("cleann").explain(llava_trace, t, model=llava)
+    details = explanation.details
+    layout = llava_trace.images[0]
+    assert details["prob_before"] == pytest.approx(math.exp(float(llava_trace.answer_logprobs[t])), rel=1e-3)
+    # the map marks exactly the reported cells; text tokens are earlier, non-image positions
+    marked = {tuple(cell) for cell in zip(*np.nonzero(explanation.maps[0]))}
+    assert marked == {tuple(cell) for cell in details["image_cells"]}
+    assert all(p < llava_trace.source_position(t) + 1 and not layout.start <= p < layout.end
+               for p in details["text_tokens"])
+    # re-scoring the reported set independently gives the reported probability
+    positions = [layout.start + r * layout.cols + c for r, c in details["image_cells"]] + details["text_tokens"]
+    probability, still_argmax = _Scorer(llava, llava_trace, t)(positions)
+    assert probability == pytest.approx(details["prob_after"], rel=1e-5)
+    if details["verified"]:
+        assert probability <= 0.5 * details["prob_before"] or not still_argmax
+    nodes = set(details["nodes"])
+    assert all(a < b and a in nodes and b in nodes for a, b in details["edges"])
+    assert llava_trace.source_position(t) in nodes
+
+
+@pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"alpha": 2.0}, {"radius": 0}])
+def test_bad_options(llava, llava_trace, options):
+    with pytest.raises(UserInputError):
+        get_method("cleann").explain(llava_trace, 0, model=llava, **options)

@@ -88,7 +88,39 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--png", action="store_true", help="also write one overlay PNG per method and token")
     explain.add_argument("--save-trace", action="store_true", help="also write trace.safetensors")
     explain.add_argument("--out", required=True, help="output folder")
+
+    evaluate = commands.add_parser("evaluate", help="score explanation methods against ground-truth masks")
+    evaluate.add_argument("--dataset", default="shapes", choices=["shapes"])
+    evaluate.add_argument("--n", type=int, default=100, help="number of held-out scenes")
+    evaluate.add_argument("--size", type=int, default=192, help="scene side in pixels")
+    evaluate.add_argument("--methods", default="attention,relevancy,tam")
+    evaluate.add_argument("--model", default=DEFAULT_MODEL)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.csv")
     return parser
+
+
+def run_evaluate(args) -> dict:
+    from .evaluation.shapes import evaluate_shapes
+
+    if args.n < 1:
+        raise UserInputError(f"--n must be at least 1, got {args.n}")
+    methods = _parse_methods(args.methods, tokens_given=True)
+    loaded = load_model(args.model, device=args.device)
+    result = {"model": args.model, **evaluate_shapes(loaded, args.n, methods, size=args.size)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+    columns = ["pointing_game", "obj_iou", "cells_inside_object", "n_words"]
+    lines = ["method," + ",".join(columns)]
+    lines += [name + "," + ",".join(str(row.get(c, "")) for c in columns) for name, row in result["methods"].items()]
+    (out / "evaluation.csv").write_text("\n".join(lines) + "\n")
+    print(f"describe accuracy {result['describe_accuracy']:.3f} on {args.n} held-out scenes ({args.model})")
+    print(f"{'map':<16}{'pointing':>10}{'obj-iou':>10}{'in-object':>11}{'words':>7}")
+    for name, row in result["methods"].items():
+        inside = f"{row['cells_inside_object']:.3f}" if "cells_inside_object" in row else "-"
+        print(f"{name:<16}{row['pointing_game']:>10.3f}{row['obj_iou']:>10.3f}{inside:>11}{row['n_words']:>7}")
+    return result
 
 
 def run_explain(args) -> Path:
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             out = run_explain(args)
             print(f"wrote {out / 'result.json'} and {out / 'maps.npz'}")
+        elif args.command == "evaluate":
+            run_evaluate(args)
         return 0
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -24,21 +24,32 @@ def colour_lookup(colorscale: str = "Inferno", levels: int = 256) -> np.ndarray:
     return np.array([unlabel_rgb(colour) for colour in colours], dtype=np.float32).round().astype(np.uint8)
 
 
+def map_on_image(grid_map: np.ndarray, layout: ImageLayout, smooth: bool = False) -> np.ndarray:
+    """The grid map stretched over the box it covers, as a float [height, width] array the size of the original
+    image (0 outside the box)."""
+    width, height = layout.image_size
+    x0, y0, x1, y1 = (int(round(v)) for v in layout.box)
+    scaled = Image.fromarray(np.asarray(grid_map, dtype=np.float32), mode="F").resize(
+        (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    )
+    canvas = Image.new("F", (width, height), 0.0)
+    canvas.paste(scaled, (x0, y0))
+    return np.asarray(canvas, dtype=np.float32)
+
+
+def inside_box(layout: ImageLayout) -> np.ndarray:
+    """[height, width] bool: the original-image pixels that the grid covers."""
+    return map_on_image(np.ones((layout.rows, layout.cols), dtype=np.float32), layout) > 0
+
+
 def overlay(grid_map: np.ndarray, layout: ImageLayout, *, alpha: float = 0.6, colorscale: str = "Inferno",
             ignore_top: int = 0, smooth: bool = False) -> Image.Image:
     """An RGBA image the size of the original image: the map stretched over the box its grid covers."""
-    width, height = layout.image_size
-    x0, y0, x1, y1 = (int(round(v)) for v in layout.box)
-    scaled = Image.fromarray(normalise(grid_map, ignore_top), mode="F").resize(
-        (max(x1 - x0, 1), max(y1 - y0, 1)), Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
-    )
-    levels = (np.clip(np.asarray(scaled), 0, 1) * 255).round().astype(np.uint8)
+    levels = (map_on_image(normalise(grid_map, ignore_top), layout, smooth) * 255).round().clip(0, 255)
     rgba = np.zeros((*levels.shape, 4), dtype=np.uint8)
-    rgba[..., :3] = colour_lookup(colorscale)[levels]
-    rgba[..., 3] = int(round(alpha * 255))
-    canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
-    canvas.paste(Image.fromarray(rgba, mode="RGBA"), (x0, y0))
-    return canvas
+    rgba[..., :3] = colour_lookup(colorscale)[levels.astype(np.uint8)]
+    rgba[..., 3] = np.where(inside_box(layout), int(round(alpha * 255)), 0)
+    return Image.fromarray(rgba, mode="RGBA")
 
 
 def blend(image: Image.Image, overlay_image: Image.Image) -> Image.Image:

@@ -1,0 +1,41 @@
+import json
+
+from lvlm_interpret.cli import main
+from lvlm_interpret.demo.scenes import describe, draw_scene
+from lvlm_interpret.evaluation.shapes import object_words
+
+
+def _scene_with(n):
+    seed = 0
+    while len(draw_scene(seed, 96).objects) != n:
+        seed += 1
+    return draw_scene(seed, 96)
+
+
+def test_object_words_follow_left_to_right_order():
+    scene = _scene_with(3)
+    words = describe(scene).replace(",", " ,").replace(".", " .").split()
+    found = object_words(words, scene)
+    order = scene.left_to_right()
+    assert [(obj, kind) for _, obj, kind in found] == [(o, k) for o in order for k in ("colour", "shape")]
+    for index, obj, kind in found:
+        expected = scene.objects[obj].colour if kind == "colour" else scene.objects[obj].shape
+        assert words[index] == expected
+
+
+def test_wrongly_named_objects_are_skipped():
+    scene = _scene_with(2)
+    first, second = (scene.objects[i] for i in scene.left_to_right())
+    wrong_colour = next(c for c in ("red", "green", "blue", "yellow") if c != first.colour)
+    words = ["a", wrong_colour, first.shape, "and", "a", second.colour, second.shape, "."]
+    found = object_words(words, scene)
+    assert [(i, kind) for i, _, kind in found] == [(5, "colour"), (6, "shape")]
+
+
+def test_evaluate_command_writes_json_and_csv(tmp_path, capsys):
+    assert main(["evaluate", "--n", "2", "--size", "96", "--model", "random:llava", "--methods", "attention",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result["n_scenes"] == 2 and result["seed_start"] >= 10 ** 9
+    assert (tmp_path / "evaluation.csv").read_text().startswith("method,pointing_game,obj_iou")
+    assert "describe accuracy" in capsys.readouterr().out

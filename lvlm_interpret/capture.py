@@ -117,6 +117,7 @@ class _Recorder:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # > 0 suppresses the end token until then (benchmarks use a fixed answer length)
     do_sample: bool = False  # greedy unless asked
     temperature: float = 1.0
     top_p: float = 1.0
@@ -125,6 +126,8 @@ class GenerationOptions:
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= 1024:
             raise UserInputError(f"max new tokens must be between 1 and 1024, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserInputError(f"min new tokens must be between 0 and max new tokens, got {self.min_new_tokens}")
         if not 0 < self.temperature <= 10:
             raise UserInputError(f"temperature must be in (0, 10], got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -180,6 +183,7 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         output = model.generate(
             **inputs.to(loaded.device),
             max_new_tokens=options.max_new_tokens,
+            min_new_tokens=options.min_new_tokens,
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=tokenizer.pad_token_id,

@@ -97,7 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=DEFAULT_MODEL)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.csv")
+
+    bench = commands.add_parser("bench", help="time generation, capture and every method; write figures as JSON")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--answer-tokens", type=int, default=16)
+    bench.add_argument("--methods", default="attention,tam,relevancy,cleann")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", required=True, help="JSON file for the figures")
     return parser
+
+
+def run_bench_command(args) -> dict:
+    from .bench import run_bench
+
+    if not 1 <= args.answer_tokens <= 1024:
+        raise UserInputError(f"--answer-tokens must be between 1 and 1024, got {args.answer_tokens}")
+    methods = _parse_methods(args.methods, tokens_given=True)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    figures = run_bench(loaded, args.answer_tokens, methods, repeats=max(1, args.repeats))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures, indent=2))
+    return figures
 
 
 def run_evaluate(args) -> dict:
@@ -228,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out / 'result.json'} and {out / 'maps.npz'}")
         elif args.command == "evaluate":
             run_evaluate(args)
+        elif args.command == "bench":
+            run_bench_command(args)
         return 0
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

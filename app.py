@@ -12,6 +12,7 @@ import gradio as gr
 from components import token_strip
 from components.attention_panel import AttentionPanel, control_choices, render_attention
 from components.generation import GenerationPanel, run_generation
+from components.method_panel import MethodPanel, method_names, render_method
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
 from lvlm_interpret.images import prepare_image
 
@@ -30,6 +31,7 @@ def build_app(service: ExplainService) -> gr.Blocks:
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 tokens = token_strip.build()
                 attention = AttentionPanel.build()
+                explanation = MethodPanel.build()
 
         def on_generate(image, prompt, max_new_tokens):
             try:
@@ -39,15 +41,28 @@ def build_app(service: ExplainService) -> gr.Blocks:
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
             layer, head = control_choices(trace.n_layers, trace.n_heads)
             picture = render_attention(service, request_id, state["image"], 0)
-            return state, trace.answer, token_strip.strip_value(trace, 0), layer, head, picture
+            return (state, trace.answer, token_strip.strip_value(trace, 0), layer, head, picture,
+                    *_render_method(state, method_names()[0], None))
 
-        def on_select(state, layer, head, aggregation, ignore_top, event: gr.SelectData):
+        def on_select(state, layer, head, aggregation, ignore_top, method, map_name, event: gr.SelectData):
             if not state:
                 raise gr.Error("generate an answer first")
             state = {**state, "token": int(event.index)}
             trace = service.trace(state["request_id"])
             picture = _render(state, layer, head, aggregation, ignore_top)
-            return state, token_strip.strip_value(trace, state["token"]), picture
+            return (state, token_strip.strip_value(trace, state["token"]), picture,
+                    *_render_method(state, method, map_name))
+
+        def on_method(state, method, map_name):
+            return _render_method(state, method, map_name) if state else (None, gr.Dropdown(), "")
+
+        def _render_method(state, method, map_name):
+            try:
+                picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
+                                                               state["token"], method, map_name)
+            except UserInputError as error:
+                raise gr.Error(str(error)) from None
+            return picture, gr.Dropdown(choices=names, value=shown), summary
 
         def on_controls(state, layer, head, aggregation, ignore_top):
             return _render(state, layer, head, aggregation, ignore_top) if state else None
@@ -59,11 +74,15 @@ def build_app(service: ExplainService) -> gr.Blocks:
             except UserInputError as error:
                 raise gr.Error(str(error)) from None
 
+        method_outputs = [explanation.image, explanation.map_name, explanation.summary]
         generation.button.click(
             on_generate, [generation.image, generation.prompt, generation.max_new_tokens],
-            [session, answer, tokens, attention.layer, attention.head, attention.image],
+            [session, answer, tokens, attention.layer, attention.head, attention.image, *method_outputs],
         )
-        tokens.select(on_select, [session, *attention.controls()], [session, tokens, attention.image])
+        tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
+                      [session, tokens, attention.image, *method_outputs])
+        explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
+        explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
         for control in attention.controls():
             control.change(on_controls, [session, *attention.controls()], attention.image)
     return demo

@@ -41,3 +41,18 @@ def test_generation_without_image_is_a_user_error(service):
 
 def test_app_builds(service):
     assert build_app(service) is not None
+
+
+def test_method_panel_shows_each_registered_method(service):
+    from components.method_panel import method_names, render_method
+
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", 4)
+    assert {"relevancy", "tam", "cleann"} <= set(method_names())
+    picture, names, shown, _ = render_method(service, request_id, image, 1, "tam", "tam_raw")
+    assert shown == "tam_raw" and set(names) == {"tam", "tam_raw", "tam_cleaned"}
+    expected = blend(image, overlay(get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0],
+                                    trace.images[0]))
+    assert np.array_equal(np.asarray(picture), np.asarray(expected))
+    _, names, shown, summary = render_method(service, request_id, image, 1, "cleann")
+    assert shown == "cleann" and "p(token)" in summary

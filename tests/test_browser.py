@@ -15,6 +15,7 @@ from PIL import Image
 
 from components.attention_panel import render_attention
 from components.generation import run_generation
+from components.method_panel import render_method
 from lvlm_interpret import ExplainService
 from tests.conftest import make_scene
 
@@ -103,6 +104,12 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             expected = np.asarray(render_attention(service, request_id, image, index))
             np.testing.assert_array_equal(shown, expected)
             seen.append(shown)
+            # the method panel follows the same token (TAM by default)
+            page.wait_for_function(
+                "document.querySelector('#method-map img') !== null", timeout=30_000)
+            page.wait_for_timeout(500)
+            tam_picture = render_method(service, request_id, image, index, "tam")[0]
+            np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(tam_picture))
         assert not np.array_equal(seen[0], seen[1])
         page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)
         browser.close()

@@ -79,7 +79,12 @@ def test_cleann_end_to_end(llava, llava_trace):
     assert llava_trace.source_position(t) in nodes
 
 
-@pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"alpha": 2.0}, {"radius": 0}])
+def test_cleann_can_be_limited_to_image_patches(llava, llava_trace):
+    details = get_method("cleann").explain(llava_trace, 1, model=llava, among="image").details
+    assert details["text_tokens"] == []
+
+
+@pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"alpha": 2.0}, {"radius": 0}, {"among": "x"}])
 def test_bad_options(llava, llava_trace, options):
     with pytest.raises(UserInputError):
         get_method("cleann").explain(llava_trace, 0, model=llava, **options)

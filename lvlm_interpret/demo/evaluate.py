@@ -2,7 +2,8 @@
 
     python -m lvlm_interpret.demo.evaluate --model assets/demo-model --n 300
 
-Held-out scenes use seeds 10**9 + i (training uses seeds < 10**9). Each scene is asked "Describe the image.",
+Held-out scenes use seeds HELD_OUT_SEED_START + i (training uses lower seeds). Answers come from the
+product's own loading and generation path. Each scene is asked "Describe the image.",
 "How many shapes are there?", every unambiguous colour and shape question, and four "Is there" questions (two
 yes, two no, mostly hard negatives). Answers are compared after lower-casing and dropping a final period.
 """
@@ -16,40 +17,26 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .scenes import KINDS, draw_scene, normalise_answer, question_kind, sample_questions
+from ..capture import GenerationOptions, generate_with_capture
+from ..models.loading import load_model
+from .scenes import HELD_OUT_SEED_START, KINDS, draw_scene, normalise_answer, question_kind, sample_questions
 
-HELD_OUT_BASE = 10**9
-
-
-def load(path: str, attn_implementation: str = "sdpa"):
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation)
-    processor = AutoProcessor.from_pretrained(path)
-    model.eval()
-    return model, processor
+def ask(loaded, image, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy answer through the product's own path (the same loading, prompt format and generation)."""
+    return generate_with_capture(loaded, [image], prompt, GenerationOptions(max_new_tokens=max_new_tokens)).answer
 
 
-def ask(model, processor, image, prompt: str, max_new_tokens: int = 20) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=image, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return processor.tokenizer.decode(new, skip_special_tokens=True)
-
-
-def evaluate(model, processor, n: int = 300, size=192, verbose: bool = False, n_exists: int = 4):
+def evaluate(loaded, n: int = 300, size=192, verbose: bool = False, n_exists: int = 4):
     correct = {k: 0 for k in KINDS}
     total = {k: 0 for k in KINDS}
     failures = []
     for i in range(n):
-        seed = HELD_OUT_BASE + i
+        seed = HELD_OUT_SEED_START + i
         scene = draw_scene(seed, size=size)
         for prompt, answer in sample_questions(scene, random.Random(seed), n_exists=n_exists):
             kind = question_kind(prompt)
-            got = ask(model, processor, scene.image, prompt)
+            got = ask(loaded, scene.image, prompt)
             ok = normalise_answer(got) == normalise_answer(answer)
             total[kind] += 1
             correct[kind] += ok
@@ -71,10 +58,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = tuple(int(v) for v in args.size.lower().split("x")) if "x" in args.size.lower() else int(args.size)
-    model, processor = load(args.model)
+    loaded = load_model(args.model, device="cpu")
     t0 = time.time()
-    acc, total, failures = evaluate(model, processor, args.n, size=size, verbose=args.verbose)
-    print(f"{args.model}: {args.n} held-out scenes (seeds {HELD_OUT_BASE}..{HELD_OUT_BASE + args.n - 1}), "
+    acc, total, failures = evaluate(loaded, args.n, size=size, verbose=args.verbose)
+    print(f"{args.model}: {args.n} held-out scenes (seeds {HELD_OUT_SEED_START}..{HELD_OUT_SEED_START + args.n - 1}), "
           f"size {args.size}, greedy generation, {time.time() - t0:.0f}s")
     print("| kind | questions | exact accuracy |")
     print("|---|---|---|")

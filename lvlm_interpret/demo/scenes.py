@@ -30,6 +30,7 @@ MIN_SIZE, MAX_SIZE = 0.15, 0.30
 MIN_DX = 0.06
 GAP = 2  # pixels between bounding boxes
 KINDS = ("describe", "color", "shape", "exists", "count")
+HELD_OUT_SEED_START = 10 ** 9  # training scenes use seeds below this; held-out scenes are this + i
 
 DESCRIBE_PROMPT = "Describe the image."
 COUNT_PROMPT = "How many shapes are there?"

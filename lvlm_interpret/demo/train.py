@@ -35,22 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..families.llava import CHAT_TEMPLATE, IMAGE_TOKEN
+from ..families.llava import CHAT_TEMPLATE, IMAGE_TOKEN, llava_config, llava_processor
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .scenes import COLOURS, KINDS, SHAPES, Scene, draw_scene, parse_prompt, question_kind, sample_questions
+from .scenes import (
+    COLOURS, HELD_OUT_SEED_START, KINDS, SHAPES, Scene, draw_scene, parse_prompt, question_kind, sample_questions,
+)
 
-HELD_OUT_BASE = 10**9
 IMAGE_SIZE, PATCH = 96, 8
 GRID = IMAGE_SIZE // PATCH
 N_PATCHES = GRID * GRID
@@ -67,37 +62,12 @@ MODEL_PRESET = {
 
 def build_processor() -> LlavaProcessor:
     tokenizer = build_word_tokenizer(COMMON_WORDS + EXTRA_WORDS, [IMAGE_TOKEN], CHAT_TEMPLATE)
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            do_center_crop=False,
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return llava_processor(tokenizer, IMAGE_SIZE, PATCH, centre_crop=False)
 
 
 def build_model(processor: LlavaProcessor, seed: int, preset: dict = MODEL_PRESET) -> LlavaForConditionalGeneration:
     tokenizer = processor.tokenizer
-    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, **preset["vision"])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **preset["text"],
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
+    config = llava_config(tokenizer, IMAGE_SIZE, PATCH, preset["vision"], preset["text"], vision_feature_layer=-1)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation("sdpa")
@@ -380,14 +350,18 @@ def teacher_forced_accuracy(model, encoder, seeds, batch_size=32, n_exists=4):
 
 # --- training loop ---------------------------------------------------------------------------------------
 
-def lr_at(step, args):
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
+def lr_at(step, args, warm_start_step: int = 0):
+    """Linear warm-up (again after a warm start, whose optimizer state is fresh), then cosine to 10%."""
+    if step - warm_start_step < args.warmup:
+        return args.lr * (step - warm_start_step + 1) / args.warmup
     progress = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_model(model, processor, out: Path, summary: dict):
+AUX_FILE = "training_aux.safetensors"  # training-only heads, so that a later session can continue from --out
+
+
+def save_model(model, processor, out: Path, summary: dict, aux: nn.Module):
     out.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -396,6 +370,7 @@ def save_model(model, processor, out: Path, summary: dict):
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_file({name: value.detach().contiguous() for name, value in aux.state_dict().items()}, str(tmp / AUX_FILE))
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -438,8 +413,19 @@ def main(argv=None):
                                   lr=args.lr, betas=(0.9, 0.98))
     step, elapsed, best = 0, 0.0, -1.0
     history = []
-    ckpt = Path(args.ckpt)
-    if args.resume and ckpt.is_file():
+    warm_start_step = 0
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    if args.resume and not ckpt.is_file() and (out / AUX_FILE).is_file():
+        # no local checkpoint (a new session): continue from the shipped model, with a fresh optimizer
+        # from_pretrained maps the saved (hub-style) names back onto this transformers version's modules
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(out).state_dict())
+        aux.load_state_dict(load_file(str(out / AUX_FILE)))
+        summary = json.loads((out / "training_summary.json").read_text())
+        step, elapsed = summary["step"], summary["minutes_trained"] * 60
+        best, history = summary.get("best", -1.0), summary.get("history", [])
+        warm_start_step = step
+        print(f"warm start from {out} at step {step} ({elapsed / 60:.1f} min trained)", flush=True)
+    elif args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         aux.load_state_dict(state["aux"])
@@ -449,7 +435,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters; args: {vars(args)}", flush=True)
     weights = {"patch": args.w_patch, "attn": args.w_attn}
-    eval_seeds = [HELD_OUT_BASE + i for i in range(args.eval_n)]
+    eval_seeds = [HELD_OUT_SEED_START + i for i in range(args.eval_n)]
 
     def checkpoint():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -470,8 +456,9 @@ def main(argv=None):
         if score > best:
             best = score
             if not args.no_save:
-                save_model(model, processor, Path(args.out), {"step": step, "minutes_trained": elapsed / 60,
-                                                             "held_out_teacher_forced": acc, "args": vars(args)})
+                save_model(model, processor, out, {"step": step, "minutes_trained": elapsed / 60, "best": best,
+                                                  "held_out_teacher_forced": acc, "history": history,
+                                                  "args": vars(args)}, aux)
                 print(f"[save] {args.out} (mean {score * 100:.1f}%)", flush=True)
         return acc
 
@@ -487,7 +474,7 @@ def main(argv=None):
         batch["image_start"] = encoder.image_start
         t1 = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, warm_start_step)
         loss, parts = losses(model, aux, batch, args.attn_layer, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -498,7 +485,7 @@ def main(argv=None):
         for k, v in parts.items():
             running[k] = 0.98 * running.get(k, v) + 0.02 * v
         if step % 25 == 0:
-            print(f"step {step} {elapsed / 60:.1f} min lr {lr_at(step, args):.2e} "
+            print(f"step {step} {elapsed / 60:.1f} min lr {lr_at(step, args, warm_start_step):.2e} "
                   + " ".join(f"{k} {v:.4f}" for k, v in running.items())
                   + f" | data {t1 - t0:.2f}s step {time.time() - t1:.2f}s", flush=True)
         if time.time() - last_eval > args.eval_every * 60:

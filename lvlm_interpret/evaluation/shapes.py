@@ -9,11 +9,12 @@ from collections import defaultdict
 import numpy as np
 
 from ..capture import GenerationOptions, generate_with_capture
-from ..demo.scenes import COLOURS, DESCRIBE_PROMPT, SHAPES, draw_scene, normalise_answer, describe
+from ..demo.scenes import (
+    COLOURS, DESCRIBE_PROMPT, HELD_OUT_SEED_START, SHAPES, describe, draw_scene, normalise_answer,
+)
 from ..methods import get_method
 from .metrics import obj_iou, pointing_hit, share_inside
 
-HELD_OUT_SEED_START = 10 ** 9  # training uses seeds below this
 
 
 def object_words(answer_texts: list[str], scene) -> list[tuple[int, int, str]]:

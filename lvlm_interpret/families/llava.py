@@ -78,31 +78,39 @@ class LlavaFamily(ModelFamily):
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)
         image = preset["image"]
-        vision = CLIPVisionConfig(image_size=image["crop"], patch_size=image["patch"], **preset["vision_config"])
-        text = LlamaConfig(
+        config = llava_config(tokenizer, image["crop"], image["patch"], preset["vision_config"],
+                              preset["text_config"])
+        processor = llava_processor(tokenizer, image["crop"], image["patch"], centre_crop=True)
+        return seeded_model(LlavaForConditionalGeneration, config, preset.get("seed", 0)), processor
+
+
+def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, text_config: dict,
+                 vision_feature_layer: int = -2) -> LlavaConfig:
+    """A LLaVA config (CLIP tower + Llama decoder) whose token ids come from `tokenizer`."""
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision_config),
+        text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **preset["text_config"],
-        )
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessorPil(
-                size={"shortest_edge": image["crop"]},
-                crop_size={"height": image["crop"], "width": image["crop"]},
-                do_center_crop=True,
-            ),
-            tokenizer=tokenizer,
-            patch_size=image["patch"],
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
-        return seeded_model(LlavaForConditionalGeneration, config, preset.get("seed", 0)), processor
+            **text_config,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+
+
+def llava_processor(tokenizer, image_size: int, patch: int, centre_crop: bool) -> LlavaProcessor:
+    """LLaVA-1.5's processing (shortest-edge resize + centre crop) or a plain resize of the whole image."""
+    size = {"shortest_edge": image_size} if centre_crop else {"height": image_size, "width": image_size}
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size},
+                                              do_center_crop=centre_crop),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )

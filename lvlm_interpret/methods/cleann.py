@@ -225,10 +225,14 @@ class Cleann(ExplanationMethod):
                   "graph, verified by masking and re-scoring the token."
 
     def explain(self, trace, token_index, model=None, layer=-1, head="all", alpha=1e-5, threshold=0.005,
-                radius=3, max_image_tokens=50, ordered=True, max_given=2, drop_to=0.5):
+                radius=3, max_image_tokens=50, ordered=True, max_given=2, drop_to=0.5, among="all", samples=None):
+        """`among`: which tokens may form the explaining set: "all", "image" (patches only) or "text".
+        `samples`: the CI tests' pseudo sample size (default: the head dimension, as in the paper)."""
         if model is None:
             raise UserInputError("cleann needs the model that generated the trace (to verify by masking)")
         trace.check_token_index(token_index)
+        if among not in ("all", "image", "text"):
+            raise UserInputError(f"cleann: among must be all, image or text, got {among!r}")
         if not 0 < alpha < 1 or not 0 <= threshold < 1 or radius < 1 or not 0 < drop_to < 1:
             raise UserInputError("cleann options: alpha in (0, 1), threshold in [0, 1), radius >= 1, "
                                  "drop_to in (0, 1)")
@@ -243,7 +247,9 @@ class Cleann(ExplanationMethod):
         attention = self._layer_attention(model, trace, layer_index)  # [heads, S, S]
         source = trace.source_position(token_index)
         config = model.model.config.get_text_config()
-        n_samples = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_samples = samples or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if n_samples < 4:
+            raise UserInputError(f"cleann: the pseudo sample size must be at least 4, got {n_samples}")
         options = dict(threshold=threshold, max_image=max_image_tokens, alpha=alpha, n_samples=n_samples,
                        radius=radius, ordered=ordered, max_given=max_given)
         with ThreadPoolExecutor(max_workers=min(4, len(heads))) as pool:
@@ -251,9 +257,12 @@ class Cleann(ExplanationMethod):
 
         scorer = _Scorer(model, trace, token_index)
         prob_before, _ = scorer([])
+        in_image = set(image_positions(trace).tolist())
+        allowed = {"all": lambda p: True, "image": lambda p: p in in_image, "text": lambda p: p not in in_image}[among]
         best = None
         for result in discovered:
-            chosen, prob_after, reached = smallest_explaining_prefix(scorer, result.candidates, prob_before, drop_to)
+            candidates = [p for p in result.candidates if allowed(p)]
+            chosen, prob_after, reached = smallest_explaining_prefix(scorer, candidates, prob_before, drop_to)
             key = (not reached, len(chosen) if reached else -(prob_before - prob_after), prob_after)
             if best is None or key < best[0]:
                 best = (key, result, chosen, prob_after, reached)

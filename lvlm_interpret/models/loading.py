@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.utils import logging as hf_logging
 
 from ..capture import CAPTURE_ATTENTION
 from ..errors import UserInputError
@@ -19,10 +20,14 @@ from ..families import ModelFamily, family_for_model_type
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS_DIR = REPO_ROOT / "configs"
 RANDOM_PREFIX = "random:"
-DEFAULT_MODEL = "random:llava"
+# Models that ship with the product, by name; "demo" is trained by lvlm_interpret/demo/train.py.
+BUILTIN_MODELS = {"demo": REPO_ROOT / "assets" / "demo-model"}
+DEFAULT_MODEL = "random:llava"  # becomes "demo" once its weights are committed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logging.getLogger("transformers.image_processing_utils").setLevel(logging.ERROR)
+hf_logging.disable_progress_bar()  # stderr carries one line per error, not loading bars
+hf_logging.set_verbosity_error()
 
 
 @dataclass
@@ -104,7 +109,7 @@ def _family(model_type: str) -> ModelFamily:
 
 
 def _load_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool):
-    local = Path(name).expanduser()
+    local = BUILTIN_MODELS.get(name, Path(name).expanduser())
     source = str(local) if local.is_dir() else name
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:

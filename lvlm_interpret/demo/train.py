@@ -91,6 +91,7 @@ class AuxHeads(nn.Module):
         self.shape_bg = nn.Parameter(torch.randn(dim) * 0.02)
         self.scale = nn.Parameter(torch.tensor(10.0))
         self.rank = nn.Linear(dim, 4)
+        self.register_buffer("lens_ids", torch.cat([self.colour_ids, self.shape_ids]), persistent=False)
 
     def forward(self, features, embedding):
         colour_w = torch.cat([self.colour_bg[None], embedding(self.colour_ids)])
@@ -281,6 +282,9 @@ def forward(model, aux, batch, attn_layer: int, with_aux: bool = True):
     if not with_aux:
         return result
     result["patch"] = aux(features, embed)
+    # logit lens at the image positions: the LM head read on the last layer's (normed) visual tokens
+    start = batch["image_start"]
+    result["lens"] = F.linear(hidden[:, start:start + N_PATCHES], model.lm_head.weight[aux.lens_ids])
     # attention of the supervised heads, recomputed from the layer's input
     layer = core.language_model.layers[attn_layer]
     x = layer.input_layernorm(out.hidden_states[attn_layer])
@@ -322,8 +326,25 @@ def losses(model, aux, batch, attn_layer, weights):
         attn = -(batch["attn_target"] * result["attn_logp"]).sum(-1).mean()
     else:
         attn = torch.zeros(())
-    total = lm + weights["patch"] * patch + weights["attn"] * attn
-    return total, {"lm": lm.item(), "patch": patch.item(), "attn": attn.item()}
+    lens = lens_loss(result["lens"], batch["patch_colour"], batch["patch_shape"])
+    total = lm + weights["patch"] * patch + weights["attn"] * attn + weights["lens"] * lens
+    return total, {"lm": lm.item(), "patch": patch.item(), "attn": attn.item(), "lens": lens.item()}
+
+
+def lens_loss(lens_logits, patch_colour, patch_shape):
+    """Binary cross-entropy on the colour and shape words' logits at every labelled visual token: positive for
+    the words of the object covering it, negative for all others and everywhere on the background. It gives the
+    visual tokens the vocabulary-space readability reported for LLaVA (Neo et al.), which TAM reads."""
+    n_colours = len(COLOURS)
+    labelled = (patch_colour >= 0) & (patch_shape >= 0)
+    target = torch.zeros_like(lens_logits)
+    on_object = labelled & (patch_colour > 0)
+    b, p = on_object.nonzero(as_tuple=True)
+    target[b, p, patch_colour[b, p] - 1] = 1.0
+    target[b, p, n_colours + patch_shape[b, p] - 1] = 1.0
+    if not labelled.any():
+        return torch.zeros(())
+    return F.binary_cross_entropy_with_logits(lens_logits[labelled], target[labelled])
 
 
 @torch.no_grad()
@@ -390,6 +411,7 @@ def main(argv=None):
     p.add_argument("--attn-layer", type=int, default=2)
     p.add_argument("--w-attn", type=float, default=1.0)
     p.add_argument("--w-patch", type=float, default=0.5)
+    p.add_argument("--w-lens", type=float, default=0.5, help="weight of the logit-lens loss on visual tokens")
     p.add_argument("--n-exists", type=int, default=4)
     p.add_argument("--eval-every", type=float, default=6.0, help="minutes between held-out evaluations")
     p.add_argument("--eval-n", type=int, default=300)
@@ -434,7 +456,7 @@ def main(argv=None):
         print(f"resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained, best {best:.3f})", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters; args: {vars(args)}", flush=True)
-    weights = {"patch": args.w_patch, "attn": args.w_attn}
+    weights = {"patch": args.w_patch, "attn": args.w_attn, "lens": args.w_lens}
     eval_seeds = [HELD_OUT_SEED_START + i for i in range(args.eval_n)]
 
     def checkpoint():

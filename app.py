@@ -14,6 +14,7 @@ from components.attention_panel import AttentionPanel, control_choices, render_a
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import MethodPanel, method_names, render_method
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
+from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
 
 
@@ -95,9 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a temporary public link")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default=None, help="URL of a running `python -m lvlm_interpret serve`; "
+                                                        "without it the model runs in this process")
     args = parser.parse_args(argv)
-    service = ExplainService(default_model=args.model, device=args.device)
-    service.model()  # load before serving, so the first click is fast and a bad --model fails here
+    if args.backend:
+        service = RemoteService(args.backend)
+    else:
+        service = ExplainService(default_model=args.model, device=args.device)
+        service.model()  # load before serving, so the first click is fast and a bad --model fails here
     build_app(service).queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                                       css=CSS)
 

@@ -106,7 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="attention,tam,relevancy,cleann")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", required=True, help="JSON file for the figures")
+
+    serve = commands.add_parser("serve", help="run the service over HTTP (OpenAPI schema at /docs)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=DEFAULT_MODEL)
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--cache-mb", type=int, default=1024, help="bound of the trace and map cache")
     return parser
+
+
+def run_serve(args) -> None:
+    import uvicorn
+
+    from .server import create_api
+    from .service import ExplainService
+
+    service = ExplainService(default_model=args.model, cache_bytes=args.cache_mb * 2 ** 20, device=args.device)
+    service.model()  # a bad --model fails here, before serving
+    uvicorn.run(create_api(service), host=args.host, port=args.port, log_level="warning")
 
 
 def run_bench_command(args) -> dict:
@@ -253,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             run_evaluate(args)
         elif args.command == "bench":
             run_bench_command(args)
+        elif args.command == "serve":
+            run_serve(args)
         return 0
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ evicted is regenerated transparently (generation is deterministic for fixed opti
 
 from __future__ import annotations
 
+import inspect
 import threading
 import uuid
 from collections import OrderedDict
@@ -103,6 +104,10 @@ class ExplainService:
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         """The method's explanation of one answer token, computed on first use and cached."""
         explainer = get_method(method)
+        try:
+            inspect.signature(explainer.explain).bind(None, token_index, **options)
+        except TypeError as error:
+            raise UserInputError(f"{method}: {error}") from None
         key = ("explanation", request_id, method, token_index, tuple(sorted(options.items())))
         cached = self._cache.get(key)
         if cached is not None:

@@ -1,0 +1,90 @@
+"""A front end's view of a remote service (`python -m lvlm_interpret serve`): the same calls as ExplainService."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from .capture import GenerationOptions
+from .errors import UserInputError
+from .families.base import ImageLayout
+from .methods.base import Explanation
+
+
+@dataclass
+class RemoteTrace:
+    """The parts of a Trace a front end shows."""
+
+    request_id: str
+    model_name: str
+    prompt: str
+    answer: str
+    answer_texts: list[str]
+    answer_ids: list[int]
+    images: list[ImageLayout]
+    n_layers: int
+    n_heads: int
+    answer_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def n_answer(self) -> int:
+        return len(self.answer_ids)
+
+
+class RemoteService:
+    def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0):
+        self._client = client or httpx.Client(base_url=url, timeout=timeout_s)
+        self._traces: dict[str, RemoteTrace] = {}
+        self.default_model = self._call("GET", "/v1/health")["default_model"]
+
+    def _call(self, verb: str, path: str, **kwargs) -> dict:
+        try:
+            response = self._client.request(verb, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise UserInputError(f"the backend at {self._client.base_url} cannot be reached ({type(error).__name__});"
+                                 " check that it is running and try again") from None
+        if response.status_code == 400:
+            raise UserInputError(response.json().get("error", "the backend refused the request"))
+        if response.status_code != 200:
+            raise UserInputError(f"the backend failed ({response.status_code}); try again")
+        return response.json()
+
+    def model(self, name: str | None = None):
+        return None  # models live on the backend
+
+    def generate(self, images, prompt: str, model: str | None = None, options: GenerationOptions | None = None):
+        if len(images) != 1:
+            raise UserInputError("the HTTP backend takes one image per request")
+        options = options or GenerationOptions()
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="PNG")
+        summary = self._call("POST", "/v1/generate", files={"image": ("image.png", buffer.getvalue(), "image/png")},
+                             data={"prompt": prompt, "max_new_tokens": str(options.max_new_tokens)})
+        trace = RemoteTrace(
+            request_id=summary["request_id"], model_name=summary["model"], prompt=summary["prompt"],
+            answer=summary["answer"], answer_texts=summary["answer_texts"], answer_ids=summary["answer_ids"],
+            images=[ImageLayout.from_json(layout) for layout in summary["images"]], n_layers=summary["n_layers"],
+            n_heads=summary["n_heads"], answer_logprobs=summary["answer_logprobs"],
+        )
+        self._traces[trace.request_id] = trace
+        return trace.request_id, trace
+
+    def trace(self, request_id: str) -> RemoteTrace:
+        if request_id not in self._traces:
+            raise UserInputError("unknown or expired request: generate an answer first")
+        return self._traces[request_id]
+
+    def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
+        body = self._call("POST", "/v1/explain", json={"request_id": request_id, "method": method,
+                                                        "token_index": token_index, "options": options})
+        maps = {name: [np.asarray(grid, dtype=np.float32) for grid in grids] for name, grids in body["maps"].items()}
+        prefix = method + "_"
+        return Explanation(
+            method=method, token_index=token_index, maps=maps.pop(method),
+            text_scores=None if body["text_scores"] is None else np.asarray(body["text_scores"], dtype=np.float32),
+            variants={name[len(prefix):]: grids for name, grids in maps.items()},
+            details=body["details"],
+        )

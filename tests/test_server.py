@@ -1,0 +1,118 @@
+"""The HTTP backend and the remote client the web front end uses with --backend."""
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from components.attention_panel import render_attention
+from lvlm_interpret import ExplainService, UserInputError
+from lvlm_interpret.client import RemoteService
+from lvlm_interpret.server import create_api
+from tests.conftest import make_scene
+
+
+@pytest.fixture(scope="module")
+def service():
+    return ExplainService(default_model="random:llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    return TestClient(create_api(service))
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_generate_then_explain_over_http(http, service):
+    response = http.post("/v1/generate", files={"image": ("s.png", _png(make_scene()), "image/png")},
+                         data={"prompt": "Describe the image.", "max_new_tokens": "4"})
+    assert response.status_code == 200
+    summary = response.json()
+    assert len(summary["answer_texts"]) == 4 and summary["images"][0]["rows"] == 8
+    body = http.post("/v1/explain", json={"request_id": summary["request_id"], "method": "tam", "token_index": 1})
+    assert body.status_code == 200
+    local = service.explain(summary["request_id"], "tam", 1)
+    np.testing.assert_allclose(np.asarray(body.json()["maps"]["tam"][0]), local.maps[0], rtol=1e-6)
+    assert set(body.json()["maps"]) == {"tam", "tam_raw", "tam_cleaned"}
+
+
+@pytest.mark.parametrize("case", ["not an image", "empty", "unknown method", "unknown request", "bad option",
+                                  "token out of range", "empty prompt"])
+def test_bad_requests_get_400_with_one_message(http, case):
+    good = {"image": ("s.png", _png(make_scene()), "image/png")}
+    if case in ("not an image", "empty", "empty prompt"):
+        files = {"image": ("s.png", {"not an image": b"hello", "empty": b""}.get(case, _png(make_scene())),
+                           "image/png")}
+        response = http.post("/v1/generate", files=files,
+                             data={"prompt": "   " if case == "empty prompt" else "hi", "max_new_tokens": "2"})
+    else:
+        request_id = http.post("/v1/generate", files=good, data={"prompt": "hi", "max_new_tokens": "2"}).json()[
+            "request_id"]
+        body = {"request_id": request_id, "method": "attention", "token_index": 0}
+        body.update({"unknown method": {"method": "saliency"}, "unknown request": {"request_id": "nope"},
+                     "bad option": {"options": {"colour": "red"}}, "token out of range": {"token_index": 9}}[case])
+        response = http.post("/v1/explain", json=body)
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert message and "\n" not in message and "Traceback" not in message and "/work" not in message
+
+
+def test_schema_is_published(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/generate", "/v1/explain", "/v1/methods", "/v1/health"} <= set(paths)
+
+
+def test_remote_service_serves_the_web_panels(http, service):
+    remote = RemoteService(client=http)
+    image = make_scene()
+    request_id, trace = remote.generate([image], "Describe the image.")
+    assert trace.answer == service.trace(request_id).answer
+    picture = render_attention(remote, request_id, image, 1, layer="1")
+    assert np.array_equal(np.asarray(picture), np.asarray(render_attention(service, request_id, image, 1,
+                                                                           layer="1")))
+    relevancy = remote.explain(request_id, "relevancy", 0)
+    assert set(relevancy.all_maps()) == {"relevancy", "relevancy_vit", "relevancy_all"}
+    with pytest.raises(UserInputError, match="unknown method"):
+        remote.explain(request_id, "saliency", 0)
+
+
+def test_serve_command_and_remote_client(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "lvlm_interpret", "serve", "--model", "random:qwen2_vl",
+                                "--port", str(port), "--device", "cpu"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                remote = RemoteService(f"http://127.0.0.1:{port}")
+                break
+            except UserInputError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise AssertionError(process.stdout.read().decode()[-2000:])
+                time.sleep(0.5)
+        assert remote.default_model == "random:qwen2_vl"
+        request_id, trace = remote.generate([make_scene(200, 90)], "Describe the image.")
+        explanation = remote.explain(request_id, "attention", 0)
+        layout = trace.images[0]
+        assert explanation.maps[0].shape == (layout.rows, layout.cols) and layout.cols > layout.rows
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    # with the backend gone, the client says so in one line
+    with pytest.raises(UserInputError, match="cannot be reached"):
+        remote.explain(request_id, "attention", 0)

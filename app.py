@@ -1,101 +1,135 @@
 """The web app: upload an image, ask, click an answer token, see where the model looked.
 
-Run `python app.py [--model NAME] [--port 7860] [--share]`; this file is also a hosted demo's entry point.
+Run `python app.py [--model NAME] [--port 7860] [--share] [--backend URL]`; this file is also a hosted demo's
+entry point. Every panel follows the one selected answer token.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import gradio as gr
 
-from components import token_strip
+from components import comparison_panel, token_strip
 from components.attention_panel import AttentionPanel, control_choices, render_attention
+from components.export_panel import ExportPanel, export_report, export_request, export_token_pngs
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import MethodPanel, method_names, render_method
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
 
-
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
 
 
-def build_app(service: ExplainService) -> gr.Blocks:
+def _user_errors(handler):
+    """Show a UserInputError as one notice in the page instead of a stack trace."""
+    @functools.wraps(handler)  # keeps the signature: Gradio injects gr.SelectData / gr.Progress by it
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from None
+    return wrapped
+
+
+def build_app(service) -> gr.Blocks:
     with gr.Blocks(title="lvlm_interpret") as demo:
-        gr.Markdown("## lvlm_interpret\nUpload an image, ask a question, then click any answer token to see "
-                    f"where the model looked. Model: `{service.default_model}`.")
+        gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
+                    "answer token: every panel shows where the model looked for that token.")
         session = gr.State({})  # per browser session: request id, image, selected token
         with gr.Row():
-            generation = GenerationPanel.build()
-            with gr.Column():
+            with gr.Column(scale=2):
+                generation = GenerationPanel.build(service.default_model)
+            with gr.Column(scale=3):
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 tokens = token_strip.build()
-                attention = AttentionPanel.build()
-                explanation = MethodPanel.build()
+                with gr.Tabs():
+                    with gr.Tab("Attention"):
+                        attention = AttentionPanel.build()
+                    with gr.Tab("Relevancy / TAM / CLEANN"):
+                        explanation = MethodPanel.build()
+                    with gr.Tab("Side by side"):
+                        comparison = comparison_panel.build()
+                export = ExportPanel.build()
 
-        def on_generate(image, prompt, max_new_tokens):
-            try:
-                request_id, trace = run_generation(service, image, prompt, max_new_tokens)
-            except UserInputError as error:
-                raise gr.Error(str(error)) from None
+        def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
+            trace = service.trace(state["request_id"])
+            relevant = service.visual_relevance(state["request_id"]).relevant
+            picture = render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
+                                       aggregation, ignore_top)
+            method_picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
+                                                                  state["token"], method, map_name)
+            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"])
+            return (token_strip.strip_value(trace, state["token"], relevant), picture, method_picture,
+                    gr.Dropdown(choices=names, value=shown), summary, tiles)
+
+        @_user_errors
+        def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, progress=gr.Progress()):
+            progress(0.1, desc="generating")
+            request_id, trace = run_generation(service, image, prompt, model, max_new_tokens, temperature, top_p)
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
             layer, head = control_choices(trace.n_layers, trace.n_heads)
-            picture = render_attention(service, request_id, state["image"], 0)
-            return (state, trace.answer, token_strip.strip_value(trace, 0), layer, head, picture,
-                    *_render_method(state, method_names()[0], None))
+            progress(0.6, desc="explaining the first token")
+            rendered = render_token(state, "all", "all", "mean", 0, method_names()[0], None)
+            return (state, trace.answer, layer, head, *rendered)
 
+        @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, event: gr.SelectData):
             if not state:
-                raise gr.Error("generate an answer first")
+                raise UserInputError("generate an answer first")
             state = {**state, "token": int(event.index)}
-            trace = service.trace(state["request_id"])
-            picture = _render(state, layer, head, aggregation, ignore_top)
-            return (state, token_strip.strip_value(trace, state["token"]), picture,
-                    *_render_method(state, method, map_name))
+            return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name))
 
+        @_user_errors
+        def on_controls(state, layer, head, aggregation, ignore_top):
+            if not state:
+                return None
+            return render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
+                                    aggregation, ignore_top)
+
+        @_user_errors
         def on_method(state, method, map_name):
-            return _render_method(state, method, map_name) if state else (None, gr.Dropdown(), "")
-
-        def _render_method(state, method, map_name):
-            try:
-                picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
-                                                               state["token"], method, map_name)
-            except UserInputError as error:
-                raise gr.Error(str(error)) from None
+            if not state:
+                return None, gr.Dropdown(), ""
+            picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
+                                                           state["token"], method, map_name)
             return picture, gr.Dropdown(choices=names, value=shown), summary
 
-        def on_controls(state, layer, head, aggregation, ignore_top):
-            return _render(state, layer, head, aggregation, ignore_top) if state else None
+        def exporter(function):
+            @_user_errors
+            def on_export(state):
+                if not state:
+                    raise UserInputError("generate an answer first")
+                return function(service, state["request_id"], state["token"])
+            return on_export
 
-        def _render(state, layer, head, aggregation, ignore_top):
-            try:
-                return render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
-                                        aggregation, ignore_top)
-            except UserInputError as error:
-                raise gr.Error(str(error)) from None
-
-        method_outputs = [explanation.image, explanation.map_name, explanation.summary]
-        generation.button.click(
-            on_generate, [generation.image, generation.prompt, generation.max_new_tokens],
-            [session, answer, tokens, attention.layer, attention.head, attention.image, *method_outputs],
-        )
+        token_outputs = [tokens, attention.image, explanation.image, explanation.map_name, explanation.summary,
+                         comparison]
+        generation.button.click(on_generate, generation.inputs(),
+                                [session, answer, attention.layer, attention.head, *token_outputs])
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
-                      [session, tokens, attention.image, *method_outputs])
-        explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
-        explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
+                      [session, *token_outputs])
         for control in attention.controls():
             control.change(on_controls, [session, *attention.controls()], attention.image)
+        method_outputs = [explanation.image, explanation.map_name, explanation.summary]
+        explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
+        explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
+        export.pngs.click(exporter(export_token_pngs), session, export.files)
+        export.request.click(exporter(export_request), session, export.files)
+        export.report.click(exporter(export_report), session, export.files)
     return demo
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="lvlm_interpret web app")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or random:PRESET")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, demo or random:PRESET")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a temporary public link")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
     parser.add_argument("--backend", default=None, help="URL of a running `python -m lvlm_interpret serve`; "
                                                         "without it the model runs in this process")
     args = parser.parse_args(argv)
@@ -104,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         service = ExplainService(default_model=args.model, device=args.device)
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
-    build_app(service).queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                                      css=CSS)
+    build_app(service).queue(default_concurrency_limit=args.concurrency).launch(
+        server_name=args.host, server_port=args.port, share=args.share, css=CSS)
 
 
 if __name__ == "__main__":

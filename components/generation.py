@@ -1,35 +1,66 @@
-"""Generation panel: image, prompt, generation options and the button that runs a request."""
+"""Generation panel: image, prompt, example scenes, model picker and generation options."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import gradio as gr
 
 from lvlm_interpret import ExplainService, GenerationOptions, UserInputError
 from lvlm_interpret.images import prepare_image
+from lvlm_interpret.models.loading import BUILTIN_MODELS, RANDOM_PREFIX, REPO_ROOT, random_presets
+
+EXAMPLES_FILE = REPO_ROOT / "assets" / "examples" / "examples.json"
+DEFAULT_PROMPT = "Describe the image."
+
+
+def examples() -> list[list[str]]:
+    """[image path, prompt] pairs of the example scenes shipped in assets/examples."""
+    if not EXAMPLES_FILE.is_file():
+        return []
+    return [[str(EXAMPLES_FILE.parent / item["image"]), item["prompt"]] for item in json.loads(EXAMPLES_FILE.read_text())]
+
+
+def model_choices(default: str) -> list[str]:
+    return list(dict.fromkeys([default, *BUILTIN_MODELS, *(RANDOM_PREFIX + p for p in random_presets())]))
 
 
 @dataclass
 class GenerationPanel:
     image: gr.Image
     prompt: gr.Textbox
+    model: gr.Dropdown
     max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
     button: gr.Button
 
     @classmethod
-    def build(cls) -> "GenerationPanel":
+    def build(cls, default_model: str) -> "GenerationPanel":
         with gr.Column():
             image = gr.Image(type="pil", label="Image", image_mode=None, height=320, elem_id="input-image")
-            prompt = gr.Textbox(label="Prompt", value="Describe the image.", lines=1, elem_id="prompt")
-            max_new_tokens = gr.Slider(1, 128, value=32, step=1, label="Max new tokens")
+            prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=1, elem_id="prompt")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
-        return cls(image, prompt, max_new_tokens, button)
+            if examples():
+                gr.Examples(examples(), inputs=[image, prompt], label="Example scenes")
+            with gr.Accordion("Model and generation", open=False):
+                model = gr.Dropdown(model_choices(default_model), value=default_model, label="Model",
+                                    elem_id="model")
+                max_new_tokens = gr.Slider(1, 128, value=32, step=1, label="Max new tokens")
+                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (when sampling)")
+        return cls(image, prompt, model, max_new_tokens, temperature, top_p, button)
+
+    def inputs(self) -> list:
+        return [self.image, self.prompt, self.model, self.max_new_tokens, self.temperature, self.top_p]
 
 
-def run_generation(service: ExplainService, image, prompt: str, max_new_tokens: int) -> tuple[str, object]:
+def run_generation(service: ExplainService, image, prompt: str, model: str | None = None, max_new_tokens: int = 32,
+                   temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, object]:
     """Generate for one uploaded image; returns the request id and its Trace. Raises UserInputError."""
     if image is None:
-        raise UserInputError("upload an image first")
-    options = GenerationOptions(max_new_tokens=int(max_new_tokens))
-    return service.generate([prepare_image(image)], prompt, options=options)
+        raise UserInputError("upload an image first (or pick an example scene)")
+    options = GenerationOptions(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+                                temperature=float(temperature) if temperature > 0 else 1.0, top_p=float(top_p))
+    return service.generate([prepare_image(image)], prompt, model=model or None, options=options)

@@ -1,21 +1,22 @@
-"""The answer as a strip of clickable tokens; the selected one is highlighted."""
+"""The answer as a strip of clickable tokens; the selected one is highlighted, visually relevant ones marked."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from lvlm_interpret import Trace
-
 SELECTED = "selected"
+VISUAL = "looks at image"
 
 
 def build() -> gr.HighlightedText:
-    return gr.HighlightedText(label="Answer tokens (click one)", color_map={SELECTED: "#f59e0b"},
-                              show_legend=False, show_inline_category=False, interactive=False,
-                              elem_id="answer-tokens")
+    return gr.HighlightedText(label="Answer tokens (click one; blue: visually relevant, LLR > 1)",
+                              color_map={SELECTED: "#f59e0b", VISUAL: "#93c5fd"}, show_legend=False,
+                              show_inline_category=False, interactive=False, elem_id="answer-tokens")
 
 
-def strip_value(trace: Trace, selected: int | None) -> list[tuple[str, str | None]]:
+def strip_value(trace, selected: int | None, relevant: list[bool] | None = None) -> list[tuple[str, str | None]]:
     """One entry per answer token, by position (repeated words stay distinct)."""
-    return [(text if text.strip() else repr(text), SELECTED if index == selected else None)
+    relevant = relevant or [False] * len(trace.answer_texts)
+    return [(text if text.strip() else repr(text),
+             SELECTED if index == selected else VISUAL if relevant[index] else None)
             for index, text in enumerate(trace.answer_texts)]

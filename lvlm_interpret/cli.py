@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
+from .export import request_record, write_request
 from .images import load_image
 from .methods import METHODS, get_method
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, load_model
-from .rendering import blend, overlay
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,12 +49,6 @@ def _parse_tokens(spec: str) -> list[int] | None:
     if not indices or any(i < 0 for i in indices):
         raise UserInputError(f"--tokens must list non-negative answer-token indices; got {spec!r}")
     return list(dict.fromkeys(indices))
-
-
-def _cleann_record(explanation) -> dict:
-    details = explanation.details
-    keys = ("image_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head", "edges")
-    return {key: details[key] for key in keys}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,74 +182,18 @@ def run_explain(args) -> Path:
         trace.check_token_index(index)
 
     method_options = {"attention": {"layers": args.layers, "heads": args.heads, "aggregation": args.aggregation}}
-    arrays, explanations = {}, {}
+    explanations = {}
     for name in methods:
         t0 = time.perf_counter()
-        explained = get_method(name).explain_many(trace, indices, model=loaded, **method_options.get(name, {}))
+        explanations[name] = get_method(name).explain_many(trace, indices, model=loaded,
+                                                           **method_options.get(name, {}))
         timings[name] = time.perf_counter() - t0
-        explanations[name] = explained
-        for array_name in explained[0].all_maps():
-            for k in range(len(images)):
-                key = array_name if len(images) == 1 else f"{array_name}_image{k}"
-                arrays[key] = np.stack([e.all_maps()[array_name][k] for e in explained]).astype(np.float32)
     t0 = time.perf_counter()
     relevance = visually_relevant_tokens(loaded, trace, threshold=args.llr_threshold)
     timings["llr"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-
-    def token(i):
-        return {"index": i, "id": trace.answer_ids[i], "text": trace.answer_texts[i]}
-
-    image_info = [{"width": l.image_size[0], "height": l.image_size[1], "grid": [l.rows, l.cols],
-                   "box": [round(v, 3) for v in l.box]} for l in trace.images]
-    if len(images) == 1:
-        image_info = image_info[0]
-    else:
-        image_info = {"width": [i["width"] for i in image_info], "height": [i["height"] for i in image_info],
-                      "grid": [i["grid"] for i in image_info], "box": [i["box"] for i in image_info]}
-    result = {
-        "model": trace.model_name,
-        "prompt": trace.prompt,
-        "answer": trace.answer,
-        "tokens": [token(i) for i in indices],
-        "answer_tokens": [token(i) for i in range(trace.n_answer)],
-        "answer_logprobs": [round(float(v), 6) for v in trace.answer_logprobs],
-        "image": image_info,
-        "methods": methods,
-        "method_options": {name: method_options.get(name, {}) for name in methods},
-        "generation": trace.generation,
-        **({"cleann": {str(e.token_index): _cleann_record(e) for e in explanations["cleann"]}}
-           if "cleann" in explanations else {}),
-        "llr": [round(value, 6) for value in relevance.llr],
-        "visually_relevant": relevance.relevant,
-        "trace_bytes": trace.nbytes,
-        "timings_s": {name: round(value, 4) for name, value in timings.items()},
-    }
-
-    # Everything is written into a staging folder first, then moved into place: no half-written DIR.
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
-    try:
-        (staging / "result.json").write_text(json.dumps(result, indent=2))
-        np.savez_compressed(staging / "maps.npz", **arrays)
-        if args.save_trace:
-            trace.save(staging / "trace.safetensors")
-        if args.png:
-            (staging / "overlays").mkdir()
-            for name, explained in explanations.items():
-                for explanation in explained:
-                    for k, (grid_map, layout) in enumerate(zip(explanation.maps, trace.images)):
-                        suffix = "" if len(images) == 1 else f"_image{k}"
-                        blend(images[k], overlay(grid_map, layout)).save(
-                            staging / "overlays" / f"{name}_token{explanation.token_index}{suffix}.png")
-        for item in staging.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    record = request_record(trace, indices, explanations, relevance, method_options, timings)
+    return write_request(out, trace, record, explanations, png=args.png, save_trace=args.save_trace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from .capture import GenerationOptions
 from .errors import UserInputError
 from .families.base import ImageLayout
 from .methods.base import Explanation
+from .methods.visual_relevance import VisualRelevance
 
 
 @dataclass
@@ -76,6 +77,10 @@ class RemoteService:
         if request_id not in self._traces:
             raise UserInputError("unknown or expired request: generate an answer first")
         return self._traces[request_id]
+
+    def visual_relevance(self, request_id: str, threshold: float = 1.0) -> VisualRelevance:
+        body = self._call("GET", f"/v1/visual-relevance/{request_id}", params={"threshold": threshold})
+        return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         body = self._call("POST", "/v1/explain", json={"request_id": request_id, "method": method,

@@ -108,6 +108,11 @@ def create_api(service: ExplainService) -> FastAPI:
         request_id, trace = service.generate([picture], prompt, options=GenerationOptions(max_new_tokens))
         return trace_summary(request_id, trace)
 
+    @api.get("/v1/visual-relevance/{request_id}")
+    def visual_relevance(request_id: str, threshold: float = 1.0) -> dict:
+        relevance = service.visual_relevance(request_id, threshold)
+        return {"llr": relevance.llr, "relevant": relevance.relevant}
+
     @api.post("/v1/explain")
     def explain(body: ExplainRequest) -> dict:
         return explanation_json(service.explain(body.request_id, body.method, body.token_index, **body.options))

@@ -18,6 +18,7 @@ from PIL import Image
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
 from .methods import Explanation, get_method
+from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
 from .trace import Trace
 
@@ -116,6 +117,16 @@ class ExplainService:
         explanation = explainer.explain(trace, token_index, model=self.model(trace.model_name), **options)
         self._cache.put(key, explanation, sum(m.nbytes for m in explanation.maps) + 1024)
         return explanation
+
+    def visual_relevance(self, request_id: str, threshold: float = 1.0):
+        """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""
+        key = ("visual_relevance", request_id, threshold)
+        cached = self._cache.get(key)
+        if cached is None:
+            trace = self.trace(request_id)
+            cached = visually_relevant_tokens(self.model(trace.model_name), trace, threshold)
+            self._cache.put(key, cached, 64 * trace.n_answer + 1024)
+        return cached
 
     def _run(self, request: Request) -> Trace:
         return generate_with_capture(self.model(request.model), list(request.images), request.prompt,

@@ -20,7 +20,7 @@ def service():
 
 def test_clicked_token_gets_its_own_overlay(service):
     image = make_scene(160, 96)
-    request_id, trace = run_generation(service, image, "Describe the image.", 5)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=5)
     strip = token_strip.strip_value(trace, 2)
     assert [text for text, _ in strip] == trace.answer_texts
     assert [label for _, label in strip].count(token_strip.SELECTED) == 1 and strip[2][1] == token_strip.SELECTED
@@ -36,18 +36,56 @@ def test_clicked_token_gets_its_own_overlay(service):
 
 def test_generation_without_image_is_a_user_error(service):
     with pytest.raises(UserInputError, match="upload an image"):
-        run_generation(service, None, "Describe the image.", 5)
+        run_generation(service, None, "Describe the image.", max_new_tokens=5)
 
 
 def test_app_builds(service):
     assert build_app(service) is not None
 
 
+def test_strip_marks_visually_relevant_tokens(service):
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
+    strip = token_strip.strip_value(trace, 0, [False, True, False, True])
+    assert [label for _, label in strip] == [token_strip.SELECTED, token_strip.VISUAL, None, token_strip.VISUAL]
+    assert len(service.visual_relevance(request_id).relevant) == trace.n_answer
+
+
+def test_side_by_side_has_every_map_at_one_size(service):
+    from components.comparison_panel import TILE, render_comparison
+
+    image = make_scene(320, 192)
+    request_id, _ = run_generation(service, image, "Describe the image.", max_new_tokens=3)
+    tiles = render_comparison(service, request_id, image, 1)
+    names = [name for _, name in tiles]
+    assert {"attention", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw", "tam_cleaned",
+            "cleann"} == set(names)
+    assert len({picture.size for picture, _ in tiles}) == 1 and max(tiles[0][0].size) == TILE
+
+
+def test_exports(service):
+    import json
+
+    from components.export_panel import export_report, export_request, export_token_pngs
+
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
+    pngs = export_token_pngs(service, request_id, 2)
+    assert any(p.endswith("tam_raw_token2.png") for p in pngs) and all(Image.open(p).size == image.size for p in pngs)
+    result_path, maps_path = export_request(service, request_id, 2)
+    result = json.loads(open(result_path).read())
+    assert len(result["tokens"]) == trace.n_answer and set(result["cleann"]) == {"2"}
+    assert np.load(maps_path)["relevancy"].shape == (trace.n_answer, 8, 8)
+    (report,) = export_report(service, request_id, 2)
+    text = open(report).read()
+    assert text.count("data:image/png;base64,") == 8 and "http" not in text.replace("http-equiv", "")
+
+
 def test_method_panel_shows_each_registered_method(service):
     from components.method_panel import method_names, render_method
 
     image = make_scene(160, 96)
-    request_id, trace = run_generation(service, image, "Describe the image.", 4)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
     assert {"relevancy", "tam", "cleann"} <= set(method_names())
     picture, names, shown, _ = render_method(service, request_id, image, 1, "tam", "tam_raw")
     assert shown == "tam_raw" and set(names) == {"tam", "tam_raw", "tam_cleaned"}
@@ -56,3 +94,18 @@ def test_method_panel_shows_each_registered_method(service):
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
     _, names, shown, summary = render_method(service, request_id, image, 1, "cleann")
     assert shown == "cleann" and "p(token)" in summary
+
+
+def test_examples_ask_questions_their_scenes_can_answer():
+    from components.generation import examples
+
+    import json
+
+    from components.generation import EXAMPLES_FILE
+    from lvlm_interpret.demo.scenes import answer_for, draw_scene
+
+    assert len(examples()) >= 3
+    for item in json.loads(EXAMPLES_FILE.read_text()):
+        scene = draw_scene(item["seed"], tuple(item["size"]))  # the example is this scene, redrawn
+        assert np.array_equal(np.asarray(Image.open(EXAMPLES_FILE.parent / item["image"])), np.asarray(scene.image))
+        answer_for(item["prompt"], scene)  # raises for a question the scene cannot answer

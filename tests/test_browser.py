@@ -78,7 +78,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     # the same deterministic model in-process gives the maps the page must show
     service = ExplainService(default_model="random:llava", device="cpu")
-    request_id, trace = run_generation(service, image, "Describe the image.", 32)  # the page default
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=32)  # page default
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -105,11 +105,25 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             np.testing.assert_array_equal(shown, expected)
             seen.append(shown)
             # the method panel follows the same token (TAM by default)
-            page.wait_for_function(
-                "document.querySelector('#method-map img') !== null", timeout=30_000)
-            page.wait_for_timeout(500)
+            page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+            page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
             tam_picture = render_method(service, request_id, image, index, "tam")[0]
             np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(tam_picture))
+            page.screenshot(path=str(ARTIFACTS / f"method-view-token{index}.png"), full_page=True)
+            page.get_by_role("tab", name="Attention").click()
         assert not np.array_equal(seen[0], seen[1])
         page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)
+        page.get_by_role("tab", name="Side by side").click()
+        page.wait_for_function("document.querySelectorAll('#comparison img').length >= 8", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "side-by-side.png"), full_page=True)
+        # export: the request as JSON + NPZ, the same contract as the CLI
+        page.get_by_text("Export").click()
+        page.locator("#export-request").click()
+        page.wait_for_function("document.querySelectorAll('#export-files a').length >= 2", timeout=60_000)
+        links = {link.get_attribute("download"): link.get_attribute("href")
+                 for link in page.locator("#export-files a").all()}
+        assert set(links) == {"result.json", "maps.npz"}
+        exported = page.request.get(links["result.json"]).json()
+        assert exported["answer"] == trace.answer and len(exported["tokens"]) == trace.n_answer
+        assert {"image", "methods", "timings_s", "llr", "cleann"} <= set(exported)
         browser.close()

@@ -1,0 +1,132 @@
+"""Writing a request's results: the CLI contract (result.json + maps.npz), overlay PNGs and an HTML report.
+The CLI and the web app's export buttons both use it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .methods import Explanation
+from .rendering import blend, overlay
+from .trace import Trace
+
+CLEANN_KEYS = ("image_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head", "edges")
+
+
+def image_info(trace: Trace) -> dict:
+    """The contract's "image": one image's fields, or per-image lists for several images."""
+    infos = [{"width": l.image_size[0], "height": l.image_size[1], "grid": [l.rows, l.cols],
+              "box": [round(v, 3) for v in l.box]} for l in trace.images]
+    if len(infos) == 1:
+        return infos[0]
+    return {key: [info[key] for info in infos] for key in ("width", "height", "grid", "box")}
+
+
+def request_record(trace: Trace, indices: list[int], explanations: dict[str, list[Explanation]], relevance=None,
+                   method_options: dict | None = None, timings: dict | None = None) -> dict:
+    def token(i):
+        return {"index": i, "id": trace.answer_ids[i], "text": trace.answer_texts[i]}
+
+    record = {
+        "model": trace.model_name,
+        "prompt": trace.prompt,
+        "answer": trace.answer,
+        "tokens": [token(i) for i in indices],
+        "answer_tokens": [token(i) for i in range(trace.n_answer)],
+        "answer_logprobs": [round(float(v), 6) for v in trace.answer_logprobs],
+        "image": image_info(trace),
+        "methods": list(explanations),
+        "method_options": {name: (method_options or {}).get(name, {}) for name in explanations},
+        "generation": trace.generation,
+        "trace_bytes": trace.nbytes,
+        "timings_s": {name: round(value, 4) for name, value in (timings or {}).items()},
+    }
+    if "cleann" in explanations:
+        record["cleann"] = {str(e.token_index): {k: e.details[k] for k in CLEANN_KEYS} for e in explanations["cleann"]}
+    if relevance is not None:
+        record["llr"] = [round(value, 6) for value in relevance.llr]
+        record["visually_relevant"] = relevance.relevant
+    return record
+
+
+def map_arrays(trace: Trace, explanations: dict[str, list[Explanation]]) -> dict[str, np.ndarray]:
+    """One float32 [tokens, rows, cols] array per map (per image: MAP_imageK when there are several)."""
+    arrays = {}
+    for explained in explanations.values():
+        for map_name in explained[0].all_maps():
+            for k in range(len(trace.images)):
+                key = map_name if len(trace.images) == 1 else f"{map_name}_image{k}"
+                arrays[key] = np.stack([e.all_maps()[map_name][k] for e in explained]).astype(np.float32)
+    return arrays
+
+
+def overlay_images(trace: Trace, explanation: Explanation) -> dict[str, Image.Image]:
+    """Every map of one explanation blended over its image, named MAP_tokenT[_imageK]."""
+    pictures = {}
+    for map_name, maps in explanation.all_maps().items():
+        for k, (grid, layout) in enumerate(zip(maps, trace.images)):
+            suffix = "" if len(trace.images) == 1 else f"_image{k}"
+            pictures[f"{map_name}_token{explanation.token_index}{suffix}"] = blend(trace.image(k), overlay(grid, layout))
+    return pictures
+
+
+def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str, list[Explanation]],
+                  png: bool = False, save_trace: bool = False) -> Path:
+    """Stage everything in a temporary folder inside `out`, then move it into place: no half-written folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        (staging / "result.json").write_text(json.dumps(record, indent=2))
+        np.savez_compressed(staging / "maps.npz", **map_arrays(trace, explanations))
+        if save_trace:
+            trace.save(staging / "trace.safetensors")
+        if png:
+            (staging / "overlays").mkdir()
+            for explained in explanations.values():
+                for explanation in explained:
+                    for name, picture in overlay_images(trace, explanation).items():
+                        picture.save(staging / "overlays" / f"{name}.png")
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _data_uri(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def html_report(trace: Trace, token_index: int, explanations: list[Explanation]) -> str:
+    """A self-contained page (images inline) with the answer and one token's maps from every method."""
+    tokens = "".join(
+        f'<span class="{"token selected" if i == token_index else "token"}">{html.escape(text)}</span>'
+        for i, text in enumerate(trace.answer_texts))
+    figures = "".join(
+        f'<figure><img src="{_data_uri(picture)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}'
+        "</figcaption></figure>"
+        for explanation in explanations for name, picture in overlay_images(trace, explanation).items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lvlm_interpret report</title>
+<style>body{{font-family:sans-serif;margin:2em}}.token{{margin-right:.35em;padding:0 .2em}}
+.selected{{background:#f59e0b}}figure{{display:inline-block;margin:.5em}}img{{width:256px}}</style></head>
+<body><h1>lvlm_interpret report</h1>
+<p><b>Model</b> {html.escape(trace.model_name)}<br><b>Prompt</b> {html.escape(trace.prompt)}<br>
+<b>Answer</b> {html.escape(trace.answer)}</p>
+<p>{tokens}</p><h2>Token {token_index}: {html.escape(trace.answer_texts[token_index])}</h2>{figures}
+</body></html>
+"""

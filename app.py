@@ -12,7 +12,9 @@ import functools
 import gradio as gr
 
 from components import comparison_panel, token_strip
-from components.attention_panel import AttentionPanel, control_choices, render_attention
+from components.attention_panel import (
+    AttentionPanel, control_choices, overview_selection, render_views, reverse_view,
+)
 from components.export_panel import ExportPanel, export_report, export_request, export_token_pngs
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import MethodPanel, method_names, render_method
@@ -57,12 +59,12 @@ def build_app(service) -> gr.Blocks:
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
             trace = service.trace(state["request_id"])
             relevant = service.visual_relevance(state["request_id"]).relevant
-            picture = render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
-                                       aggregation, ignore_top)
+            views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
+                                 aggregation, ignore_top)
             method_picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
                                                                   state["token"], method, map_name)
             tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"])
-            return (token_strip.strip_value(trace, state["token"], relevant), picture, method_picture,
+            return (token_strip.strip_value(trace, state["token"], relevant), *views, method_picture,
                     gr.Dropdown(choices=names, value=shown), summary, tiles)
 
         @_user_errors
@@ -85,9 +87,23 @@ def build_app(service) -> gr.Blocks:
         @_user_errors
         def on_controls(state, layer, head, aggregation, ignore_top):
             if not state:
-                return None
-            return render_attention(service, state["request_id"], state["image"], state["token"], layer, head,
-                                    aggregation, ignore_top)
+                return None, None, None
+            return render_views(service, state["request_id"], state["image"], state["token"], layer, head,
+                                aggregation, ignore_top)
+
+        @_user_errors
+        def on_overview_click(state, event: gr.SelectData):
+            if not state:
+                raise UserInputError("generate an answer first")
+            trace = service.trace(state["request_id"])
+            layer, head = overview_selection(*event.index, trace.n_layers, trace.n_heads)
+            return gr.Dropdown(value=layer), gr.Dropdown(value=head)
+
+        @_user_errors
+        def on_image_click(state, layer, head, aggregation, event: gr.SelectData):
+            if not state:
+                raise UserInputError("generate an answer first")
+            return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation)
 
         @_user_errors
         def on_method(state, method, map_name):
@@ -105,14 +121,17 @@ def build_app(service) -> gr.Blocks:
                 return function(service, state["request_id"], state["token"])
             return on_export
 
-        token_outputs = [tokens, attention.image, explanation.image, explanation.map_name, explanation.summary,
+        token_outputs = [tokens, *attention.views(), explanation.image, explanation.map_name, explanation.summary,
                          comparison]
         generation.button.click(on_generate, generation.inputs(),
                                 [session, answer, attention.layer, attention.head, *token_outputs])
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
                       [session, *token_outputs])
         for control in attention.controls():
-            control.change(on_controls, [session, *attention.controls()], attention.image)
+            control.change(on_controls, [session, *attention.controls()], attention.views())
+        attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
+        attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
+                               attention.reverse)
         method_outputs = [explanation.image, explanation.map_name, explanation.summary]
         explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
         explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)

@@ -78,6 +78,16 @@ class RemoteService:
             raise UserInputError("unknown or expired request: generate an answer first")
         return self._traces[request_id]
 
+    def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]:
+        body = self._call("GET", f"/v1/attention-overview/{request_id}/{token_index}")
+        return {name: np.asarray(values, dtype=np.float32) for name, values in body.items()}
+
+    def reverse_attention(self, request_id: str, cells, layers="all", heads="all", aggregation="mean") -> np.ndarray:
+        body = self._call("POST", "/v1/reverse-attention", json={
+            "request_id": request_id, "cells": [list(cell) for cell in cells], "layers": str(layers),
+            "heads": str(heads), "aggregation": aggregation})
+        return np.asarray(body["scores"], dtype=np.float32)
+
     def visual_relevance(self, request_id: str, threshold: float = 1.0) -> VisualRelevance:
         body = self._call("GET", f"/v1/visual-relevance/{request_id}", params={"threshold": threshold})
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])

@@ -55,3 +55,46 @@ def overlay(grid_map: np.ndarray, layout: ImageLayout, *, alpha: float = 0.6, co
 def blend(image: Image.Image, overlay_image: Image.Image) -> Image.Image:
     """The original image with the overlay composited on top (RGB)."""
     return Image.alpha_composite(image.convert("RGBA"), overlay_image).convert("RGB")
+
+
+def grid_picture(values: np.ndarray, cell_px: int = 24, colorscale: str = "Inferno") -> Image.Image:
+    """A [rows, cols] matrix as a picture of coloured cells (e.g. the layer x head overview)."""
+    levels = (normalise(values) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(colour_lookup(colorscale)[levels], mode="RGB")
+    return picture.resize((values.shape[1] * cell_px, values.shape[0] * cell_px), Image.Resampling.NEAREST)
+
+
+def cell_at(layout: ImageLayout, x: float, y: float) -> tuple[int, int] | None:
+    """The grid cell under pixel (x, y) of the original image, or None outside the grid's box."""
+    x0, y0, x1, y1 = layout.box
+    if not (x0 <= x < x1 and y0 <= y < y1):
+        return None
+    return int((y - y0) / (y1 - y0) * layout.rows), int((x - x0) / (x1 - x0) * layout.cols)
+
+
+def plotly_heatmap(image: Image.Image, grid_map: np.ndarray, layout: ImageLayout, title: str = ""):
+    """An interactive figure: the image with the map's cells on top; hovering a cell shows row, column, value."""
+    import base64
+    import io
+
+    import plotly.graph_objects as go
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    x0, y0, x1, y1 = layout.box
+    xs = x0 + (np.arange(layout.cols) + 0.5) * (x1 - x0) / layout.cols
+    ys = y0 + (np.arange(layout.rows) + 0.5) * (y1 - y0) / layout.rows
+    rows, cols = np.indices(grid_map.shape)
+    figure = go.Figure(go.Heatmap(
+        z=grid_map, x=xs, y=ys, colorscale="Inferno", opacity=0.6,
+        customdata=np.stack([rows, cols], axis=-1),
+        hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>value %{z:.4g}<extra></extra>",
+    ))
+    width, height = layout.image_size
+    figure.add_layout_image(source="data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+                            x=0, y=0, sizex=width, sizey=height, xref="x", yref="y", layer="below",
+                            sizing="stretch")
+    figure.update_xaxes(range=[0, width], showgrid=False, constrain="domain")
+    figure.update_yaxes(range=[height, 0], showgrid=False, scaleanchor="x")
+    figure.update_layout(title=title, margin=dict(l=10, r=10, t=30 if title else 10, b=10))
+    return figure

@@ -23,6 +23,14 @@ from .service import ExplainService
 MAX_UPLOAD_BYTES = 20 * 2 ** 20
 
 
+class ReverseRequest(BaseModel):
+    request_id: str
+    cells: list[tuple[int, int]]
+    layers: str = "all"
+    heads: str = "all"
+    aggregation: str = "mean"
+
+
 class ExplainRequest(BaseModel):
     request_id: str
     method: str = "attention"
@@ -112,6 +120,15 @@ def create_api(service: ExplainService) -> FastAPI:
     def visual_relevance(request_id: str, threshold: float = 1.0) -> dict:
         relevance = service.visual_relevance(request_id, threshold)
         return {"llr": relevance.llr, "relevant": relevance.relevant}
+
+    @api.get("/v1/attention-overview/{request_id}/{token_index}")
+    def overview(request_id: str, token_index: int) -> dict:
+        return {name: values.tolist() for name, values in service.attention_overview(request_id, token_index).items()}
+
+    @api.post("/v1/reverse-attention")
+    def reverse(body: ReverseRequest) -> dict:
+        scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
+        return {"scores": scores.tolist()}
 
     @api.post("/v1/explain")
     def explain(body: ExplainRequest) -> dict:

@@ -13,11 +13,13 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+import numpy as np
 from PIL import Image
 
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
 from .methods import Explanation, get_method
+from .methods.attention import attention_overview, reverse_attention
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
 from .trace import Trace
@@ -117,6 +119,15 @@ class ExplainService:
         explanation = explainer.explain(trace, token_index, model=self.model(trace.model_name), **options)
         self._cache.put(key, explanation, sum(m.nbytes for m in explanation.maps) + 1024)
         return explanation
+
+    def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]:
+        """Layer x head attention mass of the token on image tokens, prompt text and earlier answer tokens."""
+        return attention_overview(self.trace(request_id), token_index)
+
+    def reverse_attention(self, request_id: str, cells: list[tuple[int, int]], layers="all", heads="all",
+                          aggregation="mean") -> np.ndarray:
+        """For chosen cells of the first image's grid, the attention every answer token pays them."""
+        return reverse_attention(self.trace(request_id), cells, 0, layers, heads, aggregation)
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0):
         """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""

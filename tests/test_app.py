@@ -109,3 +109,26 @@ def test_examples_ask_questions_their_scenes_can_answer():
         scene = draw_scene(item["seed"], tuple(item["size"]))  # the example is this scene, redrawn
         assert np.array_equal(np.asarray(Image.open(EXAMPLES_FILE.parent / item["image"])), np.asarray(scene.image))
         answer_for(item["prompt"], scene)  # raises for a question the scene cannot answer
+
+
+def test_overview_click_and_reverse_view(service):
+    from components.attention_panel import OVERVIEW_CELL_PX, overview_selection, render_views, reverse_view
+    from lvlm_interpret.methods.attention import attention_overview, reverse_attention
+
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
+    picture, figure, overview = render_views(service, request_id, image, 1)
+    assert overview.size == (trace.n_heads * OVERVIEW_CELL_PX, trace.n_layers * OVERVIEW_CELL_PX)
+    assert figure.data[0].z.shape == (8, 8)  # the interactive heatmap holds the token's grid
+    assert overview_selection(OVERVIEW_CELL_PX * 3 + 5, OVERVIEW_CELL_PX * 2 + 1, trace.n_layers,
+                              trace.n_heads) == ("2", "3")
+    with pytest.raises(UserInputError):
+        overview_selection(5, OVERVIEW_CELL_PX * 99, trace.n_layers, trace.n_heads)
+    # pixel (80, 10) of a 160x96 image: centre-cropped box x 32..128 -> column 4, row 0
+    scored = reverse_view(service, request_id, 80, 10)
+    expected = reverse_attention(trace, [(0, 4)])
+    assert [text for text, _ in scored] == trace.answer_texts
+    np.testing.assert_allclose([score for _, score in scored], expected / expected.max(), atol=1e-4)
+    with pytest.raises(UserInputError, match="outside"):
+        reverse_view(service, request_id, 5, 10)
+    assert attention_overview(trace, 1)["image"].shape == (trace.n_layers, trace.n_heads)

@@ -112,6 +112,17 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             page.screenshot(path=str(ARTIFACTS / f"method-view-token{index}.png"), full_page=True)
             page.get_by_role("tab", name="Attention").click()
         assert not np.array_equal(seen[0], seen[1])
+        # reverse view: clicking the middle of the attention picture scores every answer token
+        page.locator("#attention-map img").click()
+        page.wait_for_function(f"document.querySelectorAll('#reverse-view .token').length === {trace.n_answer}",
+                               timeout=30_000)
+        # overview: clicking the cell of layer 1, head 2 selects them
+        overview = page.locator("#attention-overview img")
+        scale = overview.bounding_box()["width"] / page.evaluate(
+            "document.querySelector('#attention-overview img').naturalWidth")
+        overview.click(position={"x": (2 * 24 + 12) * scale, "y": (1 * 24 + 12) * scale})
+        page.wait_for_function("document.querySelector('#layer input').value === '1' && "
+                               "document.querySelector('#head input').value === '2'", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)
         page.get_by_role("tab", name="Side by side").click()
         page.wait_for_function("document.querySelectorAll('#comparison img').length >= 8", timeout=30_000)

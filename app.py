@@ -61,11 +61,14 @@ def build_app(service) -> gr.Blocks:
             relevant = service.visual_relevance(state["request_id"]).relevant
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
-            method_picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
-                                                                  state["token"], method, map_name)
+            method_views = _method_views(state, method, map_name)
             tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"])
-            return (token_strip.strip_value(trace, state["token"], relevant), *views, method_picture,
-                    gr.Dropdown(choices=names, value=shown), summary, tiles)
+            return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
+
+        def _method_views(state, method, map_name):
+            picture, names, shown, summary, bars, graph = render_method(
+                service, state["request_id"], state["image"], state["token"], method, map_name)
+            return picture, gr.Dropdown(choices=names, value=shown), summary, bars, graph
 
         @_user_errors
         def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, progress=gr.Progress()):
@@ -108,10 +111,8 @@ def build_app(service) -> gr.Blocks:
         @_user_errors
         def on_method(state, method, map_name):
             if not state:
-                return None, gr.Dropdown(), ""
-            picture, names, shown, summary = render_method(service, state["request_id"], state["image"],
-                                                           state["token"], method, map_name)
-            return picture, gr.Dropdown(choices=names, value=shown), summary
+                return None, gr.Dropdown(), "", None, None
+            return _method_views(state, method, map_name)
 
         def exporter(function):
             @_user_errors
@@ -121,8 +122,7 @@ def build_app(service) -> gr.Blocks:
                 return function(service, state["request_id"], state["token"])
             return on_export
 
-        token_outputs = [tokens, *attention.views(), explanation.image, explanation.map_name, explanation.summary,
-                         comparison]
+        token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
         generation.button.click(on_generate, generation.inputs(),
                                 [session, answer, attention.layer, attention.head, *token_outputs])
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
@@ -132,7 +132,7 @@ def build_app(service) -> gr.Blocks:
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
-        method_outputs = [explanation.image, explanation.map_name, explanation.summary]
+        method_outputs = explanation.outputs()
         explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
         explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
         export.pngs.click(exporter(export_token_pngs), session, export.files)

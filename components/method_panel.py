@@ -11,6 +11,8 @@ from PIL import Image
 from lvlm_interpret import METHODS, ExplainService
 from lvlm_interpret.rendering import blend, overlay
 
+from .figures import cleann_graph_figure, text_scores_figure
+
 OWN_PANEL = {"attention"}  # methods with a dedicated panel
 FIRST = ("tam", "relevancy")  # quick ones first: the first is computed for every generation
 
@@ -26,6 +28,8 @@ class MethodPanel:
     map_name: gr.Dropdown
     image: gr.Image
     summary: gr.Markdown
+    text_scores: gr.Plot
+    graph: gr.Plot
 
     @classmethod
     def build(cls) -> "MethodPanel":
@@ -37,7 +41,12 @@ class MethodPanel:
             image = gr.Image(type="pil", label="Explanation", interactive=False, height=320, format="png",
                              elem_id="method-map")
             summary = gr.Markdown(elem_id="method-summary")
-        return cls(method, map_name, image, summary)
+            text_scores = gr.Plot(label="Text scores", elem_id="method-text-scores")
+            graph = gr.Plot(label="CLEANN graph", elem_id="cleann-graph")
+        return cls(method, map_name, image, summary, text_scores, graph)
+
+    def outputs(self) -> list:
+        return [self.image, self.map_name, self.summary, self.text_scores, self.graph]
 
 
 def summarise(explanation) -> str:
@@ -51,10 +60,11 @@ def summarise(explanation) -> str:
 
 
 def render_method(service: ExplainService, request_id: str, image: Image.Image, token_index: int, method: str,
-                  map_name: str | None = None) -> tuple[Image.Image, list[str], str, str]:
-    """(blended picture, the method's map names, the map shown, a summary) for one token."""
+                  map_name: str | None = None) -> tuple:
+    """(blended picture, the method's map names, the map shown, a summary, text-score bars, CLEANN graph)."""
     explanation = service.explain(request_id, method, token_index)
     maps = explanation.all_maps()
     shown = map_name if map_name in maps else method
-    layout = service.trace(request_id).images[0]
-    return blend(image, overlay(maps[shown][0], layout)), list(maps), shown, summarise(explanation)
+    trace = service.trace(request_id)
+    return (blend(image, overlay(maps[shown][0], trace.images[0])), list(maps), shown, summarise(explanation),
+            text_scores_figure(trace, explanation), cleann_graph_figure(trace, explanation))

@@ -29,6 +29,8 @@ class RemoteTrace:
     n_layers: int
     n_heads: int
     answer_logprobs: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    prompt_length: int = 0
 
     @property
     def n_answer(self) -> int:
@@ -69,6 +71,7 @@ class RemoteService:
             answer=summary["answer"], answer_texts=summary["answer_texts"], answer_ids=summary["answer_ids"],
             images=[ImageLayout.from_json(layout) for layout in summary["images"]], n_layers=summary["n_layers"],
             n_heads=summary["n_heads"], answer_logprobs=summary["answer_logprobs"],
+            token_texts=summary["token_texts"], prompt_length=summary["prompt_length"],
         )
         self._traces[trace.request_id] = trace
         return trace.request_id, trace

@@ -46,6 +46,8 @@ def trace_summary(request_id: str, trace) -> dict:
         "prompt": trace.prompt,
         "answer": trace.answer,
         "answer_texts": trace.answer_texts,
+        "token_texts": trace.token_texts,
+        "prompt_length": trace.prompt_length,
         "answer_ids": trace.answer_ids,
         "answer_logprobs": trace.answer_logprobs.tolist(),
         "images": [layout.to_json() for layout in trace.images],

@@ -87,13 +87,17 @@ def test_method_panel_shows_each_registered_method(service):
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
     assert {"relevancy", "tam", "cleann"} <= set(method_names())
-    picture, names, shown, _ = render_method(service, request_id, image, 1, "tam", "tam_raw")
+    picture, names, shown, _, bars, graph = render_method(service, request_id, image, 1, "tam", "tam_raw")
+    assert graph is None and len(bars.data[0].y) > 0
     assert shown == "tam_raw" and set(names) == {"tam", "tam_raw", "tam_cleaned"}
     expected = blend(image, overlay(get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0],
                                     trace.images[0]))
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
-    _, names, shown, summary = render_method(service, request_id, image, 1, "cleann")
+    _, names, shown, summary, _, graph = render_method(service, request_id, image, 1, "cleann")
     assert shown == "cleann" and "p(token)" in summary
+    details = service.explain(request_id, "cleann", 1).details
+    assert len(graph.data[1].x) == len(details["nodes"])  # every node drawn (one image)
+    assert sum(x is None for x in graph.data[0].x) == len(details["edges"])  # every edge drawn
 
 
 def test_examples_ask_questions_their_scenes_can_answer():

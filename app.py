@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+from pathlib import Path
 
 import gradio as gr
 
@@ -23,6 +25,15 @@ from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
 
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
+HOSTED_CONFIG = Path(__file__).resolve().parent / "configs" / "hosted.json"
+
+try:  # on Hugging Face ZeroGPU Spaces, handlers that compute borrow a GPU
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(handler):
+        return handler
 
 
 def _user_errors(handler):
@@ -43,7 +54,8 @@ def build_app(service) -> gr.Blocks:
         session = gr.State({})  # per browser session: request id, image, selected token
         with gr.Row():
             with gr.Column(scale=2):
-                generation = GenerationPanel.build(service.default_model)
+                generation = GenerationPanel.build(service.default_model, getattr(service, "allowed_models", None),
+                                                   getattr(service, "max_new_tokens", None) or 128)
             with gr.Column(scale=3):
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 tokens = token_strip.build()
@@ -70,6 +82,7 @@ def build_app(service) -> gr.Blocks:
                 service, state["request_id"], state["image"], state["token"], method, map_name)
             return picture, gr.Dropdown(choices=names, value=shown), summary, bars, graph
 
+        @gpu
         @_user_errors
         def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, progress=gr.Progress()):
             progress(0.1, desc="generating")
@@ -80,6 +93,7 @@ def build_app(service) -> gr.Blocks:
             rendered = render_token(state, "all", "all", "mean", 0, method_names()[0], None)
             return (state, trace.answer, layer, head, *rendered)
 
+        @gpu
         @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, event: gr.SelectData):
             if not state:
@@ -151,14 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
     parser.add_argument("--backend", default=None, help="URL of a running `python -m lvlm_interpret serve`; "
                                                         "without it the model runs in this process")
+    parser.add_argument("--hosted", action="store_true", help=f"public-demo limits from {HOSTED_CONFIG.name}: "
+                                                              "allowed models, answer length, upload size")
     args = parser.parse_args(argv)
+    limits = json.loads(HOSTED_CONFIG.read_text()) if args.hosted else {}
     if args.backend:
         service = RemoteService(args.backend)
     else:
-        service = ExplainService(default_model=args.model, device=args.device)
+        model = args.model if not args.hosted or args.model in limits["models"] else limits["models"][0]
+        service = ExplainService(default_model=model, device=args.device, allowed_models=limits.get("models"),
+                                 max_new_tokens=limits.get("max_new_tokens"))
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
-    build_app(service).queue(default_concurrency_limit=args.concurrency).launch(
-        server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    concurrency = limits.get("concurrency", args.concurrency)
+    build_app(service).queue(default_concurrency_limit=concurrency).launch(
+        server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+        max_file_size=f"{limits['max_upload_mb']}mb" if args.hosted else None)
 
 
 if __name__ == "__main__":

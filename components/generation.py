@@ -22,7 +22,10 @@ def examples() -> list[list[str]]:
     return [[str(EXAMPLES_FILE.parent / item["image"]), item["prompt"]] for item in json.loads(EXAMPLES_FILE.read_text())]
 
 
-def model_choices(default: str) -> list[str]:
+def model_choices(default: str, allowed: list[str] | None = None) -> list[str]:
+    """The default first, then the built-in and random presets (only the allowed ones in hosted mode)."""
+    if allowed is not None:
+        return list(dict.fromkeys([default, *allowed]))
     return list(dict.fromkeys([default, *BUILTIN_MODELS, *(RANDOM_PREFIX + p for p in random_presets())]))
 
 
@@ -37,7 +40,8 @@ class GenerationPanel:
     button: gr.Button
 
     @classmethod
-    def build(cls, default_model: str) -> "GenerationPanel":
+    def build(cls, default_model: str, allowed_models: list[str] | None = None,
+              max_new_tokens: int = 128) -> "GenerationPanel":
         with gr.Column():
             image = gr.Image(type="pil", label="Image", image_mode=None, height=320, elem_id="input-image")
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=1, elem_id="prompt")
@@ -45,9 +49,10 @@ class GenerationPanel:
             if examples():
                 gr.Examples(examples(), inputs=[image, prompt], label="Example scenes")
             with gr.Accordion("Model and generation", open=False):
-                model = gr.Dropdown(model_choices(default_model), value=default_model, label="Model",
-                                    elem_id="model")
-                max_new_tokens = gr.Slider(1, 128, value=32, step=1, label="Max new tokens")
+                model = gr.Dropdown(model_choices(default_model, allowed_models), value=default_model,
+                                    label="Model", elem_id="model")
+                max_new_tokens = gr.Slider(1, max_new_tokens, value=min(32, max_new_tokens), step=1,
+                                           label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (when sampling)")
         return cls(image, prompt, model, max_new_tokens, temperature, top_p, button)

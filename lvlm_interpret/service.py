@@ -64,8 +64,12 @@ class ByteBoundedCache:
 
 
 class ExplainService:
-    def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30, **load_options):
+    def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30,
+                 allowed_models: list[str] | None = None, max_new_tokens: int | None = None, **load_options):
+        """`allowed_models` / `max_new_tokens`: the hosted mode's limits (None: no limit)."""
         self.default_model = default_model
+        self.allowed_models = allowed_models
+        self.max_new_tokens = max_new_tokens
         self.load_options = load_options
         self._models: dict[str, LoadedModel] = {}
         self._model_lock = threading.Lock()
@@ -84,7 +88,12 @@ class ExplainService:
         """Run a new request; returns its id (for later `explain` calls) and its Trace."""
         options = replace(options) if options else GenerationOptions()
         options.validate()
-        request = Request(model or self.default_model, tuple(images), prompt, options)
+        model = model or self.default_model
+        if self.allowed_models is not None and model not in self.allowed_models:
+            raise UserInputError(f"model {model!r} is not offered here; choose one of {', '.join(self.allowed_models)}")
+        if self.max_new_tokens is not None and options.max_new_tokens > self.max_new_tokens:
+            raise UserInputError(f"answers are limited to {self.max_new_tokens} new tokens here")
+        request = Request(model, tuple(images), prompt, options)
         trace = self._run(request)
         request_id = uuid.uuid4().hex
         self._requests[request_id] = request

@@ -136,3 +136,32 @@ def test_overview_click_and_reverse_view(service):
     with pytest.raises(UserInputError, match="outside"):
         reverse_view(service, request_id, 5, 10)
     assert attention_overview(trace, 1)["image"].shape == (trace.n_layers, trace.n_heads)
+
+
+def test_hosted_limits():
+    from components.generation import model_choices
+
+    hosted = ExplainService(default_model="random:llava", device="cpu", allowed_models=["random:llava"],
+                            max_new_tokens=8)
+    with pytest.raises(UserInputError, match="not offered"):
+        run_generation(hosted, make_scene(), "Describe the image.", model="nobody/arbitrary-hub-model")
+    with pytest.raises(UserInputError, match="limited to 8"):
+        run_generation(hosted, make_scene(), "Describe the image.", max_new_tokens=9)
+    _, trace = run_generation(hosted, make_scene(), "Describe the image.", max_new_tokens=8)
+    assert trace.n_answer <= 8
+    assert model_choices("random:llava", ["random:llava"]) == ["random:llava"]
+    assert "random:qwen2_vl" in model_choices("demo")
+
+
+def test_dockerfile_runs_the_same_entry_with_the_same_requirements():
+    from pathlib import Path
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM nvidia/cuda:")  # a CUDA base for GPU deployment
+    assert any("-r requirements.txt" in line for line in lines)
+    assert any(line.startswith("USER ") and "root" not in line for line in lines)
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert "EXPOSE 7860" in lines
+    entry = next(line for line in lines if line.startswith("ENTRYPOINT"))
+    assert "app.py" in entry and "7860" in entry

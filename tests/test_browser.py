@@ -35,29 +35,47 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "app.py", "--model", "random:llava", "--port", str(port),
-                                "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def _start(command: list[str], url: str) -> subprocess.Popen:
+    """Start a server process and wait until `url` answers."""
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return process
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(process.stdout.read().decode())
+                raise RuntimeError(process.stdout.read().decode()[-3000:])
             time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError("the app did not start within 120 s")
+    process.kill()
+    raise RuntimeError(f"{command} did not answer at {url} within 120 s")
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start([sys.executable, "app.py", "--model", "random:llava", "--port", str(port), "--device", "cpu"],
+                     url)
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def backend_app_url():
+    """The front end with no model, talking to `python -m lvlm_interpret serve` over HTTP."""
+    api_port, app_port = _free_port(), _free_port()
+    backend = _start([sys.executable, "-m", "lvlm_interpret", "serve", "--model", "random:llava", "--port",
+                      str(api_port), "--device", "cpu"], f"http://127.0.0.1:{api_port}/v1/health")
+    url = f"http://127.0.0.1:{app_port}"
+    front = _start([sys.executable, "app.py", "--backend", f"http://127.0.0.1:{api_port}", "--port", str(app_port)],
+                   url)
+    yield url
+    for process in (front, backend):
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def _shown_image(page, selector) -> np.ndarray:
@@ -137,4 +155,30 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         exported = page.request.get(links["result.json"]).json()
         assert exported["answer"] == trace.answer and len(exported["tokens"]) == trace.n_answer
         assert {"image", "methods", "timings_s", "llr", "cleann"} <= set(exported)
+        browser.close()
+
+
+def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image = make_scene(160, 96)
+    path = tmp_path / "scene.png"
+    image.save(path)
+    service = ExplainService(default_model="random:llava", device="cpu")
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=32)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(backend_app_url)
+        page.locator("#input-image input[type=file]").set_input_files(str(path))
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        assert page.locator("#answer textarea").input_value() == trace.answer
+        before = page.locator("#attention-map img").get_attribute("src")
+        page.locator("#answer-tokens .token").nth(2).click()
+        page.wait_for_function(
+            f"document.querySelector('#attention-map img').getAttribute('src') !== {before!r}", timeout=30_000)
+        np.testing.assert_array_equal(_shown_image(page, "#attention-map"),
+                                      np.asarray(render_attention(service, request_id, image, 2)))
+        page.screenshot(path=str(ARTIFACTS / "backend-mode.png"), full_page=True)
         browser.close()

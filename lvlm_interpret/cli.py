@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", default="attention,relevancy,tam")
     evaluate.add_argument("--model", default=DEFAULT_MODEL)
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--faithfulness", action="store_true",
+                          help="also deletion / insertion AUC (one forward per 2%% of cells: slow)")
     evaluate.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.csv")
 
     bench = commands.add_parser("bench", help="time generation, capture and every method; write figures as JSON")
@@ -139,19 +141,21 @@ def run_evaluate(args) -> dict:
         raise UserInputError(f"--n must be at least 1, got {args.n}")
     methods = _parse_methods(args.methods, tokens_given=True)
     loaded = load_model(args.model, device=args.device)
-    result = {"model": args.model, **evaluate_shapes(loaded, args.n, methods, size=args.size)}
+    result = {"model": args.model,
+              **evaluate_shapes(loaded, args.n, methods, size=args.size, faithfulness=args.faithfulness)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    columns = ["pointing_game", "obj_iou", "cells_inside_object", "n_words"]
+    columns = ["pointing_game", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
+               "cells_inside_object", "n_words"]
     lines = ["method," + ",".join(columns)]
     lines += [name + "," + ",".join(str(row.get(c, "")) for c in columns) for name, row in result["methods"].items()]
     (out / "evaluation.csv").write_text("\n".join(lines) + "\n")
     print(f"describe accuracy {result['describe_accuracy']:.3f} on {args.n} held-out scenes ({args.model})")
-    print(f"{'map':<16}{'pointing':>10}{'obj-iou':>10}{'in-object':>11}{'words':>7}")
+    print(f"{'map':<16}" + "".join(f"{c[:12]:>14}" for c in columns))
     for name, row in result["methods"].items():
-        inside = f"{row['cells_inside_object']:.3f}" if "cells_inside_object" in row else "-"
-        print(f"{name:<16}{row['pointing_game']:>10.3f}{row['obj_iou']:>10.3f}{inside:>11}{row['n_words']:>7}")
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
+        print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells))
     return result
 
 

@@ -43,3 +43,31 @@ def test_share_inside():
     mask = _square_mask(0, 0, 20, 20)
     assert share_inside([(0, 0), (3, 3)], LAYOUT, mask) == 0.5
     assert share_inside([], LAYOUT, mask) is None
+
+
+def test_func_iou_and_f1():
+    from lvlm_interpret.evaluation.metrics import f1_iou, func_iou
+
+    nothing, everywhere = np.zeros((4, 4)), np.ones((4, 4))
+    one_cell = np.zeros((4, 4))
+    one_cell[0, 0] = 1.0
+    assert func_iou(nothing, LAYOUT, 0.5) == 1.0 and func_iou(everywhere, LAYOUT, 0.5) == 0.0
+    assert 0.8 < func_iou(one_cell, LAYOUT, 0.5) < 1.0  # it lights one of 16 cells (smoothed)
+    assert f1_iou(0.5, 1.0) == pytest.approx(2 * 0.5 / 1.5) and f1_iou(0, 0) == 0.0
+
+
+def test_deletion_and_insertion_curves(llava_trace, qwen2_vl, qwen_trace):
+    from lvlm_interpret.evaluation.faithfulness import auc, cell_index_image, deletion_insertion
+
+    cells = cell_index_image(llava_trace.images[0])
+    assert cells.max() == llava_trace.images[0].n_tokens - 1 and (cells[:, :10] == -1).all()  # crop: sides unseen
+    layout = qwen_trace.images[0]  # Qwen's grid covers the whole image, so the curves' ends are exact
+    grid = np.random.default_rng(0).random((layout.rows, layout.cols))
+    curves = deletion_insertion(qwen2_vl, qwen_trace, 1, grid, step=0.25)
+    fractions = curves["fractions"]  # steps of a quarter of the cells, rounded to whole cells
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and len(fractions) == 5
+    assert np.allclose(np.diff(fractions), 0.25, atol=1 / layout.n_tokens)
+    # the ends are the original image (1) and the fully blurred image (0), in both directions
+    assert curves["deletion"][0] == pytest.approx(1.0, abs=1e-4) and curves["deletion"][-1] == pytest.approx(0, abs=1e-4)
+    assert curves["insertion"][0] == pytest.approx(0, abs=1e-4) and curves["insertion"][-1] == pytest.approx(1, abs=1e-4)
+    assert auc(np.array([0.0, 1.0]), np.array([1.0, 0.0])) == 0.5  # no constant added at the last step

@@ -44,3 +44,26 @@ def share_inside(cells: list[tuple[int, int]], layout: ImageLayout, mask: np.nda
         return None
     overlap = cell_mask_overlap(layout, mask)
     return float(np.mean([overlap[row, col] > 0 for row, col in cells]))
+
+
+def otsu_threshold(grid_map: np.ndarray, layout: ImageLayout) -> float | None:
+    """Otsu's threshold of the map scaled to [0, 1] and upsampled to the image (None for a flat map)."""
+    upsampled = map_on_image(grid_map, layout, smooth=True)
+    top = upsampled.max()
+    if top <= upsampled.min():
+        return None
+    return float(threshold_otsu(upsampled / top))
+
+
+def func_iou(grid_map: np.ndarray, layout: ImageLayout, noun_threshold: float) -> float:
+    """Func-IoU of a function word's map: the share of the image it leaves below the nouns' mean foreground
+    threshold (maps scaled to [0, 1]); 1 for a map that lights nothing."""
+    upsampled = map_on_image(grid_map, layout, smooth=True)
+    top = upsampled.max()
+    if top <= 0:
+        return 1.0
+    return float(np.mean(upsampled / top < noun_threshold))
+
+
+def f1_iou(obj: float, func: float) -> float:
+    return 2 * obj * func / (obj + func) if obj + func > 0 else 0.0

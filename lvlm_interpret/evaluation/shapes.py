@@ -1,5 +1,6 @@
 """Ground-truth benchmark on held-out synthetic scenes: do the maps of a description's colour and shape words
-land on the object they name?"""
+land on the object they name, do its function words light nothing, and does the model's confidence follow the
+maps (deletion / insertion)?"""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from ..demo.scenes import (
     COLOURS, DESCRIBE_PROMPT, HELD_OUT_SEED_START, SHAPES, describe, draw_scene, normalise_answer,
 )
 from ..methods import get_method
-from .metrics import obj_iou, pointing_hit, share_inside
-
+from ..methods.visual_relevance import STOP_WORDS
+from .faithfulness import deletion_insertion
+from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, share_inside
 
 
 def object_words(answer_texts: list[str], scene) -> list[tuple[int, int, str]]:
@@ -33,37 +35,59 @@ def object_words(answer_texts: list[str], scene) -> list[tuple[int, int, str]]:
     return found
 
 
+def function_words(answer_texts: list[str]) -> list[int]:
+    """Answer tokens that are function words (determiners, conjunctions, ...), by their text."""
+    return [i for i, text in enumerate(answer_texts) if text.strip().lower() in STOP_WORDS]
+
+
 def evaluate_shapes(loaded, n: int, methods: list[str], method_options: dict | None = None, size=192,
-                    seed_start: int = HELD_OUT_SEED_START, progress: bool = True) -> dict:
+                    seed_start: int = HELD_OUT_SEED_START, faithfulness: bool = False, progress: bool = True) -> dict:
     method_options = method_options or {}
-    pointing, iou, share = defaultdict(list), defaultdict(list), []
+    metrics = defaultdict(lambda: defaultdict(list))  # map name -> metric -> values
     correct = 0
     for k in range(n):
         scene = draw_scene(seed_start + k, size)
         trace = generate_with_capture(loaded, [scene.image], DESCRIBE_PROMPT, GenerationOptions(max_new_tokens=24))
         correct += normalise_answer(trace.answer) == normalise_answer(describe(scene))
         words = object_words(trace.answer_texts, scene)
-        tokens = [t for t, _, _ in words]
+        functions = function_words(trace.answer_texts) if words else []
+        layout = trace.images[0]
         for name in methods:
-            if not tokens:
+            if not words:
                 break
-            explanations = get_method(name).explain_many(trace, tokens, model=loaded, **method_options.get(name, {}))
-            for (_, obj, _), explanation in zip(words, explanations):
-                mask, layout = scene.masks[obj], trace.images[0]
+            explained = get_method(name).explain_many(trace, [t for t, _, _ in words] + functions, model=loaded,
+                                                      **method_options.get(name, {}))
+            object_explanations, function_explanations = explained[:len(words)], explained[len(words):]
+            for (token, obj, _), explanation in zip(words, object_explanations):
+                mask = scene.masks[obj]
                 if name == "cleann":
                     inside = share_inside([tuple(c) for c in explanation.details["image_cells"]], layout, mask)
                     if inside is not None:
-                        share.append(inside)
+                        metrics[name]["cells_inside_object"].append(inside)
                 for map_name, maps in explanation.all_maps().items():
-                    pointing[map_name].append(pointing_hit(maps[0], layout, mask))
-                    iou[map_name].append(obj_iou(maps[0], layout, mask))
+                    metrics[map_name]["pointing_game"].append(pointing_hit(maps[0], layout, mask))
+                    metrics[map_name]["obj_iou"].append(obj_iou(maps[0], layout, mask))
+                    if faithfulness:
+                        curves = deletion_insertion(loaded, trace, token, maps[0])
+                        metrics[map_name]["deletion_auc"].append(curves["deletion_auc"])
+                        metrics[map_name]["insertion_auc"].append(curves["insertion_auc"])
+            for map_name in object_explanations[0].all_maps():
+                thresholds = [otsu_threshold(e.all_maps()[map_name][0], layout) for e in object_explanations]
+                thresholds = [t for t in thresholds if t is not None]
+                if thresholds:
+                    for explanation in function_explanations:
+                        metrics[map_name]["func_iou"].append(
+                            func_iou(explanation.all_maps()[map_name][0], layout, float(np.mean(thresholds))))
         if progress:
             print(f"\rscenes {k + 1}/{n}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    table = {name: {"pointing_game": float(np.mean(pointing[name])), "obj_iou": float(np.mean(iou[name])),
-                    "n_words": len(pointing[name])} for name in pointing}
-    if share:
-        table["cleann"]["cells_inside_object"] = float(np.mean(share))
+    table = {}
+    for map_name, values in metrics.items():
+        row = {metric: float(np.mean(v)) for metric, v in values.items() if v}
+        if "obj_iou" in row and "func_iou" in row:
+            row["f1_iou"] = f1_iou(row["obj_iou"], row["func_iou"])
+        row["n_words"] = len(values.get("pointing_game", []))
+        table[map_name] = row
     return {"dataset": "shapes", "n_scenes": n, "size": size, "seed_start": seed_start,
             "describe_accuracy": correct / n if n else 0.0, "methods": table}

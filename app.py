@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a temporary public link")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
+    parser.add_argument("--cache-mb", type=int, default=1024, help="bound of the trace and map cache")
     parser.add_argument("--backend", default=None, help="URL of a running `python -m lvlm_interpret serve`; "
                                                         "without it the model runs in this process")
     parser.add_argument("--hosted", action="store_true", help=f"public-demo limits from {HOSTED_CONFIG.name}: "
@@ -173,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         service = RemoteService(args.backend)
     else:
         model = args.model if not args.hosted or args.model in limits["models"] else limits["models"][0]
-        service = ExplainService(default_model=model, device=args.device, allowed_models=limits.get("models"),
-                                 max_new_tokens=limits.get("max_new_tokens"))
+        service = ExplainService(default_model=model, device=args.device, cache_bytes=args.cache_mb * 2 ** 20,
+                                 allowed_models=limits.get("models"), max_new_tokens=limits.get("max_new_tokens"))
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
     concurrency = limits.get("concurrency", args.concurrency)
     build_app(service).queue(default_concurrency_limit=concurrency).launch(

@@ -9,6 +9,7 @@ keeping the layers x heads x P x P prompt attention.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,27 @@ from .trace import Trace
 
 CAPTURE_ATTENTION = "lvlm_capture"
 _ACTIVE_RECORDER: contextvars.ContextVar["_Recorder | None"] = contextvars.ContextVar("lvlm_recorder", default=None)
+
+
+_HOOK_SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lvlm_hook_scope", default=frozenset())
+
+
+@contextlib.contextmanager
+def scoped_hook(module, hook, pre: bool = False):
+    """Register a forward hook (or pre-hook with kwargs) that acts only for forwards run in this context (thread
+    or task): a model is shared by concurrent requests, and another request's forward must not be touched."""
+    marker = object()
+    token = _HOOK_SCOPE.set(_HOOK_SCOPE.get() | {marker})
+
+    def scoped(*args):
+        return hook(*args) if marker in _HOOK_SCOPE.get() else None
+
+    handle = module.register_forward_pre_hook(scoped, with_kwargs=True) if pre else module.register_forward_hook(scoped)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _HOOK_SCOPE.reset(token)
 
 
 def last_query_attention(query, key, attention_mask, scaling) -> torch.Tensor:
@@ -104,13 +126,13 @@ class _Recorder:
 
     def __enter__(self):
         self._token = _ACTIVE_RECORDER.set(self)
-        self._hook = self._final_norm.register_forward_hook(
-            lambda module, args, output: self.hidden.append(output[0].detach().half().cpu())
-        )
+        self._hook = scoped_hook(self._final_norm,
+                                 lambda module, args, output: self.hidden.append(output[0].detach().half().cpu()))
+        self._hook.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._hook.remove()
+        self._hook.__exit__(*exc)
         _ACTIVE_RECORDER.reset(self._token)
 
 

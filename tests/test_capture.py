@@ -78,3 +78,27 @@ def test_token_texts_are_by_position(llava_trace):
     trace = llava_trace
     assert len(trace.token_texts) == trace.input_ids.shape[0]
     assert trace.answer_ids == trace.input_ids[trace.prompt_length:].tolist()
+
+
+def test_scoped_hooks_only_see_their_own_context():
+    import threading
+
+    from lvlm_interpret.capture import scoped_hook
+
+    layer = torch.nn.Linear(2, 2)
+    seen = []
+    inside, outside = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait(5)
+        layer(torch.ones(1, 2))  # runs while the hook is registered, in another context
+        outside.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with scoped_hook(layer, lambda module, args, output: seen.append(threading.get_ident())):
+        layer(torch.ones(1, 2))
+        inside.set()
+        outside.wait(5)
+    worker.join()
+    assert seen == [threading.get_ident()]

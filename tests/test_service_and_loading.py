@@ -63,3 +63,18 @@ def test_sampling_is_seeded(llava):
     first = generate_with_capture(llava, [make_scene()], "Describe the image.", options)
     second = generate_with_capture(llava, [make_scene()], "Describe the image.", options)
     assert first.answer_ids == second.answer_ids
+
+
+def test_concurrent_requests_do_not_mix_their_captures():
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = ExplainService(default_model="random:llava", device="cpu")
+    jobs = [(make_scene(160, 96), "Describe the image."), (make_scene(90, 150), "How many shapes are there?")] * 2
+    alone = [service.generate([image], prompt, options=GenerationOptions(6))[1] for image, prompt in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda job: service.generate([job[0]], job[1],
+                                                              options=GenerationOptions(6))[1], jobs))
+    for a, b in zip(alone, together):
+        assert a.prompt == b.prompt and torch.equal(a.pixels[0], b.pixels[0])
+        assert torch.allclose(a.attention.float(), b.attention.float(), atol=1e-3)
+        assert torch.allclose(a.hidden.float(), b.hidden.float(), atol=1e-2)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from ..capture import AttentionGraph, replay_inputs
+from ..capture import AttentionGraph, replay_inputs, scoped_hook
 from ..errors import UserInputError
 from ..trace import Trace
 from .base import Explanation, ExplanationMethod, register_method
@@ -128,25 +128,17 @@ def discover(trace: Trace, attention: np.ndarray, head: int, source: int, *, thr
                       candidates=[nodes[k] for k in near])
 
 
-class _EmbeddingMask:
-    """Replaces the decoder's input embeddings at chosen positions by the mean embedding of their modality."""
-
-    def __init__(self, decoder, positions: list[int], replacement: dict[int, torch.Tensor]):
-        self.positions, self.replacement = positions, replacement
-        self.handle = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
+def _replace_embeddings(positions: list[int], replacement: dict[int, torch.Tensor]):
+    """A decoder pre-hook that puts `replacement[p]` in place of the input embedding at each position p."""
+    def hook(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None or not self.positions:
+        if embeds is None or not positions:
             return None
         embeds = embeds.clone()
-        for position in self.positions:
-            embeds[:, position] = self.replacement[position].to(embeds.dtype)
-        kwargs["inputs_embeds"] = embeds
-        return args, kwargs
-
-    def close(self):
-        self.handle.remove()
+        for position in positions:
+            embeds[:, position] = replacement[position].to(embeds.dtype)
+        return args, {**kwargs, "inputs_embeds": embeds}
+    return hook
 
 
 class _Scorer:
@@ -172,21 +164,15 @@ class _Scorer:
         def keep(module, args, kwargs):
             captured["embeds"] = kwargs["inputs_embeds"][0].detach()
 
-        handle = self.decoder.register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        with scoped_hook(self.decoder, keep, pre=True):
             self.loaded.model(**replay_inputs(self.trace, self.loaded.device))
-        finally:
-            handle.remove()
         return captured["embeds"]
 
     @torch.no_grad()
     def __call__(self, positions: list[int]) -> tuple[float, bool]:
         """(probability of the token, whether it is still the argmax) with `positions` masked."""
-        mask = _EmbeddingMask(self.decoder, positions, self.replacement)
-        try:
+        with scoped_hook(self.decoder, _replace_embeddings(positions, self.replacement), pre=True):
             logits = self.loaded.model(**replay_inputs(self.trace, self.loaded.device)).logits[0]
-        finally:
-            mask.close()
         row = logits[self.trace.source_position(self.token_index)].float()
         token = self.trace.answer_ids[self.token_index]
         return float(torch.softmax(row, -1)[token]), bool(row.argmax() == token)

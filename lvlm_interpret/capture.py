@@ -24,8 +24,6 @@ from .trace import Trace
 
 CAPTURE_ATTENTION = "lvlm_capture"
 _ACTIVE_RECORDER: contextvars.ContextVar["_Recorder | None"] = contextvars.ContextVar("lvlm_recorder", default=None)
-
-
 _HOOK_SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lvlm_hook_scope", default=frozenset())
 
 
@@ -118,22 +116,25 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
 
 
 class _Recorder:
-    def __init__(self, attention_modules, final_norm):
+    """What one generation records: per LM layer, the last query's attention row of every forward; the final
+    norm's outputs."""
+
+    def __init__(self, attention_modules):
         self.layer_of = {id(module): index for index, module in enumerate(attention_modules)}
         self.rows: list[list[torch.Tensor]] = [[] for _ in attention_modules]
         self.hidden: list[torch.Tensor] = []
-        self._final_norm = final_norm
 
-    def __enter__(self):
-        self._token = _ACTIVE_RECORDER.set(self)
-        self._hook = scoped_hook(self._final_norm,
-                                 lambda module, args, output: self.hidden.append(output[0].detach().half().cpu()))
-        self._hook.__enter__()
-        return self
 
-    def __exit__(self, *exc):
-        self._hook.__exit__(*exc)
-        _ACTIVE_RECORDER.reset(self._token)
+@contextlib.contextmanager
+def _recording(attention_modules, final_norm):
+    recorder = _Recorder(attention_modules)
+    token = _ACTIVE_RECORDER.set(recorder)
+    try:
+        with scoped_hook(final_norm, lambda module, args, output: recorder.hidden.append(
+                output[0].detach().half().cpu())):
+            yield recorder
+    finally:
+        _ACTIVE_RECORDER.reset(token)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         if options.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if options.do_sample:
         torch.manual_seed(options.seed)
-    with _Recorder(family.language_attentions(model), family.final_norm(model)) as recorder:
+    with _recording(family.language_attentions(model), family.final_norm(model)) as recorder:
         output = model.generate(
             **inputs.to(loaded.device),
             max_new_tokens=options.max_new_tokens,

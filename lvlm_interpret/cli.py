@@ -146,7 +146,7 @@ def run_evaluate(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    columns = ["pointing_game", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
+    columns = ["pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
                "cells_inside_object", "n_words"]
     lines = ["method," + ",".join(columns)]
     lines += [name + "," + ",".join(str(row.get(c, "")) for c in columns) for name, row in result["methods"].items()]

@@ -58,14 +58,20 @@ def evaluate_shapes(loaded, n: int, methods: list[str], method_options: dict | N
             explained = get_method(name).explain_many(trace, [t for t, _, _ in words] + functions, model=loaded,
                                                       **method_options.get(name, {}))
             object_explanations, function_explanations = explained[:len(words)], explained[len(words):]
-            for (token, obj, _), explanation in zip(words, object_explanations):
+            for (token, obj, kind), explanation in zip(words, object_explanations):
                 mask = scene.masks[obj]
+                # a word whose colour / shape another object shares names a class, not one instance
+                attribute = (lambda o: o.colour) if kind == "colour" else (lambda o: o.shape)
+                unique = sum(attribute(o) == attribute(scene.objects[obj]) for o in scene.objects) == 1
                 if name == "cleann":
                     inside = share_inside([tuple(c) for c in explanation.details["image_cells"]], layout, mask)
                     if inside is not None:
                         metrics[name]["cells_inside_object"].append(inside)
                 for map_name, maps in explanation.all_maps().items():
-                    metrics[map_name]["pointing_game"].append(pointing_hit(maps[0], layout, mask))
+                    hit = pointing_hit(maps[0], layout, mask)
+                    metrics[map_name]["pointing_game"].append(hit)
+                    if unique:
+                        metrics[map_name]["pointing_unique"].append(hit)
                     metrics[map_name]["obj_iou"].append(obj_iou(maps[0], layout, mask))
                     if faithfulness:
                         curves = deletion_insertion(loaded, trace, token, maps[0])

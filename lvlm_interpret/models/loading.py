@@ -22,7 +22,7 @@ CONFIGS_DIR = REPO_ROOT / "configs"
 RANDOM_PREFIX = "random:"
 # Models that ship with the product, by name; "demo" is trained by lvlm_interpret/demo/train.py.
 BUILTIN_MODELS = {"demo": REPO_ROOT / "assets" / "demo-model"}
-DEFAULT_MODEL = "random:llava"  # becomes "demo" once its weights are committed
+DEFAULT_MODEL = "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logging.getLogger("transformers.image_processing_utils").setLevel(logging.ERROR)

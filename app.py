@@ -17,7 +17,7 @@ from components import comparison_panel, token_strip
 from components.attention_panel import (
     AttentionPanel, control_choices, overview_selection, render_views, reverse_view,
 )
-from components.export_panel import ExportPanel, export_report, export_request, export_token_pngs
+from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import MethodPanel, method_names, render_method
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
@@ -66,7 +66,7 @@ def build_app(service) -> gr.Blocks:
                         explanation = MethodPanel.build()
                     with gr.Tab("Side by side"):
                         comparison = comparison_panel.build()
-                export = ExportPanel.build()
+                export_panel = ExportPanel.build()
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
             trace = service.trace(state["request_id"])
@@ -128,12 +128,12 @@ def build_app(service) -> gr.Blocks:
                 return None, gr.Dropdown(), "", None, None
             return _method_views(state, method, map_name)
 
-        def exporter(function):
+        def exporter(kind):
             @_user_errors
             def on_export(state):
                 if not state:
                     raise UserInputError("generate an answer first")
-                return function(service, state["request_id"], state["token"])
+                return export(service, state["request_id"], state["token"], kind)
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
@@ -149,9 +149,9 @@ def build_app(service) -> gr.Blocks:
         method_outputs = explanation.outputs()
         explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
         explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
-        export.pngs.click(exporter(export_token_pngs), session, export.files)
-        export.request.click(exporter(export_request), session, export.files)
-        export.report.click(exporter(export_report), session, export.files)
+        export_panel.pngs.click(exporter("png"), session, export_panel.files)
+        export_panel.request.click(exporter("request"), session, export_panel.files)
+        export_panel.report.click(exporter("report"), session, export_panel.files)
     return demo
 
 

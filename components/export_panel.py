@@ -1,5 +1,5 @@
 """Export: the selected token's maps as PNG files, the whole request as JSON + NPZ (the CLI's contract), and a
-self-contained HTML report."""
+self-contained HTML report. Files are made by the service (in process or over HTTP)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lvlm_interpret import METHODS, ExplainService, UserInputError
-from lvlm_interpret.export import html_report, overlay_images, request_record, write_request
-
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "lvlm_interpret_exports"
-WHOLE_ANSWER_METHODS = ("attention", "relevancy", "tam")  # CLEANN is exported for the selected token only
 
 
 @dataclass
@@ -34,44 +30,7 @@ class ExportPanel:
         return cls(pngs, request, report, files)
 
 
-def _full_trace(service, request_id):
-    if not isinstance(service, ExplainService):
-        raise UserInputError("export runs where the model runs: use the backend's HTTP API, or the in-process app")
-    return service.trace(request_id)
-
-
-def _folder(request_id: str, kind: str) -> Path:
+def export(service, request_id: str, token_index: int, kind: str) -> list[str]:
+    """The files of one export ("png", "request" or "report"), in this session's own export folder."""
     folder = EXPORT_ROOT / request_id / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def export_token_pngs(service: ExplainService, request_id: str, token_index: int) -> list[str]:
-    trace = _full_trace(service, request_id)
-    folder = _folder(request_id, "png")
-    paths = []
-    for method in sorted(METHODS):
-        for name, picture in overlay_images(trace, service.explain(request_id, method, token_index)).items():
-            path = folder / f"{name}.png"
-            picture.save(path)
-            paths.append(str(path))
-    return paths
-
-
-def export_request(service: ExplainService, request_id: str, token_index: int) -> list[str]:
-    trace = _full_trace(service, request_id)
-    tokens = list(range(trace.n_answer))
-    explanations = {name: [service.explain(request_id, name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
-    record = request_record(trace, tokens, explanations, service.visual_relevance(request_id))
-    record["cleann"] = request_record(trace, [token_index],
-                                      {"cleann": [service.explain(request_id, "cleann", token_index)]})["cleann"]
-    folder = write_request(_folder(request_id, "request"), trace, record, explanations)
-    return [str(folder / "result.json"), str(folder / "maps.npz")]
-
-
-def export_report(service: ExplainService, request_id: str, token_index: int) -> list[str]:
-    trace = _full_trace(service, request_id)
-    explanations = [service.explain(request_id, method, token_index) for method in sorted(METHODS)]
-    path = _folder(request_id, "report") / f"report-token{token_index}.html"
-    path.write_text(html_report(trace, token_index, explanations))
-    return [str(path)]
+    return [str(path) for path in service.export(request_id, token_index, kind, folder)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -94,6 +96,24 @@ class RemoteService:
     def visual_relevance(self, request_id: str, threshold: float = 1.0) -> VisualRelevance:
         body = self._call("GET", f"/v1/visual-relevance/{request_id}", params={"threshold": threshold})
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
+
+    def export(self, request_id: str, token_index: int, kind: str, folder) -> list[Path]:
+        """Fetch an export from the backend and unpack it into `folder` (file names only, no paths)."""
+        try:
+            response = self._client.get(f"/v1/export/{request_id}/{token_index}/{kind}")
+        except httpx.HTTPError:
+            raise UserInputError(f"the backend at {self._client.base_url} cannot be reached; try again") from None
+        if response.status_code != 200:
+            raise UserInputError(response.json().get("error", "the backend refused the export"))
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            for name in archive.namelist():
+                path = folder / Path(name).name
+                path.write_bytes(archive.read(name))
+                paths.append(path)
+        return paths
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         body = self._call("POST", "/v1/explain", json={"request_id": request_id, "method": method,

@@ -130,3 +130,40 @@ def html_report(trace: Trace, token_index: int, explanations: list[Explanation])
 <p>{tokens}</p><h2>Token {token_index}: {html.escape(trace.answer_texts[token_index])}</h2>{figures}
 </body></html>
 """
+
+
+EXPORT_KINDS = ("png", "request", "report")
+WHOLE_ANSWER_METHODS = ("attention", "relevancy", "tam")  # CLEANN is exported for the selected token only
+
+
+def export_files(service, request_id: str, token_index: int, kind: str, folder: Path) -> list[Path]:
+    """Write one export of a request into `folder`: "png" (the token's maps from every method), "request"
+    (result.json + maps.npz, the CLI's contract) or "report" (a self-contained HTML page)."""
+    from .errors import UserInputError
+    from .methods import METHODS
+
+    if kind not in EXPORT_KINDS:
+        raise UserInputError(f"unknown export {kind!r}: choose one of {', '.join(EXPORT_KINDS)}")
+    trace = service.trace(request_id)
+    trace.check_token_index(token_index)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "png":
+        paths = []
+        for method in sorted(METHODS):
+            for name, picture in overlay_images(trace, service.explain(request_id, method, token_index)).items():
+                picture.save(folder / f"{name}.png")
+                paths.append(folder / f"{name}.png")
+        return paths
+    if kind == "request":
+        tokens = list(range(trace.n_answer))
+        explanations = {name: [service.explain(request_id, name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
+        record = request_record(trace, tokens, explanations, service.visual_relevance(request_id))
+        cleann = [service.explain(request_id, "cleann", token_index)]
+        record["cleann"] = request_record(trace, [token_index], {"cleann": cleann})["cleann"]
+        write_request(folder, trace, record, explanations)
+        return [folder / "result.json", folder / "maps.npz"]
+    path = folder / f"report-token{token_index}.html"
+    path.write_text(html_report(trace, token_index, [service.explain(request_id, m, token_index)
+                                                     for m in sorted(METHODS)]))
+    return [path]

@@ -7,10 +7,13 @@ points a web front end at it, so a CPU-only front end can use a GPU machine.
 from __future__ import annotations
 
 import io
+import tempfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
@@ -131,6 +134,18 @@ def create_api(service: ExplainService) -> FastAPI:
     def reverse(body: ReverseRequest) -> dict:
         scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
         return {"scores": scores.tolist()}
+
+    @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    def export(request_id: str, token_index: int, kind: str) -> Response:
+        """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML)."""
+        with tempfile.TemporaryDirectory(prefix="lvlm-export-") as folder:
+            paths = service.export(request_id, token_index, kind, folder)
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in paths:
+                    archive.write(path, arcname=Path(path).name)
+        return Response(buffer.getvalue(), media_type="application/zip")
 
     @api.post("/v1/explain")
     def explain(body: ExplainRequest) -> dict:

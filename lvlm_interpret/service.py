@@ -18,6 +18,7 @@ from PIL import Image
 
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
+from .export import export_files
 from .methods import Explanation, get_method
 from .methods.attention import attention_overview, reverse_attention
 from .methods.visual_relevance import visually_relevant_tokens
@@ -137,6 +138,10 @@ class ExplainService:
                           aggregation="mean") -> np.ndarray:
         """For chosen cells of the first image's grid, the attention every answer token pays them."""
         return reverse_attention(self.trace(request_id), cells, 0, layers, heads, aggregation)
+
+    def export(self, request_id: str, token_index: int, kind: str, folder) -> list:
+        """Write an export ("png", "request" or "report") of the request into `folder`; returns the paths."""
+        return export_files(self, request_id, token_index, kind, folder)
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0):
         """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""

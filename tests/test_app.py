@@ -66,17 +66,17 @@ def test_side_by_side_has_every_map_at_one_size(service):
 def test_exports(service):
     import json
 
-    from components.export_panel import export_report, export_request, export_token_pngs
+    from components.export_panel import export
 
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
-    pngs = export_token_pngs(service, request_id, 2)
+    pngs = export(service, request_id, 2, "png")
     assert any(p.endswith("tam_raw_token2.png") for p in pngs) and all(Image.open(p).size == image.size for p in pngs)
-    result_path, maps_path = export_request(service, request_id, 2)
+    result_path, maps_path = export(service, request_id, 2, "request")
     result = json.loads(open(result_path).read())
     assert len(result["tokens"]) == trace.n_answer and set(result["cleann"]) == {"2"}
     assert np.load(maps_path)["relevancy"].shape == (trace.n_answer, 8, 8)
-    (report,) = export_report(service, request_id, 2)
+    (report,) = export(service, request_id, 2, "report")
     text = open(report).read()
     assert text.count("data:image/png;base64,") == 8 and "http" not in text.replace("http-equiv", "")
 

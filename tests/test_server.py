@@ -116,3 +116,23 @@ def test_serve_command_and_remote_client(tmp_path):
     # with the backend gone, the client says so in one line
     with pytest.raises(UserInputError, match="cannot be reached"):
         remote.explain(request_id, "attention", 0)
+
+
+def test_exports_over_http_match_the_in_process_ones(http, service, tmp_path):
+    import json
+
+    remote = RemoteService(client=http)
+    request_id, trace = remote.generate([make_scene()], "Describe the image.", options=None)
+    local = service.export(request_id, 1, "request", tmp_path / "local")
+    fetched = remote.export(request_id, 1, "request", tmp_path / "remote")
+    assert [p.name for p in fetched] == ["result.json", "maps.npz"]
+    assert json.loads(fetched[0].read_text())["cleann"].keys() == json.loads(local[0].read_text())["cleann"].keys()
+    np.testing.assert_array_equal(np.load(fetched[1])["tam"], np.load(local[1])["tam"])
+    assert len(remote.export(request_id, 1, "png", tmp_path / "png")) == 8
+    with pytest.raises(UserInputError, match="unknown export"):
+        remote.export(request_id, 1, "zip", tmp_path / "bad")
+    with pytest.raises(UserInputError):  # a path in place of the kind never reaches the file system
+        remote.export(request_id, 1, "../../etc", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    with pytest.raises(UserInputError, match="out of range"):
+        remote.export(request_id, 99, "png", tmp_path / "bad")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .methods import Explanation
+from .errors import UserInputError
+from .methods import METHODS, Explanation
 from .rendering import blend, overlay
 from .trace import Trace
 
@@ -139,9 +140,6 @@ WHOLE_ANSWER_METHODS = ("attention", "relevancy", "tam")  # CLEANN is exported f
 def export_files(service, request_id: str, token_index: int, kind: str, folder: Path) -> list[Path]:
     """Write one export of a request into `folder`: "png" (the token's maps from every method), "request"
     (result.json + maps.npz, the CLI's contract) or "report" (a self-contained HTML page)."""
-    from .errors import UserInputError
-    from .methods import METHODS
-
     if kind not in EXPORT_KINDS:
         raise UserInputError(f"unknown export {kind!r}: choose one of {', '.join(EXPORT_KINDS)}")
     trace = service.trace(request_id)

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 
 
 def _in_image(trace) -> set[int]:
-    return {p for layout in trace.images for p in range(layout.start, layout.end)}
+    return {int(p) for layout in trace.images for p in layout.token_positions}
 
 
 def text_scores_figure(trace, explanation) -> go.Figure | None:
@@ -36,10 +36,10 @@ def cleann_graph_figure(trace, explanation) -> go.Figure | None:
     text_nodes = [p for p in details["nodes"] if p not in image]
 
     def place(position):
-        if layout.start <= position < layout.end:
-            row, col = divmod(position - layout.start, layout.cols)
-            return float(col), float(row)
-        if position in image:  # another image's token: a second column of rows is not drawn
+        cell = layout.cell_of(position)
+        if cell is not None:
+            return float(cell[1]), float(cell[0])
+        if position in image:  # another image or view, or a separator token: not drawn
             return None
         slot = text_nodes.index(position)
         return (slot + 0.5) * layout.cols / max(len(text_nodes), 1), layout.rows + 1.5
@@ -53,9 +53,8 @@ def cleann_graph_figure(trace, explanation) -> go.Figure | None:
             edge_x += [pa[0], pb[0], None]
             edge_y += [pa[1], pb[1], None]
     nodes = [(p, place(p)) for p in details["nodes"] if place(p)]
-    colours = ["#dc2626" if p == target else "#f59e0b" if p in chosen or (
-        layout.start <= p < layout.end and divmod(p - layout.start, layout.cols) in chosen) else "#60a5fa"
-        for p, _ in nodes]
+    colours = ["#dc2626" if p == target else "#f59e0b" if p in chosen or layout.cell_of(p) in chosen else "#60a5fa"
+               for p, _ in nodes]
     labels = [f"{p}:{trace.token_texts[p].strip() or 'image'}" for p, _ in nodes]
     figure = go.Figure([
         go.Scatter(x=edge_x, y=edge_y, mode="lines", line=dict(color="#9ca3af", width=1), hoverinfo="skip"),

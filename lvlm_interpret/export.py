@@ -23,12 +23,17 @@ CLEANN_KEYS = ("image_cells", "text_tokens", "prob_before", "prob_after", "verif
 
 
 def image_info(trace: Trace) -> dict:
-    """The contract's "image": one image's fields, or per-image lists for several images."""
+    """The contract's "image": one image's fields, or per-image lists for several images. `grid` and `box` are the
+    map's; tiled images (several views) also list every view's name, grid and box, the map's first."""
     infos = [{"width": l.image_size[0], "height": l.image_size[1], "grid": [l.rows, l.cols],
               "box": [round(v, 3) for v in l.box]} for l in trace.images]
+    if any(len(l.views) > 1 for l in trace.images):
+        for info, l in zip(infos, trace.images):
+            info["views"] = [{"name": v.name, "grid": [v.rows, v.cols], "box": [round(b, 3) for b in v.box]}
+                             for v in l.views]
     if len(infos) == 1:
         return infos[0]
-    return {key: [info[key] for info in infos] for key in ("width", "height", "grid", "box")}
+    return {key: [info[key] for info in infos] for key in infos[0]}
 
 
 def request_record(trace: Trace, indices: list[int], explanations: dict[str, list[Explanation]], relevance=None,

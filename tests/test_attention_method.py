@@ -9,8 +9,8 @@ from lvlm_interpret.methods.attention import attention_overview, parse_selection
 
 def _hand_map(trace, t, layers, heads, reduce):
     layout = trace.images[0]
-    rows = trace.attention[t].float().numpy()[layers][:, heads][:, :, layout.start:layout.end]
-    return reduce(reduce(rows, axis=1), axis=0).reshape(layout.rows, layout.cols)
+    rows = trace.attention[t].float().numpy()[layers][:, heads]
+    return layout.gather(reduce(reduce(rows, axis=1), axis=0))
 
 
 @pytest.mark.parametrize("t", [0, 3])
@@ -32,7 +32,7 @@ def test_text_scores_cover_positions_up_to_the_source(llava_trace):
     explanation = get_method("attention").explain(llava_trace, 2)
     layout = llava_trace.images[0]
     assert explanation.text_scores.shape == (llava_trace.source_position(2) + 1,)
-    assert not explanation.text_scores[layout.start:layout.end].any()
+    assert not explanation.text_scores[layout.token_positions].any()
     # image mass + text mass = the whole (probability) row
     total = explanation.text_scores.sum() + explanation.maps[0].sum()
     assert total == pytest.approx(1.0, abs=5e-3)

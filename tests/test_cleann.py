@@ -66,10 +66,10 @@ def test_cleann_end_to_end(llava, llava_trace):
     # the map marks exactly the reported cells; text tokens are earlier, non-image positions
     marked = {tuple(cell) for cell in zip(*np.nonzero(explanation.maps[0]))}
     assert marked == {tuple(cell) for cell in details["image_cells"]}
-    assert all(p < llava_trace.source_position(t) + 1 and not layout.start <= p < layout.end
+    assert all(p < llava_trace.source_position(t) + 1 and p not in layout.token_positions
                for p in details["text_tokens"])
     # re-scoring the reported set independently gives the reported probability
-    positions = [layout.start + r * layout.cols + c for r, c in details["image_cells"]] + details["text_tokens"]
+    positions = [int(layout.positions[r, c]) for r, c in details["image_cells"]] + details["text_tokens"]
     probability, still_argmax = _Scorer(llava, llava_trace, t)(positions)
     assert probability == pytest.approx(details["prob_after"], rel=1e-5)
     if details["verified"]:

@@ -19,7 +19,7 @@ def test_llava_span_and_centre_crop_box(llava):
     (layout,) = llava.family.image_layouts(llava.model, llava.processor, inputs, [image])
     crop, patch = 64, 8  # configs/random-llava.json
     assert (layout.rows, layout.cols) == (crop // patch, crop // patch)
-    assert list(range(layout.start, layout.end)) == _image_positions(inputs, llava.model)
+    assert layout.positions.ravel().tolist() == _image_positions(inputs, llava.model)
     # shortest-edge resize then centre crop keeps the central 100x100 square of a 200x100 image
     assert layout.box == pytest.approx((50.0, 0.0, 150.0, 100.0))
     assert layout.image_size == (200, 100)
@@ -38,7 +38,7 @@ def test_qwen2_vl_grid_follows_image_grid_thw(qwen2_vl, size):
     (layout,) = qwen2_vl.family.image_layouts(qwen2_vl.model, qwen2_vl.processor, inputs, [image])
     _, height, width = inputs["image_grid_thw"][0].tolist()
     assert (layout.rows, layout.cols) == (height // 2, width // 2)
-    assert list(range(layout.start, layout.end)) == _image_positions(inputs, qwen2_vl.model)
+    assert layout.positions.ravel().tolist() == _image_positions(inputs, qwen2_vl.model)
     assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))
     # the grid keeps the image's orientation
     if size[0] > size[1]:
@@ -51,8 +51,8 @@ def test_qwen2_vl_two_images_get_two_disjoint_spans_in_order(qwen2_vl):
     images = [make_scene(200, 90), make_scene(90, 120)]
     inputs = build_inputs(qwen2_vl, images, "Describe the images.")
     first, second = qwen2_vl.family.image_layouts(qwen2_vl.model, qwen2_vl.processor, inputs, images)
-    assert first.end <= second.start
-    assert first.n_tokens + second.n_tokens == len(_image_positions(inputs, qwen2_vl.model))
+    assert first.positions.max() < second.positions.min()
+    assert first.n_cells + second.n_cells == len(_image_positions(inputs, qwen2_vl.model))
     assert (first.rows > first.cols) != (second.rows > second.cols)
 
 

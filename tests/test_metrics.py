@@ -4,7 +4,7 @@ import pytest
 from lvlm_interpret.evaluation.metrics import cell_mask_overlap, obj_iou, pointing_hit, share_inside
 from lvlm_interpret.families.base import ImageLayout
 
-LAYOUT = ImageLayout(start=0, rows=4, cols=4, box=(0, 0, 80, 80), image_size=(80, 80))
+LAYOUT = ImageLayout.contiguous(0, 4, 4, box=(0, 0, 80, 80), image_size=(80, 80))
 
 
 def _square_mask(x0, y0, x1, y1):
@@ -60,13 +60,13 @@ def test_deletion_and_insertion_curves(llava_trace, qwen2_vl, qwen_trace):
     from lvlm_interpret.evaluation.faithfulness import auc, cell_index_image, deletion_insertion
 
     cells = cell_index_image(llava_trace.images[0])
-    assert cells.max() == llava_trace.images[0].n_tokens - 1 and (cells[:, :10] == -1).all()  # crop: sides unseen
+    assert cells.max() == llava_trace.images[0].n_cells - 1 and (cells[:, :10] == -1).all()  # crop: sides unseen
     layout = qwen_trace.images[0]  # Qwen's grid covers the whole image, so the curves' ends are exact
     grid = np.random.default_rng(0).random((layout.rows, layout.cols))
     curves = deletion_insertion(qwen2_vl, qwen_trace, 1, grid, step=0.25)
     fractions = curves["fractions"]  # steps of a quarter of the cells, rounded to whole cells
     assert fractions[0] == 0.0 and fractions[-1] == 1.0 and len(fractions) == 5
-    assert np.allclose(np.diff(fractions), 0.25, atol=1 / layout.n_tokens)
+    assert np.allclose(np.diff(fractions), 0.25, atol=1 / layout.n_cells)
     # the ends are the original image (1) and the fully blurred image (0), in both directions
     assert curves["deletion"][0] == pytest.approx(1.0, abs=1e-4) and curves["deletion"][-1] == pytest.approx(0, abs=1e-4)
     assert curves["insertion"][0] == pytest.approx(0, abs=1e-4) and curves["insertion"][-1] == pytest.approx(1, abs=1e-4)

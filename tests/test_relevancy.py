@@ -46,7 +46,7 @@ def _reference_lm_map(loaded, trace, t):
         abar = torch.relu(gradient[0] * attention[0]).mean(0).detach()
         relevance = relevance + abar @ relevance
     layout = trace.images[0]
-    return relevance[source, layout.start:layout.end].reshape(layout.rows, layout.cols).numpy(), float(target.detach())
+    return layout.gather(relevance[source].numpy()), float(target.detach())
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

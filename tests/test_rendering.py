@@ -6,7 +6,7 @@ from lvlm_interpret.rendering import blend, normalise, overlay
 
 
 def test_overlay_is_the_original_size_and_covers_only_the_box():
-    layout = ImageLayout(start=0, rows=2, cols=2, box=(50.0, 0.0, 150.0, 100.0), image_size=(200, 100))
+    layout = ImageLayout.contiguous(0, 2, 2, box=(50.0, 0.0, 150.0, 100.0), image_size=(200, 100))
     grid = np.array([[0.0, 1.0], [0.5, 0.25]], dtype=np.float32)
     image = overlay(grid, layout, alpha=0.5)
     assert image.size == (200, 100) and image.mode == "RGBA"
@@ -27,5 +27,5 @@ def test_ignore_top_saturates_sinks_and_rescales_the_rest():
 
 
 def test_blend_keeps_the_image_size(scene):
-    layout = ImageLayout(start=0, rows=3, cols=4, box=(0, 0, *scene.size), image_size=scene.size)
+    layout = ImageLayout.contiguous(0, 3, 4, box=(0, 0, *scene.size), image_size=scene.size)
     assert blend(scene, overlay(np.random.rand(3, 4), layout)).size == scene.size

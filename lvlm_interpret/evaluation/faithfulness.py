@@ -19,7 +19,7 @@ from ..trace import Trace
 
 def cell_index_image(layout: ImageLayout) -> np.ndarray:
     """[height, width]: the grid cell (row-major index) each pixel of the original image falls in; -1 outside."""
-    indices = np.arange(layout.n_tokens, dtype=np.float32).reshape(layout.rows, layout.cols) + 1
+    indices = np.arange(layout.n_cells, dtype=np.float32).reshape(layout.rows, layout.cols) + 1
     return map_on_image(indices, layout).round().astype(np.int64) - 1
 
 
@@ -41,8 +41,8 @@ def deletion_insertion(loaded, trace: Trace, token_index: int, grid_map: np.ndar
     blur = np.asarray(blurred(trace.image(0)), dtype=np.uint8)
     cell_of_pixel = cell_index_image(layout)
     order = np.argsort(-np.asarray(grid_map, dtype=np.float64).ravel(), kind="stable")
-    counts = np.unique(np.round(np.arange(0, 1 + 1e-9, step) * layout.n_tokens).astype(int))
-    counts[-1] = layout.n_tokens
+    counts = np.unique(np.round(np.arange(0, 1 + 1e-9, step) * layout.n_cells).astype(int))
+    counts[-1] = layout.n_cells
 
     def probability(image: Image.Image) -> float:
         return float(np.exp(answer_logprobs(loaded, trace, [image])[token_index]))
@@ -51,7 +51,7 @@ def deletion_insertion(loaded, trace: Trace, token_index: int, grid_map: np.ndar
     span = p_orig - p_blur if abs(p_orig - p_blur) > 1e-8 else 1e-8
     deletion = [(probability(composite(original, blur, order[:k], cell_of_pixel)) - p_blur) / span for k in counts]
     insertion = [(probability(composite(blur, original, order[:k], cell_of_pixel)) - p_blur) / span for k in counts]
-    fractions = counts / layout.n_tokens
+    fractions = counts / layout.n_cells
     return {"fractions": fractions.tolist(), "deletion": deletion, "insertion": insertion,
             "deletion_auc": auc(fractions, np.asarray(deletion)), "insertion_auc": auc(fractions, np.asarray(insertion)),
             "p_original": p_orig, "p_blurred": p_blur}

@@ -5,44 +5,152 @@ A family adapter is the only code that knows a layout. Everything downstream wor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import UserInputError
 
-@dataclass(frozen=True)
-class ImageLayout:
-    """One image's visual tokens: a `rows` x `cols` grid stored row-major from `start` in the expanded input_ids.
 
-    `box` is the region (x0, y0, x1, y1) of the original image, in its pixels, that the grid covers after the
-    processor's resize / crop / pad; it can lie partly outside the image where the processor pads.
-    """
+def _runs(positions: np.ndarray) -> list[list[int]]:
+    """Ascending-by-one runs of a flat position list as [[first, length], ...] (compact JSON)."""
+    runs: list[list[int]] = []
+    for position in np.asarray(positions, dtype=np.int64).reshape(-1).tolist():
+        if runs and position == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([position, 1])
+    return runs
 
-    start: int
-    rows: int
-    cols: int
+
+def _from_runs(runs: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.arange(first, first + length) for first, length in runs] or [np.zeros(0)]).astype(
+        np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageView:
+    """One grid of an image's tokens: `positions[r, c]` is the input_ids position of the token of cell (r, c),
+    rows top to bottom over `box` (x0, y0, x1, y1, in original-image pixels; it can lie partly outside the image
+    where the processor pads). The positions need not be contiguous: grids may skip newline or separator tokens,
+    and a stitched view gathers the tokens of several tiles."""
+
+    name: str
+    positions: np.ndarray  # int64 [rows, cols]
     box: tuple[float, float, float, float]
-    image_size: tuple[int, int]  # original (width, height)
 
     @property
-    def n_tokens(self) -> int:
+    def rows(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.positions.shape[1])
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "rows": self.rows, "cols": self.cols, "box": [float(v) for v in self.box],
+                "runs": _runs(self.positions)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ImageView":
+        positions = _from_runs(data["runs"]).reshape(data["rows"], data["cols"])
+        return cls(name=data["name"], positions=positions, box=tuple(data["box"]))
+
+
+@dataclass(frozen=True, eq=False)
+class ImageLayout:
+    """One image's visual tokens as one or more grids (views) over the original image.
+
+    `views[0]` is the image's map: for single-grid families the only grid, for tiled families (LLaVA-NeXT,
+    LLaVA-OneVision, Idefics3 / SmolVLM) the high-resolution tiles stitched back into one grid over the original
+    image. Further views (the base / global image) are other grids of the same image. `separators` are the
+    positions of tokens the processor inserts for the image that are no grid cell (newline, tile-position and
+    wrapper tokens); together with every view's cells they are the image's tokens.
+    """
+
+    views: tuple[ImageView, ...]
+    image_size: tuple[int, int]  # original (width, height)
+    separators: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def contiguous(cls, start: int, rows: int, cols: int, box, image_size, name: str = "image") -> "ImageLayout":
+        """A single grid stored row-major from `start` (LLaVA-1.5, Qwen2-VL, ...)."""
+        positions = np.arange(start, start + rows * cols, dtype=np.int64).reshape(rows, cols)
+        return cls(views=(ImageView(name, positions, tuple(float(v) for v in box)),), image_size=tuple(image_size))
+
+    # --- the map's grid (views[0]) ------------------------------------------------------------------------
+    @property
+    def positions(self) -> np.ndarray:
+        return self.views[0].positions
+
+    @property
+    def rows(self) -> int:
+        return self.views[0].rows
+
+    @property
+    def cols(self) -> int:
+        return self.views[0].cols
+
+    @property
+    def n_cells(self) -> int:
         return self.rows * self.cols
 
     @property
-    def end(self) -> int:
-        return self.start + self.n_tokens
+    def box(self) -> tuple[float, float, float, float]:
+        return self.views[0].box
+
+    def view(self, name: str) -> ImageView:
+        for view in self.views:
+            if view.name == name:
+                return view
+        raise UserInputError(f"this image has no {name!r} view; its views are "
+                             f"{', '.join(v.name for v in self.views)}")
+
+    def gather(self, values, view: str | None = None) -> np.ndarray:
+        """The [rows, cols] float32 grid of a per-position vector (or [..., positions] array) for one view
+        (default: the map's view)."""
+        positions = self.positions if view is None else self.view(view).positions
+        return np.asarray(values)[..., positions].astype(np.float32)
+
+    def cell_of(self, position: int) -> tuple[int, int] | None:
+        """The (row, col) of a position in the map's grid, or None."""
+        hits = np.argwhere(self.positions == position)
+        return (int(hits[0][0]), int(hits[0][1])) if len(hits) else None
+
+    # --- every token of the image -------------------------------------------------------------------------
+    @property
+    def cell_positions(self) -> np.ndarray:
+        """Sorted positions of every view's cells."""
+        return np.unique(np.concatenate([view.positions.reshape(-1) for view in self.views]))
+
+    @property
+    def token_positions(self) -> np.ndarray:
+        """Sorted positions of every token the image contributes: cells of every view and separators."""
+        return np.unique(np.concatenate([self.cell_positions, self.separators]))
 
     def to_json(self) -> dict:
-        return {"start": self.start, "rows": self.rows, "cols": self.cols, "box": list(self.box),
-                "image_size": list(self.image_size)}
+        return {"image_size": list(self.image_size), "views": [view.to_json() for view in self.views],
+                "separators": _runs(self.separators),
+                # the map's grid, for readers that need no more
+                "rows": self.rows, "cols": self.cols, "box": [float(v) for v in self.box]}
 
     @classmethod
     def from_json(cls, data: dict) -> "ImageLayout":
-        return cls(start=data["start"], rows=data["rows"], cols=data["cols"], box=tuple(data["box"]),
-                   image_size=tuple(data["image_size"]))
+        if "views" not in data:
+            if "start" not in data:
+                raise UserInputError("unreadable image layout in the trace: it has neither 'views' nor 'start'")
+            # traces saved before views existed: one contiguous grid
+            return cls.contiguous(data["start"], data["rows"], data["cols"], data["box"], data["image_size"])
+        return cls(views=tuple(ImageView.from_json(view) for view in data["views"]),
+                   image_size=tuple(data["image_size"]), separators=_from_runs(data.get("separators", [])))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ImageLayout) and self.to_json() == other.to_json()
+
+    __hash__ = None
 
 
 class ModelFamily:
@@ -53,7 +161,8 @@ class ModelFamily:
 
     # --- image layout -------------------------------------------------------------------------------
     def image_layouts(self, model: nn.Module, processor, inputs, images: list[Image.Image]) -> list[ImageLayout]:
-        """The layout of every image of a processed input (batch of one)."""
+        """The layout of every image of a processed input (batch of one). This default suits families with one
+        contiguous grid per image (described by `grids`); tiled families override it."""
         image_token_id = self.image_token_id(model)
         positions = (inputs["input_ids"][0] == image_token_id).nonzero().flatten().tolist()
         grids = self.grids(model, processor, inputs, images)
@@ -66,7 +175,7 @@ class ModelFamily:
                     f"{self.name}: expected {count} consecutive image tokens for image {len(layouts)}, "
                     f"found {len(run)} in input_ids"
                 )
-            layouts.append(ImageLayout(start=run[0] + skip, rows=rows, cols=cols, box=box, image_size=image.size))
+            layouts.append(ImageLayout.contiguous(run[0] + skip, rows, cols, box, image.size))
             cursor += count
         if cursor != len(positions):
             raise RuntimeError(f"{self.name}: {len(positions) - cursor} image tokens in input_ids belong to no image")
@@ -103,9 +212,11 @@ class ModelFamily:
 
     # --- how LM image tokens map onto the vision tower's tokens (for vision-side relevancy) ----------------
     vision_readout: str = "cls"  # the vision-tower row that summarises an image: "cls" (row 0) or "mean"
+    # False where the tower sees one image as several tiles: relevancy then gives the LM map only
+    vision_relevancy: bool = True
 
     def vision_token_groups(self, model: nn.Module, layout: ImageLayout) -> np.ndarray:
-        """[n_tokens, k]: the vision-tower token indices (of that image) that make each LM image token."""
+        """[n_cells, k]: the vision-tower token indices (of that image) that make each cell of the map's grid."""
         raise NotImplementedError
 
     def load_processor(self, source: str, trust_remote_code: bool = False):

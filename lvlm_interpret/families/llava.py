@@ -73,7 +73,7 @@ class LlavaFamily(ModelFamily):
 
     def vision_token_groups(self, model, layout):
         # vision token 0 is CLS; grid token i is patch i, i.e. vision token i + 1
-        return np.arange(1, layout.n_tokens + 1).reshape(-1, 1)
+        return np.arange(1, layout.n_cells + 1).reshape(-1, 1)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)

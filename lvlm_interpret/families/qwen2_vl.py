@@ -57,7 +57,7 @@ class Qwen2VLFamily(ModelFamily):
     def vision_token_groups(self, model, layout):
         # the processor orders patches merge-window by merge-window: LM token i is made of patches 4i .. 4i+3
         merge = model.config.vision_config.spatial_merge_size
-        return np.arange(layout.n_tokens * merge * merge).reshape(layout.n_tokens, merge * merge)
+        return np.arange(layout.n_cells * merge * merge).reshape(layout.n_cells, merge * merge)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,

@@ -77,7 +77,7 @@ def reverse_attention(trace: Trace, cells: list[tuple[int, int]], image_index: i
     for row, col in cells:
         if not (0 <= row < layout.rows and 0 <= col < layout.cols):
             raise UserInputError(f"cell ({row}, {col}) is outside the {layout.rows}x{layout.cols} grid")
-    positions = [layout.start + row * layout.cols + col for row, col in cells]
+    positions = [int(layout.positions[row, col]) for row, col in cells]
     return np.array([
         float(attention_scores(trace, t, layers, heads, aggregation)[positions].sum()) for t in range(trace.n_answer)
     ], dtype=np.float32)
@@ -89,7 +89,7 @@ def attention_overview(trace: Trace, token_index: int) -> dict[str, np.ndarray]:
     rows = trace.attention[token_index].float()  # [layers, heads, keys]
     image = torch.zeros(rows.shape[-1], dtype=torch.bool)
     for layout in trace.images:
-        image[layout.start:layout.end] = True
+        image[torch.from_numpy(layout.token_positions)] = True
     prompt = torch.zeros_like(image)
     prompt[: trace.prompt_length] = True
     return {

@@ -57,14 +57,14 @@ def get_method(name: str) -> ExplanationMethod:
 
 
 def split_by_image(trace: Trace, scores: np.ndarray) -> list[np.ndarray]:
-    """Cut a score-per-position vector into one [rows, cols] grid per image."""
-    return [scores[layout.start:layout.end].reshape(layout.rows, layout.cols).astype(np.float32)
-            for layout in trace.images]
+    """Cut a score-per-position vector into one [rows, cols] grid per image (the map's view)."""
+    return [layout.gather(scores) for layout in trace.images]
 
 
 def text_only(trace: Trace, scores: np.ndarray) -> np.ndarray:
     """The same vector with image positions zeroed: what is left scores prompt and earlier answer text."""
     text = scores.astype(np.float32).copy()
     for layout in trace.images:
-        text[layout.start:layout.end] = 0.0
+        positions = layout.token_positions
+        text[positions[positions < len(text)]] = 0.0
     return text

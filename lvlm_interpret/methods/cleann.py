@@ -151,9 +151,10 @@ class _Scorer:
         in_image = np.zeros(trace.input_ids.shape[0], dtype=bool)
         replacement = {}
         for layout in trace.images:
-            in_image[layout.start:layout.end] = True
-            mean = embeds[layout.start:layout.end].mean(0)
-            replacement.update({p: mean for p in range(layout.start, layout.end)})
+            cells = layout.cell_positions
+            in_image[cells] = True
+            mean = embeds[torch.from_numpy(cells)].mean(0)
+            replacement.update({int(p): mean for p in cells})
         text_mean = embeds[: trace.prompt_length][~in_image[: trace.prompt_length]].mean(0)
         self.replacement = {p: replacement.get(p, text_mean) for p in range(trace.input_ids.shape[0])}
 
@@ -267,12 +268,9 @@ class Cleann(ExplanationMethod):
         maps, cells = [], []
         chosen_set = set(chosen)
         for image_index, layout in enumerate(trace.images):
-            grid = np.zeros((layout.rows, layout.cols), dtype=np.float32)
-            for position in range(layout.start, layout.end):
-                if position in chosen_set:
-                    row, col = divmod(position - layout.start, layout.cols)
-                    grid[row, col] = 1.0
-                    cells.append([row, col] if len(trace.images) == 1 else [image_index, row, col])
+            grid = np.isin(layout.positions, list(chosen_set)).astype(np.float32)
+            for row, col in np.argwhere(grid > 0).tolist():
+                cells.append([row, col] if len(trace.images) == 1 else [image_index, row, col])
             maps.append(grid)
         in_image = set(image_positions(trace).tolist())
         text_tokens = sorted(p for p in chosen if p not in in_image)

@@ -74,7 +74,8 @@ class Relevancy(ExplanationMethod):
 
     def _chunk(self, trace, token_indices, loaded):
         family, model = loaded.family, loaded.model
-        lm_modules, vision_modules = family.language_attentions(model), family.vision_attentions(model)
+        lm_modules = family.language_attentions(model)
+        vision_modules = family.vision_attentions(model) if family.vision_relevancy else []
         with torch.enable_grad(), AttentionGraph(lm_modules + vision_modules) as graph:
             logits = model(**replay_inputs(trace, loaded.device)).logits[0]
             sources = [trace.source_position(t) for t in token_indices]
@@ -105,7 +106,7 @@ class Relevancy(ExplanationMethod):
             text = row[: sources[k] + 1].copy()
             text[sources[k]] -= 1.0  # drop the identity: text relevance of earlier tokens, R - I
             vit_maps, combined_maps = [], []
-            for image_index, layout in enumerate(trace.images):
+            for image_index, layout in enumerate(trace.images if family.vision_relevancy else []):
                 abars_vision = [head_mean_relevance(pairs[image_index][1][k], pairs[image_index][0])
                                 for pairs in per_image if pairs[image_index][1] is not None]
                 vit_map, combined = self._vision_maps(family, model, layout, abars_vision, lm_maps[image_index])
@@ -113,7 +114,7 @@ class Relevancy(ExplanationMethod):
                 combined_maps.append(combined)
             results.append(Explanation(
                 method=self.name, token_index=t, maps=lm_maps, text_scores=text_only(trace, text),
-                variants={"vit": vit_maps, "all": combined_maps},
+                variants={"vit": vit_maps, "all": combined_maps} if family.vision_relevancy else {},
                 details={"target_logit": float(targets[k].detach())},
             ))
         return results

@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, register_method
+from .base import Explanation, ExplanationMethod, register_method, split_by_image, text_only
 
 RANK_OFFSETS = np.arange(-4, 5, dtype=np.float64)  # ranks of the 9 sorted values of a 3x3 window
 
@@ -53,7 +53,8 @@ def remove_interference(target_map: np.ndarray, earlier_maps: np.ndarray, earlie
 
 
 def image_positions(trace: Trace) -> np.ndarray:
-    return np.concatenate([np.arange(layout.start, layout.end) for layout in trace.images])
+    """Every image's grid cells (all views)."""
+    return np.concatenate([layout.cell_positions for layout in trace.images])
 
 
 def context_positions(trace: Trace, token_index: int) -> list[int]:
@@ -95,16 +96,12 @@ class TokenActivationMap(ExplanationMethod):
         images = image_positions(trace)
         raw = activations[images, 0]
         cleaned = remove_interference(raw, activations[images, 1:].T, activations[context, 0]) if context else raw
-        text_scores = activations[:, 0].copy()
-        text_scores[images] = 0.0
+        text_scores = text_only(trace, activations[:, 0])
 
         def per_image(values):
-            grids, offset = [], 0
-            for layout in trace.images:
-                grids.append(values[offset:offset + layout.n_tokens].reshape(layout.rows, layout.cols)
-                             .astype(np.float32))
-                offset += layout.n_tokens
-            return grids
+            by_position = np.zeros(len(activations), dtype=np.float32)
+            by_position[images] = values
+            return split_by_image(trace, by_position)
 
         cleaned_maps = per_image(cleaned)
         final = [rank_gaussian_filter(grid) for grid in cleaned_maps] if denoise else cleaned_maps

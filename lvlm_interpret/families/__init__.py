@@ -5,8 +5,15 @@ from __future__ import annotations
 from .base import ImageLayout, ModelFamily
 from .llava import LlavaFamily
 from .qwen2_vl import Qwen2VLFamily
+from .qwen2_5_vl import Qwen2_5VLFamily
+from .qwen3_vl import Qwen3VLFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LlavaFamily(), Qwen2VLFamily())}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
+    LlavaFamily(),
+    Qwen2VLFamily(),
+    Qwen2_5VLFamily(),
+    Qwen3VLFamily(),
+)}
 
 
 def family_for_model_type(model_type: str) -> ModelFamily:

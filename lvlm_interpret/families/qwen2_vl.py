@@ -25,16 +25,24 @@ CHAT_TEMPLATE = (
 )
 
 
-class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video processor, which needs torchvision (absent from CPU installs)."""
+def image_only_processor(processor_class):
+    """A Qwen processor class without its video processor, which needs torchvision (absent from CPU installs)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    class ImageOnly(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{processor_class.__name__}ImageOnly"
+    return ImageOnly
 
 
 class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    # what a later Qwen generation replaces to reuse this adapter (see qwen2_5_vl.py, qwen3_vl.py)
+    config_class = Qwen2VLConfig
+    model_class = Qwen2VLForConditionalGeneration
+    processor_class = image_only_processor(Qwen2VLProcessor)
 
     def grids(self, model, processor, inputs, images):
         merge = model.config.vision_config.spatial_merge_size
@@ -64,7 +72,7 @@ class Qwen2VLFamily(ModelFamily):
                                          CHAT_TEMPLATE)
         ids = tokenizer.convert_tokens_to_ids
         image = preset["image"]
-        config = Qwen2VLConfig(
+        config = self.config_class(
             text_config={
                 "vocab_size": len(tokenizer),
                 "bos_token_id": tokenizer.bos_token_id,
@@ -81,7 +89,7 @@ class Qwen2VLFamily(ModelFamily):
             vision_end_token_id=ids("<|vision_end|>"),
         )
         factor = image["patch"] * image["merge"]
-        processor = Qwen2VLImageProcessorOnly(
+        processor = self.processor_class(
             image_processor=Qwen2VLImageProcessorPil(
                 min_pixels=image["min_cells"] * factor * factor,
                 max_pixels=image["max_cells"] * factor * factor,
@@ -92,4 +100,4 @@ class Qwen2VLFamily(ModelFamily):
             tokenizer=tokenizer,
             chat_template=CHAT_TEMPLATE,
         )
-        return seeded_model(Qwen2VLForConditionalGeneration, config, preset.get("seed", 0)), processor
+        return seeded_model(self.model_class, config, preset.get("seed", 0)), processor

@@ -1,4 +1,8 @@
-"""A front end's view of a remote service (`python -m lvlm_interpret serve`): the same calls as ExplainService."""
+"""A front end's view of a remote service (`python -m lvlm_interpret serve`): the same calls as ExplainService.
+
+A backend that restarted (or forgot a request) no longer knows the front end's request ids: the client then
+regenerates the request from the inputs it kept and goes on, as the service does for an evicted Trace.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ import httpx
 import numpy as np
 
 from .capture import GenerationOptions
-from .errors import UserInputError
+from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .families.base import ImageLayout
 from .methods.base import Explanation
 from .methods.visual_relevance import VisualRelevance
+from .service import ByteBoundedCache
 
 
 @dataclass
@@ -39,23 +44,65 @@ class RemoteTrace:
         return len(self.answer_ids)
 
 
+def _refusal(response: httpx.Response) -> UserInputError:
+    """The backend's one-line message as the matching error (503 busy, 404 unknown request, else refused)."""
+    try:
+        message = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = f"the backend failed ({response.status_code}); try again"
+    if response.status_code == 503:
+        return ServiceBusyError(message)
+    if response.status_code == 404:
+        return UnknownRequestError(message)
+    return UserInputError(message)
+
+
+@dataclass
+class _RemoteRequest:
+    trace: RemoteTrace
+    inputs: dict  # the generate call's files and form, to regenerate it
+    backend_id: str  # the id the backend knows it by now
+
+
 class RemoteService:
-    def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0):
+    def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0,
+                 requests_bytes: int = 64 << 20):
+        """Requests (answer and uploaded PNG) are kept, least recently used first out, within `requests_bytes`."""
         self._client = client or httpx.Client(base_url=url, timeout=timeout_s)
-        self._traces: dict[str, RemoteTrace] = {}
+        self._requests = ByteBoundedCache(requests_bytes)
         self.default_model = self._call("GET", "/v1/health")["default_model"]
 
-    def _call(self, verb: str, path: str, **kwargs) -> dict:
+    def _send(self, verb: str, path: str, **kwargs) -> httpx.Response:
         try:
             response = self._client.request(verb, path, **kwargs)
         except httpx.HTTPError as error:
-            raise UserInputError(f"the backend at {self._client.base_url} cannot be reached ({type(error).__name__});"
-                                 " check that it is running and try again") from None
-        if response.status_code == 400:
-            raise UserInputError(response.json().get("error", "the backend refused the request"))
+            raise ServiceBusyError(f"the backend at {self._client.base_url} cannot be reached "
+                                   f"({type(error).__name__}): it may be restarting; retry in a moment") from None
         if response.status_code != 200:
-            raise UserInputError(f"the backend failed ({response.status_code}); try again")
-        return response.json()
+            raise _refusal(response)
+        return response
+
+    def _call(self, verb: str, path: str, **kwargs) -> dict:
+        return self._send(verb, path, **kwargs).json()
+
+    def _for_request(self, request_id: str, send):
+        """`send(backend_id)`; if the backend no longer knows the request, regenerate it there once and resend."""
+        request = self._request(request_id)
+        try:
+            return send(request.backend_id)
+        except UnknownRequestError:
+            summary = self._call("POST", "/v1/generate", **request.inputs)
+            if summary["answer_ids"] != request.trace.answer_ids:
+                raise UserInputError("the backend was restarted and now answers differently: generate again") \
+                    from None
+            request.backend_id = summary["request_id"]
+            return send(request.backend_id)
+
+    def _request(self, request_id: str) -> _RemoteRequest:
+        request = self._requests.get(request_id)
+        if request is None:
+            raise UnknownRequestError("unknown or expired request: generate an answer first")
+        return request
 
     def model(self, name: str | None = None):
         return None  # models live on the backend
@@ -66,8 +113,11 @@ class RemoteService:
         options = options or GenerationOptions()
         buffer = io.BytesIO()
         images[0].save(buffer, format="PNG")
-        summary = self._call("POST", "/v1/generate", files={"image": ("image.png", buffer.getvalue(), "image/png")},
-                             data={"prompt": prompt, "max_new_tokens": str(options.max_new_tokens)})
+        form = {"prompt": prompt, "max_new_tokens": str(options.max_new_tokens),
+                "temperature": str(options.temperature if options.do_sample else 0), "top_p": str(options.top_p),
+                "seed": str(options.seed)}
+        inputs = {"files": {"image": ("image.png", buffer.getvalue(), "image/png")}, "data": form}
+        summary = self._call("POST", "/v1/generate", **inputs)
         trace = RemoteTrace(
             request_id=summary["request_id"], model_name=summary["model"], prompt=summary["prompt"],
             answer=summary["answer"], answer_texts=summary["answer_texts"], answer_ids=summary["answer_ids"],
@@ -75,36 +125,33 @@ class RemoteService:
             n_heads=summary["n_heads"], answer_logprobs=summary["answer_logprobs"],
             token_texts=summary["token_texts"], prompt_length=summary["prompt_length"],
         )
-        self._traces[trace.request_id] = trace
+        self._requests.put(trace.request_id, _RemoteRequest(trace, inputs, trace.request_id),
+                           len(buffer.getbuffer()) + 4096)
         return trace.request_id, trace
 
     def trace(self, request_id: str) -> RemoteTrace:
-        if request_id not in self._traces:
-            raise UserInputError("unknown or expired request: generate an answer first")
-        return self._traces[request_id]
+        return self._request(request_id).trace
 
     def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]:
-        body = self._call("GET", f"/v1/attention-overview/{request_id}/{token_index}")
+        body = self._for_request(request_id, lambda backend_id: self._call(
+            "GET", f"/v1/attention-overview/{backend_id}/{token_index}"))
         return {name: np.asarray(values, dtype=np.float32) for name, values in body.items()}
 
     def reverse_attention(self, request_id: str, cells, layers="all", heads="all", aggregation="mean") -> np.ndarray:
-        body = self._call("POST", "/v1/reverse-attention", json={
-            "request_id": request_id, "cells": [list(cell) for cell in cells], "layers": str(layers),
-            "heads": str(heads), "aggregation": aggregation})
+        body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/reverse-attention", json={
+            "request_id": backend_id, "cells": [list(cell) for cell in cells], "layers": str(layers),
+            "heads": str(heads), "aggregation": aggregation}))
         return np.asarray(body["scores"], dtype=np.float32)
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0) -> VisualRelevance:
-        body = self._call("GET", f"/v1/visual-relevance/{request_id}", params={"threshold": threshold})
+        body = self._for_request(request_id, lambda backend_id: self._call(
+            "GET", f"/v1/visual-relevance/{backend_id}", params={"threshold": threshold}))
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
 
     def export(self, request_id: str, token_index: int, kind: str, folder) -> list[Path]:
         """Fetch an export from the backend and unpack it into `folder` (file names only, no paths)."""
-        try:
-            response = self._client.get(f"/v1/export/{request_id}/{token_index}/{kind}")
-        except httpx.HTTPError:
-            raise UserInputError(f"the backend at {self._client.base_url} cannot be reached; try again") from None
-        if response.status_code != 200:
-            raise UserInputError(response.json().get("error", "the backend refused the export"))
+        response = self._for_request(request_id, lambda backend_id: self._send(
+            "GET", f"/v1/export/{backend_id}/{token_index}/{kind}"))
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -116,8 +163,8 @@ class RemoteService:
         return paths
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
-        body = self._call("POST", "/v1/explain", json={"request_id": request_id, "method": method,
-                                                        "token_index": token_index, "options": options})
+        body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/explain", json={
+            "request_id": backend_id, "method": method, "token_index": token_index, "options": options}))
         maps = {name: [np.asarray(grid, dtype=np.float32) for grid in grids] for name, grids in body["maps"].items()}
         prefix = method + "_"
         return Explanation(

@@ -6,24 +6,62 @@ points a web front end at it, so a CPU-only front end can use a GPU machine.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from .capture import GenerationOptions
-from .errors import UserInputError
+from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .images import MAX_PIXELS, prepare_image
 from .methods import METHODS
 from .service import ExplainService
 
 MAX_UPLOAD_BYTES = 20 * 2 ** 20
+RETRY_AFTER_S = 5
+FORM_OVERHEAD_BYTES = 64 * 2 ** 10  # the prompt and options around the image
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """At most `concurrency` requests compute at once and `queue` more wait (each at most `wait_s`); any
+    further request is refused at once, so a crowd gets "busy, retry" instead of piling up threads."""
+
+    def __init__(self, concurrency: int = 1, queue: int = 16, wait_s: float = 60.0):
+        self.limit = concurrency + queue
+        self.wait_s = wait_s
+        self.admitted = 0
+        self._slots = threading.Semaphore(concurrency)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self):
+        with self._lock:
+            if self.admitted >= self.limit:
+                raise ServiceBusyError(f"the server is busy ({self.admitted} requests in progress): retry in a few "
+                                       "seconds")
+            self.admitted += 1
+        try:
+            if not self._slots.acquire(timeout=self.wait_s):
+                raise ServiceBusyError(f"the server is busy (waited {self.wait_s:g} s for a free slot): retry in a "
+                                       "few seconds")
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            with self._lock:
+                self.admitted -= 1
 
 
 class ReverseRequest(BaseModel):
@@ -82,11 +120,11 @@ def _plain(value):
     return value
 
 
-def read_upload(data: bytes) -> Image.Image:
+def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Image.Image:
     if not data:
         raise UserInputError("the uploaded image is empty (0 bytes)")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise UserInputError(f"the uploaded image is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MB")
+    if len(data) > max_bytes:
+        raise UserInputError(f"the uploaded image is larger than {max_bytes / 2 ** 20:g} MB: upload a smaller file")
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_PIXELS:
@@ -99,47 +137,86 @@ def read_upload(data: bytes) -> Image.Image:
         raise UserInputError("the uploaded image is corrupt or truncated") from None
 
 
-def create_api(service: ExplainService) -> FastAPI:
+def create_api(service: ExplainService, admission: Admission | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """Errors are JSON `{"error": one line}`: 400 bad input, 404 unknown request id, 503 busy (with Retry-After),
+    500 anything else (logged here; the client sees no trace or path)."""
+    admission = admission or Admission()
     api = FastAPI(title="lvlm_interpret", version="1",
                   description="Generate with capture, then explain any answer token with any registered method.")
 
     @api.exception_handler(UserInputError)
     async def user_error(request, error: UserInputError):
-        return JSONResponse(status_code=400, content={"error": str(error)})
+        if isinstance(error, ServiceBusyError):
+            return JSONResponse(status_code=503, content={"error": str(error)},
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse(status_code=404 if isinstance(error, UnknownRequestError) else 400,
+                            content={"error": str(error)})
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_fields(request, error: RequestValidationError):
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path"))
+        return JSONResponse(status_code=400, content={"error": f"{field or 'request'}: {first['msg']}"})
+
+    @api.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        log.exception("request %s failed", request.url.path)
+        return JSONResponse(status_code=500, content={"error": "internal error (logged on the server); try again"})
+
+    @api.middleware("http")
+    async def refuse_large_bodies(request, call_next):
+        """Refuse an oversized upload from its declared length, before it is received."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD_BYTES:
+            return JSONResponse(status_code=413, content={
+                "error": f"the upload is larger than {max_upload_bytes / 2 ** 20:g} MB: upload a smaller file"})
+        return await call_next(request)
 
     @api.get("/v1/health")
     def health() -> dict:
-        return {"status": "ok", "default_model": service.default_model}
+        """Liveness, plus the figures an operator watches: bytes held for requests and requests in progress."""
+        return {"status": "ok", "default_model": service.default_model, "memory": service.memory(),
+                "in_progress": admission.admitted}
 
     @api.get("/v1/methods")
     def methods() -> dict:
         return {name: method.description for name, method in sorted(METHODS.items())}
 
     @api.post("/v1/generate")
-    def generate(image: UploadFile = File(...), prompt: str = Form(...), max_new_tokens: int = Form(32)) -> dict:
-        picture = read_upload(image.file.read())
-        request_id, trace = service.generate([picture], prompt, options=GenerationOptions(max_new_tokens))
+    def generate(image: UploadFile = File(...), prompt: str = Form(...), max_new_tokens: int = Form(32),
+                 temperature: float = Form(0.0), top_p: float = Form(1.0), seed: int = Form(0)) -> dict:
+        """Greedy when temperature is 0, else sampled with `top_p` and `seed`."""
+        picture = read_upload(image.file.read(max_upload_bytes + 1), max_upload_bytes)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed) if temperature > 0 else {}
+        with admission.slot():
+            request_id, trace = service.generate([picture], prompt,
+                                                 options=GenerationOptions(max_new_tokens, **sampling))
         return trace_summary(request_id, trace)
 
     @api.get("/v1/visual-relevance/{request_id}")
     def visual_relevance(request_id: str, threshold: float = 1.0) -> dict:
-        relevance = service.visual_relevance(request_id, threshold)
+        with admission.slot():
+            relevance = service.visual_relevance(request_id, threshold)
         return {"llr": relevance.llr, "relevant": relevance.relevant}
 
     @api.get("/v1/attention-overview/{request_id}/{token_index}")
     def overview(request_id: str, token_index: int) -> dict:
-        return {name: values.tolist() for name, values in service.attention_overview(request_id, token_index).items()}
+        with admission.slot():
+            masses = service.attention_overview(request_id, token_index)
+        return {name: values.tolist() for name, values in masses.items()}
 
     @api.post("/v1/reverse-attention")
     def reverse(body: ReverseRequest) -> dict:
-        scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
+        with admission.slot():
+            scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
         return {"scores": scores.tolist()}
 
     @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
     def export(request_id: str, token_index: int, kind: str) -> Response:
         """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML)."""
-        with tempfile.TemporaryDirectory(prefix="lvlm-export-") as folder:
+        with tempfile.TemporaryDirectory(prefix="lvlm-export-") as folder, admission.slot():
             paths = service.export(request_id, token_index, kind, folder)
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -149,6 +226,8 @@ def create_api(service: ExplainService) -> FastAPI:
 
     @api.post("/v1/explain")
     def explain(body: ExplainRequest) -> dict:
-        return explanation_json(service.explain(body.request_id, body.method, body.token_index, **body.options))
+        with admission.slot():
+            explanation = service.explain(body.request_id, body.method, body.token_index, **body.options)
+        return explanation_json(explanation)
 
     return api

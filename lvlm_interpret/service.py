@@ -1,23 +1,27 @@
 """The service: the only owner of loaded models and of cached traces and explanations.
 
-The CLI, the Python API and the web app all go through it. A request keeps its (small) inputs for as long
-as the service lives; its Trace and maps sit in a cache bounded in bytes, and a request whose Trace was
-evicted is regenerated transparently (generation is deterministic for fixed options).
+The CLI, the Python API and the web app all go through it. A request's inputs (image, prompt, options) are
+kept in one cache bounded in bytes, its Trace and maps in another; a request whose Trace was evicted is
+regenerated transparently (generation is deterministic for fixed options), one whose inputs were evicted is
+forgotten ("unknown or expired request").
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .capture import GenerationOptions, generate_with_capture
-from .errors import UserInputError
+from .capture import GenerationOptions, generate_with_capture, scoped_hook
+from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .export import export_files
 from .methods import Explanation, get_method
 from .methods.attention import attention_overview, reverse_attention
@@ -64,18 +68,34 @@ class ByteBoundedCache:
         return sum(self._sizes.values())
 
 
+class _OverTime(Exception):
+    """Raised inside a model forward once a request's time limit has passed (caught by the service)."""
+
+
+def request_nbytes(request: Request) -> int:
+    return sum(image.width * image.height * len(image.getbands()) for image in request.images) + 1024
+
+
 class ExplainService:
     def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30,
-                 allowed_models: list[str] | None = None, max_new_tokens: int | None = None, **load_options):
-        """`allowed_models` / `max_new_tokens`: the hosted mode's limits (None: no limit)."""
+                 allowed_models: list[str] | None = None, max_new_tokens: int | None = None,
+                 timeout_s: float | None = None, requests_bytes: int = 256 << 20, **load_options):
+        """`allowed_models` / `max_new_tokens` / `timeout_s` (per computation): the hosted mode's limits (None: no
+        limit). Requests' inputs are kept, least recently used first out, within `requests_bytes`."""
         self.default_model = default_model
         self.allowed_models = allowed_models
         self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
         self.load_options = load_options
         self._models: dict[str, LoadedModel] = {}
         self._model_lock = threading.Lock()
-        self._requests: dict[str, Request] = {}
+        self._requests = ByteBoundedCache(requests_bytes)
         self._cache = ByteBoundedCache(cache_bytes)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held for requests: cached traces and maps, and the requests' inputs, with their bounds."""
+        return {"cache_bytes": self._cache.nbytes, "cache_limit": self._cache.max_bytes,
+                "requests_bytes": self._requests.nbytes, "requests_limit": self._requests.max_bytes}
 
     def model(self, name: str | None = None) -> LoadedModel:
         name = name or self.default_model
@@ -97,7 +117,7 @@ class ExplainService:
         request = Request(model, tuple(images), prompt, options)
         trace = self._run(request)
         request_id = uuid.uuid4().hex
-        self._requests[request_id] = request
+        self._requests.put(request_id, request, request_nbytes(request))
         self._cache.put(("trace", request_id), trace, trace.nbytes)
         return request_id, trace
 
@@ -110,9 +130,10 @@ class ExplainService:
         return trace
 
     def request(self, request_id: str) -> Request:
-        if request_id not in self._requests:
-            raise UserInputError("unknown or expired request: generate an answer first")
-        return self._requests[request_id]
+        request = self._requests.get(request_id)
+        if request is None:
+            raise UnknownRequestError("unknown or expired request: generate an answer first")
+        return request
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         """The method's explanation of one answer token, computed on first use and cached."""
@@ -126,7 +147,9 @@ class ExplainService:
         if cached is not None:
             return cached
         trace = self.trace(request_id)
-        explanation = explainer.explain(trace, token_index, model=self.model(trace.model_name), **options)
+        loaded = self.model(trace.model_name)
+        with self._limits(loaded):
+            explanation = explainer.explain(trace, token_index, model=loaded, **options)
         self._cache.put(key, explanation, sum(m.nbytes for m in explanation.maps) + 1024)
         return explanation
 
@@ -149,10 +172,36 @@ class ExplainService:
         cached = self._cache.get(key)
         if cached is None:
             trace = self.trace(request_id)
-            cached = visually_relevant_tokens(self.model(trace.model_name), trace, threshold)
+            loaded = self.model(trace.model_name)
+            with self._limits(loaded):
+                cached = visually_relevant_tokens(loaded, trace, threshold)
             self._cache.put(key, cached, 64 * trace.n_answer + 1024)
         return cached
 
     def _run(self, request: Request) -> Trace:
-        return generate_with_capture(self.model(request.model), list(request.images), request.prompt,
-                                     request.options)
+        loaded = self.model(request.model)
+        with self._limits(loaded):
+            return generate_with_capture(loaded, list(request.images), request.prompt, request.options)
+
+    @contextlib.contextmanager
+    def _limits(self, loaded: LoadedModel):
+        """Run model work under the time limit, and turn running out of memory or time into one message; the
+        model stays usable for the next request."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+
+        def check_deadline(module, args, kwargs):
+            if deadline is not None and time.monotonic() > deadline:
+                raise _OverTime
+
+        try:
+            # every forward of the language model passes its first attention layer
+            with scoped_hook(loaded.family.language_attentions(loaded.model)[0], check_deadline, pre=True):
+                yield
+        except _OverTime:
+            raise ServiceBusyError(f"the request took longer than {self.timeout_s:g} s and was stopped: ask for "
+                                   "fewer new tokens or a cheaper method") from None
+        except (torch.OutOfMemoryError, MemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ServiceBusyError("out of memory: try a smaller image or fewer new tokens, or retry when the "
+                                   "server is less busy") from None

@@ -44,7 +44,7 @@ def test_generate_then_explain_over_http(http, service):
 
 @pytest.mark.parametrize("case", ["not an image", "empty", "unknown method", "unknown request", "bad option",
                                   "token out of range", "empty prompt"])
-def test_bad_requests_get_400_with_one_message(http, case):
+def test_bad_requests_get_400_or_404_with_one_message(http, case):
     good = {"image": ("s.png", _png(make_scene()), "image/png")}
     if case in ("not an image", "empty", "empty prompt"):
         files = {"image": ("s.png", {"not an image": b"hello", "empty": b""}.get(case, _png(make_scene())),
@@ -58,7 +58,7 @@ def test_bad_requests_get_400_with_one_message(http, case):
         body.update({"unknown method": {"method": "saliency"}, "unknown request": {"request_id": "nope"},
                      "bad option": {"options": {"colour": "red"}}, "token out of range": {"token_index": 9}}[case])
         response = http.post("/v1/explain", json=body)
-    assert response.status_code == 400
+    assert response.status_code == (404 if case == "unknown request" else 400)
     message = response.json()["error"]
     assert message and "\n" not in message and "Traceback" not in message and "/work" not in message
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from .base import ImageLayout, ModelFamily
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen2VLFamily
 from .qwen2_5_vl import Qwen2_5VLFamily
 from .qwen3_vl import Qwen3VLFamily
+from .gemma3 import Gemma3Family
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     LlavaFamily(),
+    LlavaNextFamily(),
     Qwen2VLFamily(),
     Qwen2_5VLFamily(),
     Qwen3VLFamily(),
+    Gemma3Family(),
 )}
 
 

@@ -29,8 +29,10 @@ def build_word_tokenizer(
     extra_special_tokens: list[str],
     chat_template: str,
     model_max_length: int = 2048,
+    **named_tokens: str,
 ) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer whose vocabulary is the special tokens, `words` and punctuation."""
+    """A lower-casing word-level tokenizer whose vocabulary is the special tokens, `words` and punctuation.
+    `named_tokens` (e.g. boi_token="<start_of_image>") become tokenizer attributes, as processors expect."""
     vocab: dict[str, int] = {}
     for token in [PAD, UNK, BOS, EOS, *extra_special_tokens, *PUNCTUATION, *words]:
         vocab.setdefault(token, len(vocab))
@@ -46,6 +48,7 @@ def build_word_tokenizer(
         eos_token=EOS,
         model_max_length=model_max_length,
         chat_template=chat_template,
+        **named_tokens,
     )
     tokenizer.add_special_tokens(
         {"additional_special_tokens": extra_special_tokens}, replace_extra_special_tokens=False

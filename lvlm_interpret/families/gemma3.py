@@ -1,0 +1,92 @@
+"""Gemma 3 layout: the whole image resized to a square, SigLIP patches average-pooled to a fixed grid of soft tokens.
+
+Each image becomes `<start_of_image>`, `mm_tokens_per_image` (256: 16 x 16) soft tokens and `<end_of_image>`; the
+projector average-pools the tower's P x P patch grid in k x k blocks (P = 64, k = 4 for the released checkpoints).
+Pan-and-scan (extra crops of one image) is off by default in the processor and not supported here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    SiglipVisionConfig,
+)
+
+from ..errors import UserInputError
+from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
+from .base import ModelFamily, seeded_model
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+class Gemma3Family(ModelFamily):
+    name = "gemma3"
+    model_types = ("gemma3",)
+    vision_readout = "mean"  # SigLIP has no CLS token
+
+    def grids(self, model, processor, inputs, images):
+        if inputs["pixel_values"].shape[0] != len(images):
+            raise UserInputError("gemma3: pan-and-scan crops are not supported; load the processor with "
+                                 "do_pan_and_scan=False (the default)")
+        side = math.isqrt(model.config.mm_tokens_per_image)
+        # a plain resize of the whole image (no crop, no pad): the grid covers all of it
+        return [(side, side, 0, (0.0, 0.0, float(image.width), float(image.height))) for image in images]
+
+    def vision_layers(self, model):
+        tower = model.model.vision_tower
+        return list(getattr(tower, "vision_model", tower).encoder.layers)
+
+    def vision_token_groups(self, model, layout):
+        # cell (r, c) is the mean of the k x k patch block (r*k .. r*k+k-1, c*k .. c*k+k-1) of the P x P patch grid
+        vision = model.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        k = patches // layout.rows
+        rows, cols = np.meshgrid(np.arange(layout.rows), np.arange(layout.cols), indexing="ij")
+        block_r, block_c = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        patch_rows = rows.reshape(-1, 1) * k + block_r.reshape(1, -1)
+        patch_cols = cols.reshape(-1, 1) * k + block_c.reshape(1, -1)
+        return patch_rows * patches + patch_cols
+
+    def build_random(self, preset):
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "model"], SPECIAL_TOKENS, CHAT_TEMPLATE,
+                                         boi_token=BOI, eoi_token=EOI, image_token=SOFT)
+        ids = tokenizer.convert_tokens_to_ids
+        image = preset["image"]
+        config = Gemma3Config(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": ids("<end_of_turn>"),
+                "pad_token_id": tokenizer.pad_token_id,
+                **preset["text_config"],
+            },
+            vision_config=SiglipVisionConfig(image_size=image["size"], patch_size=image["patch"],
+                                             **preset["vision_config"]),
+            mm_tokens_per_image=image["tokens_per_side"] ** 2,
+            boi_token_index=ids(BOI),
+            eoi_token_index=ids(EOI),
+            image_token_index=ids(SOFT),
+        )
+        processor = Gemma3Processor(
+            image_processor=Gemma3ImageProcessorPil(size={"height": image["size"], "width": image["size"]},
+                                                    do_pan_and_scan=False),
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            image_seq_length=image["tokens_per_side"] ** 2,
+        )
+        return seeded_model(Gemma3ForConditionalGeneration, config, preset.get("seed", 0)), processor

@@ -1,0 +1,174 @@
+"""Non-tiled families beyond LLaVA-1.5 / Qwen2-VL: each adapter agrees with its processor's own outputs, its tiny
+random model goes through `explain` with every method, and maps land where the attended tokens are."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
+from lvlm_interpret.capture import build_inputs
+from lvlm_interpret.cli import main
+from lvlm_interpret.rendering import map_on_image
+from tests.conftest import make_scene
+from tests.test_capture import _replay
+from tests.test_relevancy import _reference_lm_map
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3"]
+MULTI_IMAGE = ["qwen2_5_vl", "qwen3_vl", "gemma3"]
+PROMPT = "What color is the circle?"
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(f"random:{name}", device="cpu")
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def traces(models):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = generate_with_capture(models(name), [make_scene(200, 90)], PROMPT,
+                                                GenerationOptions(max_new_tokens=4, min_new_tokens=4))
+        return cache[name]
+    return get
+
+
+def _processor_grids(loaded, inputs) -> list[tuple[int, int]]:
+    """Each image's (rows, cols) as the processor itself states it."""
+    if "image_grid_thw" in inputs:
+        merge = loaded.processor.image_processor.merge_size
+        return [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+    side = math.isqrt(loaded.processor.image_seq_length)  # gemma3: a fixed square of soft tokens
+    return [(side, side)] * inputs["pixel_values"].shape[0]
+
+
+def _image_token_positions(loaded, inputs) -> list[int]:
+    return (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", [(200, 90), (90, 200)])
+def test_spans_and_grids_equal_the_processors(models, family, size):
+    loaded = models(family)
+    image = make_scene(*size)
+    inputs = build_inputs(loaded, [image], PROMPT)
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
+    ((rows, cols),) = _processor_grids(loaded, inputs)
+    assert (layout.rows, layout.cols) == (rows, cols)
+    assert layout.positions.reshape(-1).tolist() == _image_token_positions(loaded, inputs)
+    # these processors resize the whole image (no crop, no pad): the grid covers all of it
+    assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))
+    assert layout.image_size == size
+
+
+@pytest.mark.parametrize("family", MULTI_IMAGE)
+def test_two_images_get_their_own_spans_in_order(models, family):
+    loaded = models(family)
+    images = [make_scene(200, 90), make_scene(90, 120)]
+    inputs = build_inputs(loaded, images, "Describe the images.")
+    layouts = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, images)
+    assert [(layout.rows, layout.cols) for layout in layouts] == _processor_grids(loaded, inputs)
+    assert np.concatenate([layout.positions.reshape(-1) for layout in layouts]).tolist() == \
+        _image_token_positions(loaded, inputs)
+    assert layouts[0].positions.max() < layouts[1].positions.min()
+    assert [layout.image_size for layout in layouts] == [(200, 90), (90, 120)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_map_mass_lands_where_the_attended_token_is(traces, family):
+    trace = traces(family)
+    layout = trace.images[0]
+    width, height = layout.image_size
+    positions = layout.positions.reshape(-1)
+    for position, (x_range, y_range) in [
+        (positions[0], ((0, width / layout.cols), (0, height / layout.rows))),  # first token: top-left cell
+        (positions[-1], ((width - width / layout.cols, width), (height - height / layout.rows, height))),
+    ]:
+        attention = torch.zeros_like(trace.attention)
+        attention[0, :, :, position] = 1.0
+        hand_set = dataclasses.replace(trace, attention=attention)
+        on_image = map_on_image(get_method("attention").explain(hand_set, 0).maps[0], layout)
+        ys, xs = np.nonzero(on_image)
+        assert on_image.sum() > 0
+        assert x_range[0] - 1 <= xs.min() and xs.max() <= x_range[1] + 1, (family, position)
+        assert y_range[0] - 1 <= ys.min() and ys.max() <= y_range[1] + 1, (family, position)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_runs_every_method(tmp_path, family):
+    image_path = tmp_path / "scene.png"
+    make_scene(200, 90).save(image_path)
+    out = tmp_path / "run"
+    assert main(["explain", "--model", f"random:{family}", "--image", str(image_path), "--prompt", PROMPT,
+                 "--max-new-tokens", "3", "--methods", "all", "--tokens", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
+    grid = result["image"]["grid"]
+    maps = np.load(out / "maps.npz")
+    assert set(maps.keys()) == {"attention", "cleann", "relevancy", "relevancy_vit", "relevancy_all", "tam",
+                                "tam_raw", "tam_cleaned"}
+    for name, values in maps.items():
+        assert values.shape == (1, *grid) and (values >= 0).all(), name
+    for name in ("attention", "relevancy", "relevancy_vit", "relevancy_all"):
+        assert maps[name].any(), name  # the LM and the vision tower are both reached
+    assert "0" in result["cleann"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_rows_and_relevancy_match_eager_references(models, traces, family):
+    loaded, trace = models(family), traces(family)
+    output = _replay(loaded, trace)
+    lm_attentions = output.attentions[-loaded.model.config.get_text_config().num_hidden_layers:]
+    for t in range(trace.n_answer):
+        source = trace.source_position(t)
+        for layer, attentions in enumerate(lm_attentions):
+            expected = attentions[0, :, source, : source + 1]
+            assert torch.allclose(trace.attention[t, layer, :, : source + 1].float(), expected, atol=2e-3)
+    t = trace.n_answer - 1
+    expected_map, logit = _reference_lm_map(loaded, trace, t)
+    explanation = get_method("relevancy").explain(trace, t, model=loaded)
+    np.testing.assert_allclose(explanation.maps[0], expected_map, rtol=1e-3, atol=1e-6)
+    assert explanation.details["target_logit"] == pytest.approx(logit, abs=1e-4)
+
+
+def _vision_features(loaded, inputs):
+    """(the tower's last hidden states in its own token order [n, d], a function from the tower tokens of each
+    LM image token [cells, k, d] to that token's embedding, the LM image embeddings [cells, d])."""
+    model = loaded.model.model
+    with torch.no_grad():
+        if loaded.family.name.startswith("qwen"):
+            output = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            return output.last_hidden_state, lambda grouped: model.visual.merger(grouped.flatten(0, 1)), \
+                output.pooler_output
+        output = model.get_image_features(inputs["pixel_values"])
+        projector = model.multi_modal_projector
+        return output.last_hidden_state[0], lambda grouped: projector.mm_soft_emb_norm(grouped.mean(1)) @ \
+            projector.mm_input_projection_weight, output.pooler_output[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(models, family):
+    loaded = models(family)
+    image = make_scene(200, 90)
+    inputs = build_inputs(loaded, [image], PROMPT)
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
+    groups = loaded.family.vision_token_groups(loaded.model, layout)
+    hidden, make_token, lm_tokens = _vision_features(loaded, inputs)
+    assert groups.shape[0] == layout.n_cells and sorted(groups.reshape(-1)) == list(range(hidden.shape[0]))
+    with torch.no_grad():
+        rebuilt = make_token(hidden[torch.from_numpy(groups)])
+    torch.testing.assert_close(rebuilt, lm_tokens, rtol=1e-4, atol=1e-5)

@@ -81,14 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", required=True, help="output folder")
 
     evaluate = commands.add_parser("evaluate", help="score explanation methods against ground-truth masks")
-    evaluate.add_argument("--dataset", default="shapes", choices=["shapes"])
-    evaluate.add_argument("--n", type=int, default=100, help="number of held-out scenes")
-    evaluate.add_argument("--size", type=int, default=192, help="scene side in pixels")
+    evaluate.add_argument("--dataset", default="shapes", choices=["shapes", "coco"],
+                          help="shapes: held-out demo scenes; coco: a local COCO-format set (--images, --annotations)")
+    evaluate.add_argument("--n", type=int, default=None, help="number of samples (shapes: 100; coco: every image)")
+    evaluate.add_argument("--size", type=int, default=192, help="shapes: scene side in pixels")
+    evaluate.add_argument("--images", help="coco: folder of the images")
+    evaluate.add_argument("--annotations", help="coco: instances JSON with segmentations")
+    evaluate.add_argument("--prompt", default=None, help="coco: the prompt (default: Describe the image.)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=24)
     evaluate.add_argument("--methods", default="attention,relevancy,tam")
     evaluate.add_argument("--model", default=DEFAULT_MODEL)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--faithfulness", action="store_true",
                           help="also deletion / insertion AUC (one forward per 2%% of cells: slow)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.csv")
 
     bench = commands.add_parser("bench", help="time generation, capture and every method; write figures as JSON")
@@ -135,26 +141,58 @@ def run_bench_command(args) -> dict:
 
 
 def run_evaluate(args) -> dict:
-    from .evaluation.shapes import evaluate_shapes
+    """Under `accelerate launch` every process evaluates its share; the main process writes and prints."""
+    from .evaluation.benchmark import COLUMNS, process_state, run_benchmark
 
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserInputError(f"--n must be at least 1, got {args.n}")
+    if not 1 <= args.max_new_tokens <= 1024:
+        raise UserInputError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
     methods = _parse_methods(args.methods, tokens_given=True)
-    loaded = load_model(args.model, device=args.device)
-    result = {"model": args.model,
-              **evaluate_shapes(loaded, args.n, methods, size=args.size, faithfulness=args.faithfulness)}
+    if args.dataset == "coco":
+        from .evaluation.coco import DEFAULT_PROMPT, CocoDataset
+
+        if not args.images or not args.annotations:
+            raise UserInputError("--dataset coco needs --images FOLDER and --annotations FILE")
+        if args.prompt is not None and not args.prompt.strip():
+            raise UserInputError("--prompt is empty: give the question to ask about every image")
+        dataset = CocoDataset(args.images, args.annotations, args.prompt or DEFAULT_PROMPT)
+        n = len(dataset) if args.n is None else args.n
+        dataset.check(n)
+        sample_at, about = dataset.sample, {"images": args.images, "annotations": args.annotations,
+                                            "prompt": dataset.prompt}
+    else:
+        from .demo.scenes import HELD_OUT_SEED_START
+        from .evaluation.shapes import shapes_sample
+
+        if args.images or args.annotations:
+            raise UserInputError("--images and --annotations are for --dataset coco")
+        n = 100 if args.n is None else args.n
+        sample_at = lambda index: shapes_sample(index, args.size)  # noqa: E731
+        about = {"size": args.size, "seed_start": HELD_OUT_SEED_START}
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    state = process_state()
+    loaded = load_model(args.model, device=state.device if state.num_processes > 1 else args.device)
+    summary = run_benchmark(loaded, sample_at, n, methods, faithfulness=args.faithfulness,
+                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    result = {"model": args.model, "dataset": args.dataset, "n_samples": n, **about, **summary}
+    if not state.is_main_process:
+        return result
+    lines = ["method," + ",".join(COLUMNS)]
+    lines += [name + "," + ",".join(str(row.get(c, "")) for c in COLUMNS) for name, row in result["methods"].items()]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    columns = ["pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
-               "cells_inside_object", "n_words"]
-    lines = ["method," + ",".join(columns)]
-    lines += [name + "," + ",".join(str(row.get(c, "")) for c in columns) for name, row in result["methods"].items()]
-    (out / "evaluation.csv").write_text("\n".join(lines) + "\n")
-    print(f"describe accuracy {result['describe_accuracy']:.3f} on {args.n} held-out scenes ({args.model})")
-    print(f"{'map':<16}" + "".join(f"{c[:12]:>14}" for c in columns))
+    for name, text in (("evaluation.json", json.dumps(result, indent=2)), ("evaluation.csv", "\n".join(lines) + "\n")):
+        partial = out / f".{name}.partial"  # whole files only, even if interrupted
+        partial.write_text(text)
+        partial.replace(out / name)
+    accuracy = result["answer_accuracy"]
+    print(f"{args.dataset}: {n} samples, {result['processes']} process(es), model {args.model}"
+          + ("" if accuracy is None else f", answer accuracy {accuracy:.3f}"))
+    print(f"{'map':<16}" + "".join(f"{c[:12]:>14}" for c in COLUMNS))
     for name, row in result["methods"].items():
-        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in COLUMNS]
         print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells))
     return result
 

@@ -3,6 +3,7 @@ import json
 from lvlm_interpret.cli import main
 from lvlm_interpret.demo.scenes import describe, draw_scene
 from lvlm_interpret.evaluation.shapes import object_words
+from lvlm_interpret.evaluation.words import Word
 
 
 def _scene_with(n):
@@ -12,33 +13,39 @@ def _scene_with(n):
     return draw_scene(seed, 96)
 
 
+def _words(texts):
+    return [Word(text, (i,)) for i, text in enumerate(texts) if text not in ",."]
+
+
 def test_object_words_follow_left_to_right_order():
     scene = _scene_with(3)
-    words = describe(scene).replace(",", " ,").replace(".", " .").split()
-    found = object_words(words, scene)
+    texts = describe(scene).replace(",", " ,").replace(".", " .").split()
+    found = object_words(_words(texts), scene)
     order = scene.left_to_right()
     assert [(obj, kind) for _, obj, kind in found] == [(o, k) for o in order for k in ("colour", "shape")]
-    for index, obj, kind in found:
+    for word, obj, kind in found:
         expected = scene.objects[obj].colour if kind == "colour" else scene.objects[obj].shape
-        assert words[index] == expected
+        assert texts[word.tokens[0]] == expected
 
 
 def test_wrongly_named_objects_are_skipped():
     scene = _scene_with(2)
     first, second = (scene.objects[i] for i in scene.left_to_right())
     wrong_colour = next(c for c in ("red", "green", "blue", "yellow") if c != first.colour)
-    words = ["a", wrong_colour, first.shape, "and", "a", second.colour, second.shape, "."]
-    found = object_words(words, scene)
-    assert [(i, kind) for i, _, kind in found] == [(5, "colour"), (6, "shape")]
+    texts = ["a", wrong_colour, first.shape, "and", "a", second.colour, second.shape, "."]
+    found = object_words(_words(texts), scene)
+    assert [(word.tokens, kind) for word, _, kind in found] == [((5,), "colour"), ((6,), "shape")]
 
 
 def test_evaluate_command_writes_json_and_csv(tmp_path, capsys):
     assert main(["evaluate", "--n", "2", "--size", "96", "--model", "random:llava", "--methods", "attention",
-                 "--out", str(tmp_path)]) == 0
+                 "--no-progress", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())
-    assert result["n_scenes"] == 2 and result["seed_start"] >= 10 ** 9
+    assert result["n_samples"] == 2 and result["seed_start"] >= 10 ** 9 and result["processes"] == 1
+    assert len(result["answers"]) == 2
     header = (tmp_path / "evaluation.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "method"
     assert {"pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc",
             "insertion_auc"} <= set(header)
-    assert "describe accuracy" in capsys.readouterr().out
+    assert "answer accuracy" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.csv", "evaluation.json"]

@@ -1,0 +1,145 @@
+"""The explanation-quality benchmark over any dataset of images with object masks.
+
+A dataset gives samples (an image, a prompt, and a rule that finds the answer's object words and their masks).
+For each sample the model answers with capture, and every method's maps of the object words are scored against
+the masks (pointing game, Obj-IoU; optionally deletion / insertion), its function words by Func-IoU. Samples are
+independent: under `accelerate launch` each process takes its share and the main process merges the records in
+sample order, so a data-parallel run gives exactly the single-process table.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..capture import GenerationOptions, generate_with_capture
+from ..methods import get_method
+from .faithfulness import deletion_insertion
+from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, share_inside
+from .words import Word, answer_words
+
+COLUMNS = ("pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
+           "cells_inside_object", "n_words")
+
+
+@dataclass
+class WordTarget:
+    word: Word
+    mask: np.ndarray  # bool [height, width] of the original image: what the word names
+    unique: bool  # no other object in the image shares what the word names
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    prompt: str
+    targets: Callable[[list[Word]], list[WordTarget]]  # the answer's object words and their masks
+    reference_answer: Callable[[str], bool] | None = None  # is the answer correct (None: not known)
+
+
+def _word_map(explanation_maps: list[list[np.ndarray]]) -> np.ndarray:
+    """One map for a word: the sum of its sub-tokens' maps (first image)."""
+    return np.sum([maps[0] for maps in explanation_maps], axis=0)
+
+
+def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: dict | None = None,
+                    faithfulness: bool = False, max_new_tokens: int = 24) -> dict:
+    """Score one sample: {"key", "correct", "records": [(map name, metric, value), ...]}."""
+    method_options = method_options or {}
+    trace = generate_with_capture(loaded, [sample.image], sample.prompt,
+                                  GenerationOptions(max_new_tokens=max_new_tokens))
+    correct = None if sample.reference_answer is None else bool(sample.reference_answer(trace.answer))
+    words = answer_words(loaded.processor.tokenizer, trace.answer_ids)
+    targets = sample.targets(words)
+    functions = [w for w in words if w.is_function_word] if targets else []
+    layout = trace.images[0]
+    records = []
+    for name in methods:
+        if not targets:
+            break
+        tokens = sorted({t for target in targets for t in target.word.tokens} | {t for w in functions for t in w.tokens})
+        explained = dict(zip(tokens, get_method(name).explain_many(trace, tokens, model=loaded,
+                                                                    **method_options.get(name, {}))))
+        map_names = list(explained[tokens[0]].all_maps())
+        for target in targets:
+            explanations = [explained[t] for t in target.word.tokens]
+            if name == "cleann":
+                cells = [tuple(c) for e in explanations for c in e.details["image_cells"]]
+                inside = share_inside(cells, layout, target.mask)
+                if inside is not None:
+                    records.append((name, "cells_inside_object", inside))
+            for map_name in map_names:
+                sub_maps = [e.all_maps()[map_name] for e in explanations]
+                hit = float(pointing_hit(_word_map(sub_maps), layout, target.mask))
+                records.append((map_name, "pointing_game", hit))
+                if target.unique:
+                    records.append((map_name, "pointing_unique", hit))
+                # TAM protocol: the best sub-token
+                records.append((map_name, "obj_iou", max(obj_iou(m[0], layout, target.mask) for m in sub_maps)))
+                if faithfulness:
+                    curves = deletion_insertion(loaded, trace, target.word.tokens[0], _word_map(sub_maps))
+                    records.append((map_name, "deletion_auc", curves["deletion_auc"]))
+                    records.append((map_name, "insertion_auc", curves["insertion_auc"]))
+        for map_name in map_names:
+            thresholds = [otsu_threshold(_word_map([explained[t].all_maps()[map_name] for t in target.word.tokens]),
+                                         layout) for target in targets]
+            thresholds = [t for t in thresholds if t is not None]
+            if not thresholds:
+                continue
+            for word in functions:
+                word_map = _word_map([explained[t].all_maps()[map_name] for t in word.tokens])
+                records.append((map_name, "func_iou", func_iou(word_map, layout, float(np.mean(thresholds)))))
+    return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records}
+
+
+def aggregate(results: list[dict]) -> dict:
+    """The table (map -> metric -> mean) from per-sample results, in the order given."""
+    values = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        for map_name, metric, value in result["records"]:
+            values[map_name][metric].append(value)
+    table = {}
+    for map_name, metrics in values.items():
+        row = {metric: float(np.mean(v)) for metric, v in metrics.items() if v}
+        if "obj_iou" in row and "func_iou" in row:
+            row["f1_iou"] = f1_iou(row["obj_iou"], row["func_iou"])
+        row["n_words"] = len(metrics.get("pointing_game", []))
+        table[map_name] = row
+    known = [r["correct"] for r in results if r["correct"] is not None]
+    return {"n_samples": len(results), "answer_accuracy": float(np.mean(known)) if known else None,
+            "methods": table}
+
+
+def process_state():
+    """This process's place in an `accelerate launch` (a single process otherwise); CPU-only machines run the
+    processes over gloo."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def run_benchmark(loaded, sample_at: Callable[[int], Sample], n: int, methods: list[str],
+                  method_options: dict | None = None, faithfulness: bool = False, max_new_tokens: int = 24,
+                  progress: bool = True) -> dict:
+    """Evaluate samples 0..n-1, split between the processes of an `accelerate launch` (one process otherwise);
+    every process returns the same merged result."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = process_state()
+    with state.split_between_processes(list(range(n))) as mine:
+        bar = tqdm(mine, desc="samples", unit="sample", disable=not (progress and state.is_main_process))
+        results = [{"index": i, **evaluate_sample(loaded, sample_at(i), methods, method_options, faithfulness,
+                                                  max_new_tokens)} for i in bar]
+    if state.num_processes > 1:
+        results = sorted(gather_object(results), key=lambda r: r["index"])
+    summary = aggregate(results)
+    summary["answers"] = [{"key": r["key"], "answer": r["answer"], "correct": r["correct"]} for r in results]
+    summary["processes"] = state.num_processes
+    return summary

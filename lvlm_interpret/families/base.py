@@ -163,23 +163,28 @@ class ModelFamily:
     def image_layouts(self, model: nn.Module, processor, inputs, images: list[Image.Image]) -> list[ImageLayout]:
         """The layout of every image of a processed input (batch of one). This default suits families with one
         contiguous grid per image (described by `grids`); tiled families override it."""
-        image_token_id = self.image_token_id(model)
-        positions = (inputs["input_ids"][0] == image_token_id).nonzero().flatten().tolist()
         grids = self.grids(model, processor, inputs, images)
-        layouts, cursor = [], 0
-        for (rows, cols, skip, box), image in zip(grids, images, strict=True):
-            count = skip + rows * cols
+        starts = self.image_token_runs(model, inputs, [skip + rows * cols for rows, cols, skip, _ in grids])
+        return [ImageLayout.contiguous(start + skip, rows, cols, box, image.size)
+                for start, (rows, cols, skip, box), image in zip(starts, grids, images, strict=True)]
+
+    def image_token_runs(self, model: nn.Module, inputs, counts: list[int]) -> list[int]:
+        """The first position of each image's run of image tokens in input_ids, checking that image k has `counts[k]`
+        consecutive image tokens and that no image token is left over."""
+        positions = (inputs["input_ids"][0] == self.image_token_id(model)).nonzero().flatten().tolist()
+        starts, cursor = [], 0
+        for index, count in enumerate(counts):
             run = positions[cursor:cursor + count]
             if len(run) != count or run[-1] - run[0] != count - 1:
                 raise RuntimeError(
-                    f"{self.name}: expected {count} consecutive image tokens for image {len(layouts)}, "
-                    f"found {len(run)} in input_ids"
+                    f"{self.name}: expected {count} consecutive image tokens for image {index}, found {len(run)} in "
+                    "input_ids"
                 )
-            layouts.append(ImageLayout.contiguous(run[0] + skip, rows, cols, box, image.size))
+            starts.append(run[0])
             cursor += count
         if cursor != len(positions):
             raise RuntimeError(f"{self.name}: {len(positions) - cursor} image tokens in input_ids belong to no image")
-        return layouts
+        return starts
 
     def image_token_id(self, model: nn.Module) -> int:
         return int(model.config.image_token_id)

@@ -85,9 +85,10 @@ class LlavaFamily(ModelFamily):
 
 
 def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, text_config: dict,
-                 vision_feature_layer: int = -2) -> LlavaConfig:
-    """A LLaVA config (CLIP tower + Llama decoder) whose token ids come from `tokenizer`."""
-    return LlavaConfig(
+                 vision_feature_layer: int = -2, config_class=LlavaConfig, **extra) -> LlavaConfig:
+    """A LLaVA-style config (CLIP tower + Llama decoder) whose token ids come from `tokenizer`; `config_class` and
+    `extra` give the LLaVA-NeXT variant."""
+    return config_class(
         vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision_config),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
@@ -99,6 +100,7 @@ def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, te
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
+        **extra,
     )
 
 

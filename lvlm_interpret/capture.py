@@ -181,11 +181,29 @@ def replay_inputs(trace: Trace, device=None, model_inputs: dict | None = None) -
     `model_inputs` replaces the trace's own (e.g. the pixels of an altered image)."""
     inputs = {"input_ids": trace.input_ids[None], "attention_mask": torch.ones_like(trace.input_ids)[None]}
     for name, value in (trace.model_inputs if model_inputs is None else model_inputs).items():
-        # per-position inputs of the prompt (e.g. Qwen's mm_token_type_ids) extend over the answer as text
+        # per-position inputs of the prompt (e.g. Qwen's mm_token_type_ids) extend over the answer as the trace
+        # recorded them (PaliGemma's causal suffix), else as text (0)
         if value.dim() == 2 and value.shape == (1, trace.prompt_length):
-            value = torch.cat([value, torch.zeros(1, trace.n_answer, dtype=value.dtype)], dim=1)
+            recorded = trace.model_inputs.get(name)
+            answer = recorded[:, trace.prompt_length:] if recorded is not None and \
+                recorded.shape == (1, trace.input_ids.shape[0]) else torch.zeros(1, trace.n_answer, dtype=value.dtype)
+            value = torch.cat([value, answer.to(value.dtype)], dim=1)
         inputs[name] = value
     return {name: value.to(device) if device is not None else value for name, value in inputs.items()}
+
+
+def _recorded_inputs(inputs, answer_values: dict[str, int], n_answer: int) -> dict[str, torch.Tensor]:
+    """The processor's inputs that re-running the model needs; the per-position ones a family gives answer tokens a
+    value for (`answer_input_values`, e.g. PaliGemma's token_type_ids 1 = causal suffix) cover the answer too."""
+    recorded = {}
+    for name, value in inputs.items():
+        if name in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+            continue
+        value = value.detach().cpu()
+        if name in answer_values:
+            value = torch.cat([value, torch.full((1, n_answer), answer_values[name], dtype=value.dtype)], dim=1)
+        recorded[name] = value
+    return recorded
 
 
 @torch.no_grad()
@@ -243,8 +261,7 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         attention=attention,
         hidden=hidden,
         answer_logprobs=logprobs.float(),
-        model_inputs={name: value.detach().cpu() for name, value in inputs.items()
-                      if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)},
+        model_inputs=_recorded_inputs(inputs, getattr(family, "answer_input_values", {}), n_answer),
         pixels=[torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()) for image in images],
         generation=asdict(options),
         special_token_ids=sorted(set(tokenizer.all_special_ids)),

@@ -19,8 +19,8 @@ from tests.conftest import make_scene
 from tests.test_capture import _replay
 from tests.test_relevancy import _reference_lm_map
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3"]
-MULTI_IMAGE = ["qwen2_5_vl", "qwen3_vl", "gemma3"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]
+WITH_VISION_RELEVANCY = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
 PROMPT = "What color is the circle?"
 
 
@@ -52,7 +52,10 @@ def _processor_grids(loaded, inputs) -> list[tuple[int, int]]:
     if "image_grid_thw" in inputs:
         merge = loaded.processor.image_processor.merge_size
         return [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
-    side = math.isqrt(loaded.processor.image_seq_length)  # gemma3: a fixed square of soft tokens
+    if "image_sizes" in inputs:  # mistral3: the resized image in merged patches
+        step = loaded.processor.patch_size * loaded.processor.spatial_merge_size
+        return [(h // step, w // step) for h, w in inputs["image_sizes"].tolist()]
+    side = math.isqrt(loaded.processor.image_seq_length)  # gemma3, paligemma: a fixed square of tokens
     return [(side, side)] * inputs["pixel_values"].shape[0]
 
 
@@ -73,9 +76,16 @@ def test_spans_and_grids_equal_the_processors(models, family, size):
     # these processors resize the whole image (no crop, no pad): the grid covers all of it
     assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))
     assert layout.image_size == size
+    # the tokens between grid rows (mistral3's [IMG_BREAK] / [IMG_END]) are the image's separators
+    tokenizer = loaded.processor.tokenizer
+    separators = [tokenizer.convert_tokens_to_ids(t) for t in ("[IMG_BREAK]", "[IMG_END]")] \
+        if family == "mistral3" else []
+    assert layout.separators.tolist() == np.flatnonzero(np.isin(inputs["input_ids"][0], separators)).tolist()
+    if family == "mistral3":
+        assert len(layout.separators) == rows and (np.diff(layout.positions[:, 0]) == cols + 1).all()
 
 
-@pytest.mark.parametrize("family", MULTI_IMAGE)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_two_images_get_their_own_spans_in_order(models, family):
     loaded = models(family)
     images = [make_scene(200, 90), make_scene(90, 120)]
@@ -119,11 +129,11 @@ def test_explain_runs_every_method(tmp_path, family):
     assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
     grid = result["image"]["grid"]
     maps = np.load(out / "maps.npz")
-    assert set(maps.keys()) == {"attention", "cleann", "relevancy", "relevancy_vit", "relevancy_all", "tam",
-                                "tam_raw", "tam_cleaned"}
+    vision = {"relevancy_vit", "relevancy_all"} if family in WITH_VISION_RELEVANCY else set()
+    assert set(maps.keys()) == {"attention", "cleann", "relevancy", "tam", "tam_raw", "tam_cleaned"} | vision
     for name, values in maps.items():
         assert values.shape == (1, *grid) and (values >= 0).all(), name
-    for name in ("attention", "relevancy", "relevancy_vit", "relevancy_all"):
+    for name in {"attention", "relevancy"} | vision:
         assert maps[name].any(), name  # the LM and the vision tower are both reached
     assert "0" in result["cleann"]
 
@@ -138,6 +148,10 @@ def test_captured_rows_and_relevancy_match_eager_references(models, traces, fami
         for layer, attentions in enumerate(lm_attentions):
             expected = attentions[0, :, source, : source + 1]
             assert torch.allclose(trace.attention[t, layer, :, : source + 1].float(), expected, atol=2e-3)
+    logprobs = torch.log_softmax(output.logits[0].float(), -1)
+    for t in range(trace.n_answer):
+        assert logprobs[trace.source_position(t), trace.answer_ids[t]] == pytest.approx(
+            float(trace.answer_logprobs[t]), abs=1e-3)
     t = trace.n_answer - 1
     expected_map, logit = _reference_lm_map(loaded, trace, t)
     explanation = get_method("relevancy").explain(trace, t, model=loaded)
@@ -156,11 +170,13 @@ def _vision_features(loaded, inputs):
                 output.pooler_output
         output = model.get_image_features(inputs["pixel_values"])
         projector = model.multi_modal_projector
+        if loaded.family.name == "paligemma":  # one projected patch per token
+            return output.last_hidden_state[0], lambda grouped: projector(grouped[:, 0]), output.pooler_output[0]
         return output.last_hidden_state[0], lambda grouped: projector.mm_soft_emb_norm(grouped.mean(1)) @ \
             projector.mm_input_projection_weight, output.pooler_output[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_VISION_RELEVANCY)
 def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(models, family):
     loaded = models(family)
     image = make_scene(200, 90)
@@ -172,3 +188,16 @@ def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(model
     with torch.no_grad():
         rebuilt = make_token(hidden[torch.from_numpy(groups)])
     torch.testing.assert_close(rebuilt, lm_tokens, rtol=1e-4, atol=1e-5)
+
+
+def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(models, traces):
+    loaded, trace = models("paligemma"), traces("paligemma")
+    assert trace.model_inputs["token_type_ids"].tolist() == [[0] * trace.prompt_length + [1] * trace.n_answer]
+    attentions = _replay(loaded, trace).attentions[-1][0]  # last LM layer [heads, S, S]
+    first_image = int(trace.images[0].positions[0, 0])
+    # an image token (first in the sequence) sees the last prompt token, but no answer token
+    assert attentions[:, first_image, trace.prompt_length - 1].min() > 0
+    assert not attentions[:, first_image, trace.prompt_length:].any()
+    # answer tokens see nothing after themselves
+    for position in range(trace.prompt_length, trace.input_ids.shape[0] - 1):
+        assert not attentions[:, position, position + 1:].any()

@@ -9,6 +9,8 @@ from .qwen2_vl import Qwen2VLFamily
 from .qwen2_5_vl import Qwen2_5VLFamily
 from .qwen3_vl import Qwen3VLFamily
 from .gemma3 import Gemma3Family
+from .paligemma import PaliGemmaFamily
+from .mistral3 import Mistral3Family
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     LlavaFamily(),
@@ -17,6 +19,8 @@ FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     Qwen2_5VLFamily(),
     Qwen3VLFamily(),
     Gemma3Family(),
+    PaliGemmaFamily(),
+    Mistral3Family(),
 )}
 
 

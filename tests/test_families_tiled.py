@@ -151,21 +151,94 @@ def test_llava_next_attention_on_one_tiles_tokens_lands_on_that_tile(llava_next,
     assert base_map.shape == (4, 4) and base_map.sum() == pytest.approx(1.0, abs=1e-3)
 
 
+# --- Idefics3 / SmolVLM ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def split_model(request):
+    return load_model(f"random:{request.param}", device="cpu")
+
+
+def _tile_blocks(loaded, inputs) -> dict[tuple[int, int], list[int]]:
+    """The image-token positions that follow each <row_i_col_j> tag in input_ids: the processor's tiles."""
+    ids = inputs["input_ids"][0].tolist()
+    tokens = loaded.processor.tokenizer.convert_ids_to_tokens(ids)
+    blocks = {}
+    for position, token in enumerate(tokens):
+        if token.startswith("<row_"):
+            row, col = (int(part) - 1 for part in token[len("<row_"):-1].split("_col_"))
+            end = position + 1
+            while ids[end] == loaded.model.config.image_token_id:
+                end += 1
+            blocks[(row, col)] = list(range(position + 1, end))
+    return blocks
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (200, 40)])
+def test_split_views_match_the_processor(split_model, size):
+    image = make_scene(*size)
+    inputs = build_inputs(split_model, [image], "Describe the image.")
+    (layout,) = split_model.family.image_layouts(split_model.model, split_model.processor, inputs, [image])
+    info = split_model.processor.image_processor(images=[[image]], return_row_col_info=True)
+    rows, cols = info["rows"][0][0], info["cols"][0][0]
+    assert rows >= 1 and cols >= 1 and inputs["pixel_values"].shape[1] == rows * cols + 1
+    assert (rows > cols) == (size[1] > size[0])
+    side = 4  # configs/random-idefics3.json: 32-pixel tiles of 4-pixel patches, pixel-shuffled by 2
+    assert [v.name for v in layout.views] == ["tiles", "global"]
+    assert (layout.rows, layout.cols) == (rows * side, cols * side) and layout.view("global").positions.shape == (4, 4)
+    blocks = _tile_blocks(split_model, inputs)
+    assert set(blocks) == {(r, c) for r in range(rows) for c in range(cols)}
+    for (r, c), block in blocks.items():
+        assert layout.positions[r * side:(r + 1) * side, c * side:(c + 1) * side].ravel().tolist() == block
+    image_tokens = (inputs["input_ids"][0] == split_model.model.config.image_token_id).nonzero().flatten().tolist()
+    assert layout.cell_positions.tolist() == image_tokens
+    # separators: the tile tags, the global tag and the wrapping tokens; the image's tokens are one span
+    span = layout.token_positions
+    assert span.tolist() == list(range(span[0], span[-1] + 1)) and len(layout.separators) == rows * cols * 2 + 3
+    assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))  # tiles and global image cover all of it
+
+
+def test_split_tile_tokens_are_the_patch_grid_row_major(split_model):
+    """The model's pixel shuffle makes token (r, c) of a tile from patches (2r..2r+1, 2c..2c+1): a row-major grid."""
+    connector, config = split_model.model.model.connector, split_model.model.config
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    tags = torch.arange(patches * patches, dtype=torch.float32)[None, :, None].repeat(1, 1, 2)
+    shuffled = connector.pixel_shuffle(tags, config.scale_factor)[0, :, ::2]  # [tokens, patches merged]
+    side = patches // config.scale_factor
+    for token in range(side * side):
+        r, c = divmod(token, side)
+        expected = {(2 * r + a) * patches + 2 * c + b for a in range(2) for b in range(2)}
+        assert set(shuffled[token].long().tolist()) == expected
+
+
+def test_split_attention_on_one_tiles_tokens_lands_on_that_tile(split_model):
+    width, height = 100, 60
+    image = make_scene(width, height)
+    trace = generate_with_capture(split_model, [image], "Describe the image.", GenerationOptions(max_new_tokens=2))
+    blocks = _tile_blocks(split_model, build_inputs(split_model, [image], "Describe the image."))
+    rows, cols = max(r for r, _ in blocks) + 1, max(c for _, c in blocks) + 1
+    for (r, c), block in blocks.items():
+        _attend_only_to(trace, block)
+        grid_map = get_method("attention").explain(trace, 0).maps[0]
+        box = (c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
+        assert grid_map.sum() == pytest.approx(1.0, abs=1e-3)
+        assert _mass_inside(grid_map, trace.images[0], box) > 0.99
+
+
 # --- every tiled family through `explain` with every method ----------------------------------------------------
-@pytest.mark.parametrize("preset", ["llava_next"])
+@pytest.mark.parametrize("preset", ["llava_next", "idefics3", "smolvlm"])
 def test_explain_with_every_method(tmp_path, preset):
     path, out = tmp_path / "scene.png", tmp_path / "run"
     make_scene(100, 60).save(path)
     assert main(["explain", "--image", str(path), "--prompt", "Describe the image.", "--model", f"random:{preset}",
-                 "--max-new-tokens", "3", "--methods", "all", "--tokens", "0,2", "--out", str(out)]) == 0
+                 "--max-new-tokens", "2", "--methods", "all", "--tokens", "1", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
     image = result["image"]
     assert image["views"][0] == {"name": "tiles", "grid": image["grid"], "box": image["box"]}
+    assert image["views"][0]["box"] == [0.0, -3.103, 100.0, 63.103] if preset == "llava_next" else [0, 0, 100, 60]
     assert len(image["views"]) == 2
     maps = np.load(out / "maps.npz")
     assert {"attention", "cleann", "relevancy", "tam", "tam_raw", "tam_cleaned"} <= set(maps.keys())
     for name in maps.keys():
-        assert maps[name].shape == (2, *image["grid"]) and (maps[name] >= 0).all() and np.isfinite(maps[name]).all()
+        assert maps[name].shape == (1, *image["grid"]) and (maps[name] >= 0).all() and np.isfinite(maps[name]).all()
     assert maps["attention"].sum() > 0 and maps["relevancy"].sum() > 0 and maps["tam_raw"].sum() > 0
-    assert set(result["cleann"]) == {"0", "2"}
+    assert set(result["cleann"]) == {"1"}

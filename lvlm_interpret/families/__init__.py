@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import ImageLayout, ModelFamily
+from .idefics3 import Idefics3Family, SmolVLMFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen2VLFamily
@@ -15,6 +16,8 @@ from .mistral3 import Mistral3Family
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     LlavaFamily(),
     LlavaNextFamily(),
+    Idefics3Family(),
+    SmolVLMFamily(),
     Qwen2VLFamily(),
     Qwen2_5VLFamily(),
     Qwen3VLFamily(),

@@ -98,4 +98,7 @@ class LlavaNextFamily(LlavaFamily):
             num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
             chat_template=CHAT_TEMPLATE,
         )
-        return seeded_model(LlavaNextForConditionalGeneration, config, preset.get("seed", 0)), processor
+        model = seeded_model(LlavaNextForConditionalGeneration, config, preset.get("seed", 0))
+        # an untrained model could write <image>, which would break the replay of its answer
+        model.generation_config.suppress_tokens = [config.image_token_id]
+        return model, processor

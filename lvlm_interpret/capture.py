@@ -28,16 +28,19 @@ _HOOK_SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("lvlm_ho
 
 
 @contextlib.contextmanager
-def scoped_hook(module, hook, pre: bool = False):
+def scoped_hook(module, hook, pre: bool = False, prepend: bool = False):
     """Register a forward hook (or pre-hook with kwargs) that acts only for forwards run in this context (thread
-    or task): a model is shared by concurrent requests, and another request's forward must not be touched."""
+    or task): a model is shared by concurrent requests, and another request's forward must not be touched.
+    `prepend` runs it before the module's other hooks (e.g. transformers' hidden-state recorders, which must
+    see an edited output)."""
     marker = object()
     token = _HOOK_SCOPE.set(_HOOK_SCOPE.get() | {marker})
 
     def scoped(*args):
         return hook(*args) if marker in _HOOK_SCOPE.get() else None
 
-    handle = module.register_forward_pre_hook(scoped, with_kwargs=True) if pre else module.register_forward_hook(scoped)
+    handle = module.register_forward_pre_hook(scoped, with_kwargs=True, prepend=prepend) if pre else \
+        module.register_forward_hook(scoped, prepend=prepend)
     try:
         yield
     finally:

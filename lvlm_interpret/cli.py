@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 
+from .analysis import commands as analysis_commands
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
 from .export import request_record, write_request
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=DEFAULT_MODEL)
     serve.add_argument("--device", default="auto")
     serve.add_argument("--cache-mb", type=int, default=1024, help="bound of the trace and map cache")
+    analysis_commands.add_parsers(commands)
     return parser
 
 
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench_command(args)
         elif args.command == "serve":
             run_serve(args)
+        elif args.command in analysis_commands.COMMANDS:
+            analysis_commands.run(args)
         return 0
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

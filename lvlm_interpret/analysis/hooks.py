@@ -140,16 +140,20 @@ def _output_hook(point: HookPoint, fn: HookFn):
 def hooked(loaded, hooks: Iterable[tuple[str, HookFn]]):
     """While active, every `(name, fn)` hook acts on the model's forwards in this context (also inside
     `generate`, where the LM runs once over the prompt and then once per new token)."""
+    hooks = list(hooks)
+    points = [hook_point(loaded, name) for name, _ in hooks]
+    for point in points:
+        if point.kind == "pattern":
+            raise UserInputError(f"{point.name} is read-only: block attention by editing "
+                                 f"{point.name.replace('hook_pattern', 'hook_mask')} instead")
     with contextlib.ExitStack() as stack:
-        for name, fn in hooks:
-            point = hook_point(loaded, name)
-            if point.kind == "pattern":
-                raise UserInputError(f"{name} is read-only: block attention by editing "
-                                     f"{name.replace('hook_pattern', 'hook_mask')} instead")
+        # Each is put in front of the module's own hooks (transformers records hidden states, e.g. LLaVA's
+        # vision features, with forward hooks); in reverse, so that they still run in the order given.
+        for point, (_, fn) in reversed(list(zip(points, hooks))):
             if point.kind == "input":
-                stack.enter_context(scoped_hook(point.module, _input_hook(point, fn), pre=True))
+                stack.enter_context(scoped_hook(point.module, _input_hook(point, fn), pre=True, prepend=True))
             else:
-                stack.enter_context(scoped_hook(point.module, _output_hook(point, fn)))
+                stack.enter_context(scoped_hook(point.module, _output_hook(point, fn), prepend=True))
         yield
 
 

@@ -19,7 +19,8 @@ from tests.conftest import make_scene
 from tests.test_capture import _replay
 from tests.test_relevancy import _reference_lm_map
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]
+SINGLE_GRID = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]  # one grid per image
+FAMILIES = SINGLE_GRID + ["internvl"]
 WITH_VISION_RELEVANCY = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
 PROMPT = "What color is the circle?"
 
@@ -63,7 +64,7 @@ def _image_token_positions(loaded, inputs) -> list[int]:
     return (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero().flatten().tolist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SINGLE_GRID)
 @pytest.mark.parametrize("size", [(200, 90), (90, 200)])
 def test_spans_and_grids_equal_the_processors(models, family, size):
     loaded = models(family)
@@ -85,7 +86,7 @@ def test_spans_and_grids_equal_the_processors(models, family, size):
         assert len(layout.separators) == rows and (np.diff(layout.positions[:, 0]) == cols + 1).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SINGLE_GRID)
 def test_two_images_get_their_own_spans_in_order(models, family):
     loaded = models(family)
     images = [make_scene(200, 90), make_scene(90, 120)]
@@ -121,10 +122,10 @@ def test_map_mass_lands_where_the_attended_token_is(traces, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_explain_runs_every_method(tmp_path, family):
     image_path = tmp_path / "scene.png"
-    make_scene(200, 90).save(image_path)
+    make_scene(120, 60).save(image_path)
     out = tmp_path / "run"
     assert main(["explain", "--model", f"random:{family}", "--image", str(image_path), "--prompt", PROMPT,
-                 "--max-new-tokens", "3", "--methods", "all", "--tokens", "0", "--out", str(out)]) == 0
+                 "--max-new-tokens", "2", "--methods", "all", "--tokens", "0", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
     grid = result["image"]["grid"]
@@ -201,3 +202,59 @@ def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(mode
     # answer tokens see nothing after themselves
     for position in range(trace.prompt_length, trace.input_ids.shape[0] - 1):
         assert not attentions[:, position, position + 1:].any()
+
+
+def _internvl_layout(loaded, image):
+    inputs = build_inputs(loaded, [image], PROMPT)
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
+    return inputs, layout
+
+
+@pytest.mark.parametrize("size, tiles", [((200, 90), (1, 2)), ((90, 200), (2, 1)), ((60, 60), (2, 2)), ((30, 30), (1, 1))])
+def test_internvl_tiles_are_stitched_in_the_processors_arrangement(models, size, tiles):
+    loaded = models("internvl")
+    inputs, layout = _internvl_layout(loaded, make_scene(*size))
+    side = math.isqrt(loaded.processor.image_seq_length)
+    n_tiles = tiles[0] * tiles[1]
+    n_crops = n_tiles + (n_tiles > 1)  # the thumbnail comes last when there are several tiles
+    assert inputs["pixel_values"].shape[0] == n_crops
+    assert (layout.rows, layout.cols) == (tiles[0] * side, tiles[1] * side)
+    assert [view.name for view in layout.views] == (["tiles", "thumbnail"] if n_tiles > 1 else ["tiles"])
+    assert layout.cell_positions.tolist() == _image_token_positions(loaded, inputs)
+    ids = inputs["input_ids"][0]
+    assert ids[layout.separators].tolist() == loaded.processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+    assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))
+
+
+def test_internvl_tile_tokens_land_on_the_part_of_the_image_the_tile_was_cut_from(models):
+    loaded = models("internvl")
+    image = make_scene(200, 90)
+    image.paste((255, 0, 0), (100, 0, 200, 90))  # the right half is red
+    trace = generate_with_capture(loaded, [image], PROMPT, GenerationOptions(max_new_tokens=2))
+    pixels = trace.model_inputs["pixel_values"]  # [crops, 3, tile, tile], normalised
+    redness = (pixels[:, 0] - pixels[:, 1]).mean((1, 2))
+    red_tile = int(redness[:2].argmax())  # of the two tiles (the thumbnail is the last crop)
+    per_tile = loaded.processor.image_seq_length
+    # the model scatters crop k's features into the k-th block of image tokens
+    block = _image_token_positions(loaded, {"input_ids": trace.input_ids[None]})[
+        red_tile * per_tile:(red_tile + 1) * per_tile]
+    attention = torch.zeros_like(trace.attention)
+    attention[0, :, :, block] = 1.0
+    hand_set = dataclasses.replace(trace, attention=attention)
+    on_image = map_on_image(get_method("attention").explain(hand_set, 0).maps[0], trace.images[0])
+    assert on_image[:, 100:].sum() > 0 and on_image[:, :100].sum() == 0
+    # the thumbnail's tokens are their own view, not cells of the stitched map
+    attention = torch.zeros_like(trace.attention)
+    attention[0, :, :, trace.images[0].view("thumbnail").positions.reshape(-1)] = 1.0
+    assert not get_method("attention").explain(dataclasses.replace(trace, attention=attention), 0).maps[0].any()
+
+
+def test_internvl_two_images(models):
+    loaded = models("internvl")
+    images = [make_scene(200, 90), make_scene(90, 200)]
+    inputs = build_inputs(loaded, images, "Describe the images.")
+    first, second = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, images)
+    assert first.cols > first.rows and second.rows > second.cols
+    assert first.token_positions.max() < second.token_positions.min()
+    assert np.concatenate([first.cell_positions, second.cell_positions]).tolist() == \
+        _image_token_positions(loaded, inputs)

@@ -12,6 +12,7 @@ from .qwen3_vl import Qwen3VLFamily
 from .gemma3 import Gemma3Family
 from .paligemma import PaliGemmaFamily
 from .mistral3 import Mistral3Family
+from .internvl import InternVLFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     LlavaFamily(),
@@ -24,6 +25,7 @@ FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     Gemma3Family(),
     PaliGemmaFamily(),
     Mistral3Family(),
+    InternVLFamily(),
 )}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from lvlm_interpret import get_method
 from lvlm_interpret.capture import CAPTURE_ATTENTION, replay_inputs
-from lvlm_interpret.methods.relevancy import head_mean_relevance, propagate_matrix, propagate_row
+from lvlm_interpret.methods.relevancy import head_mean_relevance, propagate_row, propagate_rows
 
 
 def test_head_mean_relevance_hand_values():
@@ -24,9 +24,14 @@ def test_row_propagation_equals_the_full_recursion():
     relevance = torch.eye(6)
     for abar in abars:
         relevance = relevance + abar @ relevance
-    torch.testing.assert_close(propagate_matrix(abars), relevance)
     for position in range(6):
         torch.testing.assert_close(propagate_row(abars, position), relevance[position])
+    starts = torch.rand(3, 6, generator=generator)
+    torch.testing.assert_close(propagate_rows(abars, starts), starts @ relevance)
+    # one set of abars per row (a chunk of targets)
+    per_row = [torch.stack([a, a.T.tril(), 2 * a]) for a in abars]
+    for k in range(3):
+        torch.testing.assert_close(propagate_rows(per_row, starts)[k], propagate_rows([a[k] for a in per_row], starts[k]))
 
 
 def _reference_lm_map(loaded, trace, t):
@@ -66,6 +71,12 @@ def test_batched_equals_one_token_at_a_time(family, llava, qwen2_vl, llava_trace
     method = get_method("relevancy")
     tokens = list(range(trace.n_answer))
     batched = method.explain_many(trace, tokens, model=loaded, chunk_size=4)
+    sized_to_memory = method.explain_many(trace, tokens, model=loaded)  # one chunk: all tokens fit in 1 GB
+    tiny_budget = method.explain_many(trace, tokens[:3], model=loaded, memory_mb=1e-6)  # chunks of one
+    for together in sized_to_memory + tiny_budget:
+        for name, maps in together.all_maps().items():
+            np.testing.assert_allclose(maps[0], batched[together.token_index].all_maps()[name][0], rtol=1e-4,
+                                       atol=1e-7)
     for t, together in zip(tokens, batched):
         alone = method.explain(trace, t, model=loaded)
         for name, maps in alone.all_maps().items():

@@ -3,8 +3,9 @@
 For target y_t with raw logit s at its source position p: for every LM layer, G = ds/dA,
 Abar = mean over heads of relu(G * A), and R <- R + Abar @ R from R = I. Only row p of the final R is
 needed, so it is propagated as a row vector from the last layer down (O(S^2) per layer instead of O(S^3)).
-Gradients come from one teacher-forced forward over the final sequence with grad enabled and one batched
-backward for a chunk of targets (`is_grads_batched`), never from the decoding graph.
+Gradients come from one teacher-forced forward over the final sequence with grad enabled, shared by all the
+targets, and batched backwards (`is_grads_batched`) over chunks of targets sized to a memory budget, never from
+the decoding graph.
 Variants: "vit" (the same rules through the vision tower, read from its summary row) and "all" (the LM
 relevancy of the image tokens pushed through the vision tower's relevancy matrix).
 """
@@ -20,35 +21,33 @@ from .base import Explanation, ExplanationMethod, register_method, split_by_imag
 
 
 def head_mean_relevance(gradient: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Abar = mean over heads of relu(G * A): [heads, q, k] -> [q, k]."""
-    return torch.relu(gradient.float() * attention.float()).mean(0)
+    """Abar = mean over heads of relu(G * A): [..., heads, q, k] -> [..., q, k]."""
+    return torch.relu(gradient.float() * attention.float()).mean(-3)
+
+
+def propagate_rows(abars: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """rows @ R with R = (I + Abar_L) ... (I + Abar_1), layers in forward order. Batched: rows [..., S] with
+    abars [..., S, S] (one set per row) or [S, S] (shared). Row vectors need O(S^2) per layer, not R's O(S^3)."""
+    for abar in reversed(abars):
+        rows = rows + (rows.unsqueeze(-2) @ abar).squeeze(-2)
+    return rows
 
 
 def propagate_row(abars: list[torch.Tensor], position: int) -> torch.Tensor:
-    """Row `position` of R = (I + Abar_L) ... (I + Abar_1), layers given in forward order."""
+    """Row `position` of R."""
     row = torch.zeros(abars[0].shape[-1], dtype=torch.float32, device=abars[0].device)
     row[position] = 1.0
-    for abar in reversed(abars):
-        row = row + row @ abar
-    return row
+    return propagate_rows(abars, row)
 
 
-def propagate_matrix(abars: list[torch.Tensor]) -> torch.Tensor:
-    """The full R, layers in forward order (used for the vision tower, whose R is needed whole)."""
-    size = abars[0].shape[-1] if abars else 0
-    relevance = torch.eye(size, dtype=torch.float32, device=abars[0].device if abars else None)
-    for abar in abars:
-        relevance = relevance + abar @ relevance
-    return relevance
-
-
-def _gradients(targets: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def _gradients(targets: torch.Tensor, inputs: list[torch.Tensor], keep_graph: bool) -> list[torch.Tensor | None]:
     """d target_k / d input for every target k at once: each result is [n_targets, *input.shape] or None."""
     if targets.shape[0] == 1:
-        grads = torch.autograd.grad(targets[0], inputs, allow_unused=True)
+        grads = torch.autograd.grad(targets[0], inputs, allow_unused=True, retain_graph=keep_graph)
         return [None if g is None else g[None] for g in grads]
     eye = torch.eye(targets.shape[0], dtype=targets.dtype, device=targets.device)
-    return list(torch.autograd.grad(targets, inputs, grad_outputs=eye, is_grads_batched=True, allow_unused=True))
+    return list(torch.autograd.grad(targets, inputs, grad_outputs=eye, is_grads_batched=True, allow_unused=True,
+                                    retain_graph=keep_graph))
 
 
 @register_method
@@ -57,34 +56,45 @@ class Relevancy(ExplanationMethod):
     description = "Gradient-weighted attention relevancy (Chefer et al.) through the LM; variants through the " \
                   "vision tower (vit) and both combined (all)."
 
-    def explain(self, trace, token_index, model=None, chunk_size=8):
-        return self.explain_many(trace, [token_index], model=model, chunk_size=chunk_size)[0]
+    def explain(self, trace, token_index, model=None, **options):
+        return self.explain_many(trace, [token_index], model=model, **options)[0]
 
-    def explain_many(self, trace, token_indices, model=None, chunk_size=8):
+    def explain_many(self, trace, token_indices, model=None, chunk_size=None, memory_mb=1024):
+        """One forward for all tokens; batched backwards over chunks of `chunk_size` targets (default: as many
+        as fit their attention gradients in `memory_mb`)."""
         if model is None:
             raise UserInputError("relevancy needs the model that generated the trace")
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise UserInputError(f"chunk size must be at least 1, got {chunk_size}")
+        if memory_mb <= 0:
+            raise UserInputError(f"memory_mb must be positive, got {memory_mb}")
         for t in token_indices:
             trace.check_token_index(t)
+        token_indices = list(token_indices)
+        family, model_module = model.family, model.model
+        lm_modules = family.language_attentions(model_module)
+        vision_modules = family.vision_attentions(model_module) if family.vision_relevancy else []
         results = []
-        for start in range(0, len(token_indices), chunk_size):
-            results.extend(self._chunk(trace, list(token_indices[start:start + chunk_size]), model))
-        return results
-
-    def _chunk(self, trace, token_indices, loaded):
-        family, model = loaded.family, loaded.model
-        lm_modules = family.language_attentions(model)
-        vision_modules = family.vision_attentions(model) if family.vision_relevancy else []
         with torch.enable_grad(), AttentionGraph(lm_modules + vision_modules) as graph:
-            logits = model(**replay_inputs(trace, loaded.device)).logits[0]
+            logits = model_module(**replay_inputs(trace, model.device)).logits[0]
             sources = [trace.source_position(t) for t in token_indices]
             targets = logits[sources, [trace.answer_ids[t] for t in token_indices]].float()
             lm_calls = [calls[0] for calls in graph.weights[: len(lm_modules)]]  # [1, heads, S, S] each
             # a vision layer is called once for all images (batched) or once per image
             vision_calls = [calls for calls in graph.weights[len(lm_modules):] if calls]
-            flat_vision = [call for calls in vision_calls for call in calls]
-            grads = _gradients(targets, lm_calls + flat_vision)
+            inputs = lm_calls + [call for calls in vision_calls for call in calls]
+            if chunk_size is None:
+                per_target = sum(x.numel() * x.element_size() for x in inputs)
+                chunk_size = max(1, int(memory_mb * 2 ** 20 // per_target))
+            for start in range(0, len(token_indices), chunk_size):
+                chunk = slice(start, start + chunk_size)
+                grads = _gradients(targets[chunk], inputs, keep_graph=start + chunk_size < len(token_indices))
+                results.extend(self._explanations(trace, family, model_module, token_indices[chunk],
+                                                  sources[chunk], targets[chunk].detach(), lm_calls, vision_calls,
+                                                  grads))
+        return results
+
+    def _explanations(self, trace, family, model, token_indices, sources, targets, lm_calls, vision_calls, grads):
         lm_grads, vision_grads = grads[: len(lm_calls)], grads[len(lm_calls):]
         # per vision layer and image: (attention [heads, n, n], gradient [targets, heads, n, n] or None)
         per_image = []
@@ -98,12 +108,15 @@ class Relevancy(ExplanationMethod):
                              for b in range(call.shape[0]))
             per_image.append(pairs)
 
+        # every target of the chunk at once: abars [targets, S, S] per layer, rows [targets, S]
+        abars = [head_mean_relevance(g[:, 0], a[0].detach()) for g, a in zip(lm_grads, lm_calls, strict=True)]
+        start_rows = torch.zeros(len(sources), abars[0].shape[-1], dtype=torch.float32, device=abars[0].device)
+        start_rows[range(len(sources)), sources] = 1.0
+        rows = propagate_rows(abars, start_rows).cpu().numpy()
         results = []
         for k, t in enumerate(token_indices):
-            abars = [head_mean_relevance(g[k, 0], a[0].detach()) for g, a in zip(lm_grads, lm_calls, strict=True)]
-            row = propagate_row(abars, sources[k]).cpu().numpy()
-            lm_maps = split_by_image(trace, row)
-            text = row[: sources[k] + 1].copy()
+            lm_maps = split_by_image(trace, rows[k])
+            text = rows[k, : sources[k] + 1].copy()
             text[sources[k]] -= 1.0  # drop the identity: text relevance of earlier tokens, R - I
             vit_maps, combined_maps = [], []
             for image_index, layout in enumerate(trace.images if family.vision_relevancy else []):
@@ -115,7 +128,7 @@ class Relevancy(ExplanationMethod):
             results.append(Explanation(
                 method=self.name, token_index=t, maps=lm_maps, text_scores=text_only(trace, text),
                 variants={"vit": vit_maps, "all": combined_maps} if family.vision_relevancy else {},
-                details={"target_logit": float(targets[k].detach())},
+                details={"target_logit": float(targets[k])},
             ))
         return results
 
@@ -125,10 +138,16 @@ class Relevancy(ExplanationMethod):
         if not abars:  # the vision tower is frozen out of the graph (no gradient reaches it)
             zeros = np.zeros((layout.rows, layout.cols), dtype=np.float32)
             return zeros, zeros
-        relevance = propagate_matrix(abars).cpu()
-        summary = relevance[0] if family.vision_readout == "cls" else relevance.mean(0)
-        vit = summary.numpy()[groups].sum(-1).reshape(layout.rows, layout.cols)
-        spread = np.zeros(relevance.shape[0], dtype=np.float32)
+        size = abars[0].shape[-1]
+        # R is needed only through two rows: the tower's summary row (vit) and the LM map spread over the
+        # tower's tokens (all), so both are propagated as row vectors
+        summary = torch.zeros(size)
+        if family.vision_readout == "cls":
+            summary[0] = 1.0
+        else:
+            summary[:] = 1.0 / size
+        spread = np.zeros(size, dtype=np.float32)
         np.add.at(spread, groups, np.repeat(lm_map.reshape(-1, 1) / groups.shape[1], groups.shape[1], axis=1))
-        combined = (torch.from_numpy(spread) @ relevance).numpy()[groups].sum(-1).reshape(layout.rows, layout.cols)
+        rows = propagate_rows([abar.cpu() for abar in abars], torch.stack([summary, torch.from_numpy(spread)]))
+        vit, combined = (rows.numpy()[:, groups].sum(-1)).reshape(2, layout.rows, layout.cols)
         return vit.astype(np.float32), np.maximum(combined, 0).astype(np.float32)

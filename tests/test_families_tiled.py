@@ -16,6 +16,7 @@ from lvlm_interpret.capture import build_inputs
 from lvlm_interpret.cli import main
 from lvlm_interpret.errors import UserInputError
 from lvlm_interpret.families.base import ImageLayout, ImageView
+from lvlm_interpret.families.llava_next import stitched_grid
 from lvlm_interpret.methods.attention import attention_scores
 from lvlm_interpret.rendering import map_on_image
 from lvlm_interpret.trace import Trace
@@ -58,53 +59,61 @@ def test_layout_json_round_trip_and_traces_saved_before_views():
         ImageLayout.from_json({"rows": 2})
 
 
-# --- LLaVA-NeXT -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llava_next():
-    return load_model("random:llava_next", device="cpu")
+# --- LLaVA-NeXT and LLaVA-OneVision ------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+def anyres_model(request):
+    return load_model(f"random:{request.param}", device="cpu")
 
 
 def _packed_tags(loaded, inputs) -> np.ndarray:
     """[positions, 2]: for every image token, (tile, cell) of the vision feature the model's own packing puts there
-    (tile 0 is the base image, cell is row-major within the tile, (-1, -1) is image_newline); (-2, -2) elsewhere."""
+    (tile 0 is the base image, cell is row-major within the tile, (-1, -1) is image_newline); (-2, -2) elsewhere.
+    Where OneVision shrinks the stitched grid the tags are blends."""
     model = loaded.model.model
     n_tiles, side = inputs["pixel_values"].shape[1], model.config.vision_config.image_size // 8
     tags = torch.zeros(n_tiles, side * side, model.config.text_config.hidden_size)
     tags[..., 0] = torch.arange(n_tiles)[:, None]
     tags[..., 1] = torch.arange(side * side)[None, :]
     newline = torch.full((model.config.text_config.hidden_size,), -1.0)
-    (packed,), _ = model.pack_image_features([tags], inputs["image_sizes"], "default", image_newline=newline)
-    result = np.full((inputs["input_ids"].shape[1], 2), -2)
+    options = {"vision_aspect_ratio": model.config.vision_aspect_ratio} \
+        if loaded.family.name == "llava_onevision" else {"vision_feature_select_strategy": "default"}
+    (packed,), _ = model.pack_image_features([tags], inputs["image_sizes"], image_newline=newline, **options)
+    result = np.full((inputs["input_ids"].shape[1], 2), -2.0)
     result[(inputs["input_ids"][0] == model.config.image_token_id).numpy()] = packed[:, :2].numpy()
     return result
 
 
-@pytest.mark.parametrize("size", [(100, 60), (60, 100), (64, 64), (200, 40)])
-def test_llava_next_views_match_the_processor_and_the_models_packing(llava_next, size):
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (64, 64), (200, 40), (300, 300)])
+def test_anyres_views_match_the_processor_and_the_models_packing(anyres_model, size):
     image = make_scene(*size)
-    inputs = build_inputs(llava_next, [image], "Describe the image.")
-    (layout,) = llava_next.family.image_layouts(llava_next.model, llava_next.processor, inputs, [image])
+    inputs = build_inputs(anyres_model, [image], "Describe the image.")
+    (layout,) = anyres_model.family.image_layouts(anyres_model.model, anyres_model.processor, inputs, [image])
     assert layout.image_size == size and [v.name for v in layout.views] == ["tiles", "base"]
-    image_tokens = (inputs["input_ids"][0] == llava_next.model.config.image_token_id).nonzero().flatten()
+    image_tokens = (inputs["input_ids"][0] == anyres_model.model.config.image_token_id).nonzero().flatten()
     assert layout.token_positions.tolist() == image_tokens.tolist()  # every image token, nothing else
-    tags = _packed_tags(llava_next, inputs)
-    side = 4  # configs/random-llava_next.json: 32-pixel tiles of 8-pixel patches
+    tags = _packed_tags(anyres_model, inputs)
+    side = 4  # configs/random-llava_next.json, random-llava_onevision.json: 32-pixel tiles of 8-pixel patches
     base = layout.view("base")
     assert (tags[base.positions, 0] == 0).all() and tags[base.positions, 1].tolist() == \
         np.arange(16).reshape(4, 4).tolist()
     assert (tags[layout.separators] == -1).all() and len(layout.separators) == layout.rows
-    # stitched cell (r, c) holds tile (r // side, c // side)'s cell, shifted by the rows / cols unpadding cut off
     n_tiles_high, n_tiles_wide = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(),
-                                                             llava_next.model.config.image_grid_pinpoints, 32)
+                                                             anyres_model.model.config.image_grid_pinpoints, 32)
     assert inputs["pixel_values"].shape[1] == 1 + n_tiles_high * n_tiles_wide
-    tile, cell = tags[layout.positions, 0] - 1, tags[layout.positions, 1]
-    global_row = tile // n_tiles_wide * side + cell // side
-    global_col = tile % n_tiles_wide * side + cell % side
-    assert (global_row - np.arange(layout.rows)[:, None] == global_row[0, 0]).all()
-    assert (global_col - np.arange(layout.cols)[None, :] == global_col[0, 0]).all()
-    # the grid covers the image up to the unpadding's rounding: less than one cell off on each side
+    unshrunk_rows, unshrunk_cols, _ = stitched_grid(size[1], size[0], anyres_model.model.config.image_grid_pinpoints,
+                                                    32, side)
+    shrunk = (layout.rows, layout.cols) != (unshrunk_rows, unshrunk_cols)
+    assert shrunk == (anyres_model.family.name == "llava_onevision" and size in [(100, 60), (60, 100), (300, 300)])
+    if not shrunk:
+        # stitched cell (r, c) holds tile (r // side, c // side)'s cell, shifted by the rows / cols unpadding cut
+        tile, cell = tags[layout.positions, 0].astype(int) - 1, tags[layout.positions, 1].astype(int)
+        global_row = tile // n_tiles_wide * side + cell // side
+        global_col = tile % n_tiles_wide * side + cell % side
+        assert (global_row - np.arange(layout.rows)[:, None] == global_row[0, 0]).all()
+        assert (global_col - np.arange(layout.cols)[None, :] == global_col[0, 0]).all()
+    # the grid covers the image up to the unpadding's rounding: less than one unshrunk cell off on each side
     x0, y0, x1, y1 = layout.box
-    cell_w, cell_h = (x1 - x0) / layout.cols, (y1 - y0) / layout.rows
+    cell_w, cell_h = size[0] / (n_tiles_wide * side) * 1.5, size[1] / (n_tiles_high * side) * 1.5
     assert abs(y0) < cell_h and abs(y1 - size[1]) < cell_h and abs(x0) < cell_w and abs(x1 - size[0]) < cell_w
     assert abs(y0 + y1 - size[1]) < 1 and abs(x0 + x1 - size[0]) < 1  # centred, as the processor pads
     assert (layout.rows > layout.cols) == (size[1] > size[0]) or size[0] == size[1]
@@ -124,27 +133,31 @@ def _attend_only_to(trace, positions):
     return trace
 
 
-def test_llava_next_attention_on_one_tiles_tokens_lands_on_that_tile(llava_next, tmp_path):
-    width, height = 100, 60  # 2x3 tiles of 32 pixels on a 64x96 canvas, the image resized to 58x96 and centred
+@pytest.mark.parametrize("width, height", [(100, 60), (200, 40)])
+def test_anyres_attention_on_one_tiles_tokens_lands_on_that_tile(anyres_model, tmp_path, width, height):
     image = make_scene(width, height)
-    trace = generate_with_capture(llava_next, [image], "Describe the image.", GenerationOptions(max_new_tokens=2))
+    trace = generate_with_capture(anyres_model, [image], "Describe the image.", GenerationOptions(max_new_tokens=2))
     trace.save(tmp_path / "trace.safetensors")
     assert Trace.load(tmp_path / "trace.safetensors").images == trace.images
-    inputs = build_inputs(llava_next, [image], "Describe the image.")
-    tags = _packed_tags(llava_next, inputs)
-    best_h, best_w = select_best_resolution((height, width), llava_next.processor.image_processor.image_grid_pinpoints)
+    inputs = build_inputs(anyres_model, [image], "Describe the image.")
+    tags = _packed_tags(anyres_model, inputs)
+    # where the processor put the resized image on the canvas of tiles
+    pinpoints = anyres_model.processor.image_processor.image_grid_pinpoints
+    best_h, best_w = select_best_resolution((height, width), pinpoints)
     resized_h, resized_w = get_patch_output_size(np.empty((3, height, width)), (best_h, best_w), ChannelDimension.FIRST)
     top, left = (best_h - resized_h) // 2, (best_w - resized_w) // 2
-    for tile in range(1, 7):
+    layout = trace.images[0]
+    # every stitched cell comes from one tile (OneVision's shrink of 100x60 blends cells only within tiles)
+    assert np.isin(tags[layout.positions, 0], np.arange(1, inputs["pixel_values"].shape[1])).all()
+    for tile in range(1, inputs["pixel_values"].shape[1]):
         row, col = divmod(tile - 1, best_w // 32)
         box = ((col * 32 - left) * width / resized_w, (row * 32 - top) * height / resized_h,
                ((col + 1) * 32 - left) * width / resized_w, ((row + 1) * 32 - top) * height / resized_h)
         _attend_only_to(trace, np.flatnonzero(tags[:, 0] == tile).tolist())
         grid_map = get_method("attention").explain(trace, 0).maps[0]
         assert grid_map.sum() == pytest.approx(1.0, abs=1e-3)  # the stitched view holds every tile's cells
-        assert _mass_inside(grid_map, trace.images[0], box) > 0.99
+        assert _mass_inside(grid_map, layout, box) > 0.99
     # attention on the base image's tokens is not in the stitched map, but in the base view's grid
-    layout = trace.images[0]
     _attend_only_to(trace, layout.view("base").positions.ravel().tolist())
     assert get_method("attention").explain(trace, 0).maps[0].sum() == 0
     base_map = layout.gather(attention_scores(trace, 0, "all", "all", "mean"), view="base")
@@ -224,7 +237,7 @@ def test_split_attention_on_one_tiles_tokens_lands_on_that_tile(split_model):
 
 
 # --- every tiled family through `explain` with every method ----------------------------------------------------
-@pytest.mark.parametrize("preset", ["llava_next", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("preset", ["llava_next", "llava_onevision", "idefics3", "smolvlm"])
 def test_explain_with_every_method(tmp_path, preset):
     path, out = tmp_path / "scene.png", tmp_path / "run"
     make_scene(100, 60).save(path)
@@ -234,7 +247,7 @@ def test_explain_with_every_method(tmp_path, preset):
     assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
     image = result["image"]
     assert image["views"][0] == {"name": "tiles", "grid": image["grid"], "box": image["box"]}
-    assert image["views"][0]["box"] == [0.0, -3.103, 100.0, 63.103] if preset == "llava_next" else [0, 0, 100, 60]
+    assert image["views"][0]["box"] == ([0.0, -3.103, 100.0, 63.103] if preset.startswith("llava") else [0, 0, 100, 60])
     assert len(image["views"]) == 2
     maps = np.load(out / "maps.npz")
     assert {"attention", "cleann", "relevancy", "tam", "tam_raw", "tam_cleaned"} <= set(maps.keys())

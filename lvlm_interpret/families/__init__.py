@@ -6,6 +6,7 @@ from .base import ImageLayout, ModelFamily
 from .idefics3 import Idefics3Family, SmolVLMFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_vl import Qwen2VLFamily
 from .qwen2_5_vl import Qwen2_5VLFamily
 from .qwen3_vl import Qwen3VLFamily
@@ -17,6 +18,7 @@ from .internvl import InternVLFamily
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
     LlavaFamily(),
     LlavaNextFamily(),
+    LlavaOnevisionFamily(),
     Idefics3Family(),
     SmolVLMFamily(),
     Qwen2VLFamily(),

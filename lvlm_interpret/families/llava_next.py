@@ -65,11 +65,14 @@ class LlavaNextFamily(LlavaFamily):
     model_types = ("llava_next",)
     # the tower encodes the base image and every tile as separate images
     vision_relevancy = False
+    # the strategies whose tiles give side x side features each (CLIP's CLS dropped)
+    feature_strategies = ("default",)
 
     def image_layouts(self, model, processor, inputs, images):
         config = model.config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(f"{self.name}: only the 'default' vision feature strategy (CLS dropped) is supported")
+        if config.vision_feature_select_strategy not in self.feature_strategies:
+            raise ValueError(f"{self.name}: the vision feature strategy {config.vision_feature_select_strategy!r} is "
+                             f"not supported (supported: {', '.join(self.feature_strategies)})")
         side = config.vision_config.image_size // config.vision_config.patch_size
         grids = [self.high_resolution_grid(config, height, width, side)
                  for height, width in inputs["image_sizes"].tolist()]

@@ -1,0 +1,59 @@
+"""LLaVA-OneVision layout: LLaVA-NeXT's base view + unpadded stitched tiles with a newline per row, except that a
+stitched grid larger than `anyres_max_N` tiles' worth of cells is bilinearly shrunk (the grid keeps its box; each
+cell then mixes neighbouring patches)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+)
+
+from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
+from .base import seeded_model
+from .llava import CHAT_TEMPLATE, IMAGE_TOKEN, llava_config
+from .llava_next import LlavaNextFamily, stitched_grid
+from .qwen2_vl import image_only_processor
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    # SigLIP towers have no CLS: the real checkpoints keep every patch ("full"); a CLIP tower drops its CLS
+    feature_strategies = ("default", "full")
+
+    def high_resolution_grid(self, config, height, width, side):
+        rows, cols, box = stitched_grid(height, width, config.image_grid_pinpoints, config.vision_config.image_size,
+                                        side)
+        # the same shrink as the model's pack_image_features
+        max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_tiles * side * side))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols, box
+
+    def build_random(self, preset):
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)
+        image = preset["image"]
+        tile, patch, pinpoints = image["tile"], image["patch"], image["pinpoints"]
+        aspect = f"anyres_max_{image['max_tiles']}"
+        config = llava_config(tokenizer, tile, patch, preset["vision_config"], preset["text_config"],
+                              config_class=LlavaOnevisionConfig, image_grid_pinpoints=pinpoints,
+                              vision_aspect_ratio=aspect)
+        processor = image_only_processor(LlavaOnevisionProcessor)(
+            image_processor=LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
+                                                            image_grid_pinpoints=pinpoints),
+            tokenizer=tokenizer,
+            num_image_tokens=(tile // patch) ** 2 + 1,  # CLIP's CLS included, dropped by the "default" strategy
+            vision_feature_select_strategy="default",
+            vision_aspect_ratio=aspect,
+            chat_template=CHAT_TEMPLATE,
+        )
+        model = seeded_model(LlavaOnevisionForConditionalGeneration, config, preset.get("seed", 0))
+        # an untrained model could write <image>, which would break the replay of its answer
+        model.generation_config.suppress_tokens = [config.image_token_id]
+        return model, processor

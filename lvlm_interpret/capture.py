@@ -63,12 +63,15 @@ def last_query_attention(query, key, attention_mask, scaling) -> torch.Tensor:
 _ACTIVE_GRAPH: contextvars.ContextVar["AttentionGraph | None"] = contextvars.ContextVar("lvlm_graph", default=None)
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling, is_causal):
-    """Attention with explicit probabilities (kept in the autograd graph); output laid out as SDPA's."""
+def eager_attention(module, query, key, value, attention_mask, scaling, is_causal, softcap=None):
+    """Attention with explicit probabilities (kept in the autograd graph); output laid out as SDPA's.
+    `softcap` caps the logits as softcap * tanh(logits / softcap) (Gemma 2)."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query @ key.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
@@ -99,19 +102,24 @@ class AttentionGraph:
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     graph = _ACTIVE_GRAPH.get()
+    softcap = kwargs.get("softcap")
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if graph is not None and id(module) in graph.slot:
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        output, weights = eager_attention(module, query, key, value, attention_mask, scaling, is_causal)
+        output, weights = eager_attention(module, query, key, value, attention_mask, scaling, is_causal, softcap)
         graph.weights[graph.slot[id(module)]].append(weights)
         return output, weights
-    output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if softcap is None:
+        output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    else:  # SDPA cannot soft-cap logits (Gemma 2): explicit attention, whose last row is the one to record
+        output, weights = eager_attention(module, query, key, value, attention_mask, scaling, is_causal, softcap)
     recorder = _ACTIVE_RECORDER.get()
     if recorder is not None:
         layer = recorder.layer_of.get(id(module))
         if layer is not None:
-            recorder.rows[layer].append(last_query_attention(query, key, attention_mask, scaling).half().cpu())
-    return output
+            row = last_query_attention(query, key, attention_mask, scaling) if softcap is None else weights[0, :, -1]
+            recorder.rows[layer].append(row.half().cpu())
+    return output, None
 
 
 AttentionInterface.register(CAPTURE_ATTENTION, capture_attention)

@@ -21,7 +21,9 @@ from tests.test_relevancy import _reference_lm_map
 
 SINGLE_GRID = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]  # one grid per image
 FAMILIES = SINGLE_GRID + ["internvl"]
-WITH_VISION_RELEVANCY = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
+# PaliGemma 2 (Gemma 2 decoder): soft-capped attention logits, which capture computes without SDPA
+PRESETS = FAMILIES + ["paligemma2"]
+WITH_VISION_RELEVANCY = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2"]
 PROMPT = "What color is the circle?"
 
 
@@ -119,7 +121,7 @@ def test_map_mass_lands_where_the_attended_token_is(traces, family):
         assert y_range[0] - 1 <= ys.min() and ys.max() <= y_range[1] + 1, (family, position)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PRESETS)
 def test_explain_runs_every_method(tmp_path, family):
     image_path = tmp_path / "scene.png"
     make_scene(120, 60).save(image_path)
@@ -139,7 +141,7 @@ def test_explain_runs_every_method(tmp_path, family):
     assert "0" in result["cleann"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PRESETS)
 def test_captured_rows_and_relevancy_match_eager_references(models, traces, family):
     loaded, trace = models(family), traces(family)
     output = _replay(loaded, trace)
@@ -191,8 +193,9 @@ def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(model
     torch.testing.assert_close(rebuilt, lm_tokens, rtol=1e-4, atol=1e-5)
 
 
-def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(models, traces):
-    loaded, trace = models("paligemma"), traces("paligemma")
+@pytest.mark.parametrize("preset", ["paligemma", "paligemma2"])
+def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(models, traces, preset):
+    loaded, trace = models(preset), traces(preset)
     assert trace.model_inputs["token_type_ids"].tolist() == [[0] * trace.prompt_length + [1] * trace.n_answer]
     attentions = _replay(loaded, trace).attentions[-1][0]  # last LM layer [heads, S, S]
     first_image = int(trace.images[0].positions[0, 0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from transformers import (
+    Gemma2Config,
     GemmaConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
@@ -21,6 +22,7 @@ from .base import ModelFamily, seeded_model
 from .gemma3 import Gemma3Family
 
 IMAGE_TOKEN = "<image>"
+TEXT_CONFIGS = {"gemma": GemmaConfig, "gemma2": Gemma2Config}  # PaliGemma, PaliGemma 2 (soft-capped logits)
 # PaliGemma has no chat format: images, then the prompt (the processor adds BOS after the last image and "\n").
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% for part in message['content'] %}"
@@ -62,9 +64,9 @@ class PaliGemmaFamily(ModelFamily):
         config = PaliGemmaConfig(
             vision_config=SiglipVisionConfig(image_size=image["size"], patch_size=image["patch"],
                                              vision_use_head=False, **preset["vision_config"]),
-            text_config=GemmaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                    **preset["text_config"]),
+            text_config=TEXT_CONFIGS[preset.get("text_model", "gemma")](
+                vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, **preset["text_config"]),
             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             vocab_size=len(tokenizer),
             projection_dim=preset["text_config"]["hidden_size"],

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--answer-tokens", type=int, default=16)
     bench.add_argument("--methods", default="attention,tam,relevancy,cleann")
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--image-size", type=int, default=192, help="side of the benchmark scene in pixels")
     bench.add_argument("--out", required=True, help="JSON file for the figures")
 
     serve = commands.add_parser("serve", help="run the service over HTTP (OpenAPI schema at /docs)")
@@ -133,9 +134,12 @@ def run_bench_command(args) -> dict:
 
     if not 1 <= args.answer_tokens <= 1024:
         raise UserInputError(f"--answer-tokens must be between 1 and 1024, got {args.answer_tokens}")
+    if not 32 <= args.image_size <= 4096:
+        raise UserInputError(f"--image-size must be between 32 and 4096 pixels, got {args.image_size}")
     methods = _parse_methods(args.methods, tokens_given=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    figures = run_bench(loaded, args.answer_tokens, methods, repeats=max(1, args.repeats))
+    figures = run_bench(loaded, args.answer_tokens, methods, repeats=max(1, args.repeats),
+                        image_size=args.image_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))

@@ -1,6 +1,9 @@
 import json
 
+import torch
+
 from lvlm_interpret.cli import main
+from lvlm_interpret.models.loading import _build_random
 
 
 def test_bench_reports_every_figure(tmp_path):
@@ -14,3 +17,21 @@ def test_bench_reports_every_figure(tmp_path):
     assert set(figures["methods"]) == {"attention", "tam", "relevancy"}
     assert figures["methods"]["relevancy"]["all_tokens_one_at_a_time_s"] > 0
     assert all(row["one_token_s"] > 0 and row["all_tokens_s"] > 0 for row in figures["methods"].values())
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_large_presets_have_the_real_models_shapes():
+    """Built on the meta device (no memory): the decoder and vision tower match LLaVA-1.5-7B and Qwen2-VL-2B."""
+    llava, _, family = _build_random("llava-7b", torch.bfloat16, torch.device("meta"))
+    per_layer = 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
+    assert _parameters(family.language_model(llava).layers) == 32 * per_layer
+    assert _parameters(llava.model.vision_tower) == 303_507_456  # CLIP ViT-L/14 at 336 px
+    assert llava.dtype == torch.bfloat16
+    qwen, _, family = _build_random("qwen2_vl-2b", torch.bfloat16, torch.device("meta"))
+    per_layer = (2 * 1536 * 1536 + 1536) + 2 * (1536 * 256 + 256) + 3 * 1536 * 8960 + 2 * 1536
+    assert _parameters(family.language_model(qwen).layers) == 28 * per_layer
+    blocks = family.vision_layers(qwen)
+    assert len(blocks) == 32 and blocks[0].attn.num_heads == 16

@@ -76,8 +76,8 @@ def load_model(
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if name.startswith(RANDOM_PREFIX):
-        model, processor, family = _build_random(name[len(RANDOM_PREFIX):])
-        model = model.to(torch_dtype)
+        model, processor, family = _build_random(name[len(RANDOM_PREFIX):], torch_dtype,
+                                                 target if device_map is None else torch.device("cpu"))
     else:
         model, processor, family = _load_pretrained(name, torch_dtype, device_map, trust_remote_code)
     model.set_attn_implementation(CAPTURE_ATTENTION)
@@ -88,7 +88,8 @@ def load_model(
                        device=next(model.parameters()).device)
 
 
-def _build_random(preset_name: str):
+def _build_random(preset_name: str, dtype: torch.dtype = torch.float32, device=torch.device("cpu")):
+    """Weights are made in `dtype` on `device`: a 7B-shaped preset never exists in float32 on the host."""
     path = CONFIGS_DIR / f"random-{preset_name}.json"
     if not path.is_file():
         raise UserInputError(
@@ -97,8 +98,14 @@ def _build_random(preset_name: str):
         )
     preset = json.loads(path.read_text())
     family = _family(preset["family"])
-    model, processor = family.build_random(preset)
-    return model, processor, family
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model, processor = family.build_random(preset)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.to(dtype), processor, family
 
 
 def _family(model_type: str) -> ModelFamily:

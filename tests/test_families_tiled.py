@@ -12,12 +12,14 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
-from lvlm_interpret.capture import build_inputs
+from lvlm_interpret.capture import CAPTURE_ATTENTION, build_inputs
 from lvlm_interpret.cli import main
 from lvlm_interpret.errors import UserInputError
+from lvlm_interpret.families import FAMILIES
 from lvlm_interpret.families.base import ImageLayout, ImageView
 from lvlm_interpret.families.llava_next import stitched_grid
 from lvlm_interpret.methods.attention import attention_scores
+from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
 from lvlm_interpret.trace import Trace
 from tests.conftest import make_scene
@@ -255,3 +257,26 @@ def test_explain_with_every_method(tmp_path, preset):
         assert maps[name].shape == (1, *image["grid"]) and (maps[name] >= 0).all() and np.isfinite(maps[name]).all()
     assert maps["attention"].sum() > 0 and maps["relevancy"].sum() > 0 and maps["tam_raw"].sum() > 0
     assert set(result["cleann"]) == {"1"}
+
+
+@pytest.mark.parametrize("preset", ["llava_next", "llava_onevision", "idefics3", "smolvlm"])
+def test_two_images_get_their_own_views_in_order(preset):
+    loaded = load_model(f"random:{preset}", device="cpu")
+    images = [make_scene(100, 60), make_scene(40, 90)]
+    inputs = build_inputs(loaded, images, "Describe the images.")
+    first, second = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, images)
+    assert first.token_positions.max() < second.token_positions.min()
+    image_tokens = (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero().flatten().tolist()
+    assert np.concatenate([first.cell_positions, second.cell_positions]).tolist() == \
+        [p for p in image_tokens if p not in set(first.separators) | set(second.separators)]
+    assert (first.image_size, second.image_size) == ((100, 60), (40, 90))
+    assert first.cols > first.rows and second.rows > second.cols
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "idefics3", "smolvlm"])
+def test_checkpoint_presets_name_a_registered_family_and_a_known_dtype(family):
+    preset = json.loads((CONFIGS_DIR / "checkpoints" / f"{family}.json").read_text())
+    assert preset["family"] == family and family in FAMILIES[family].model_types
+    assert preset["checkpoints"] and len({c["id"] for c in preset["checkpoints"]}) == len(preset["checkpoints"])
+    for checkpoint in preset["checkpoints"]:
+        assert checkpoint["dtype"] in DTYPES and checkpoint["attn_implementation"] == CAPTURE_ATTENTION

@@ -37,7 +37,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return rows, cols, box
 
     def build_random(self, preset):
-        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)
+        # the processor counts <video> tokens: it must be a token of its own, not <unk>
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN, "<video>"],
+                                         CHAT_TEMPLATE)
         image = preset["image"]
         tile, patch, pinpoints = image["tile"], image["patch"], image["pinpoints"]
         aspect = f"anyres_max_{image['max_tiles']}"

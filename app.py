@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from components import comparison_panel, token_strip
+from components import analysis_panel, comparison_panel, token_strip
 from components.attention_panel import (
     AttentionPanel, control_choices, overview_selection, render_views, reverse_view,
 )
@@ -66,6 +66,8 @@ def build_app(service) -> gr.Blocks:
                         explanation = MethodPanel.build()
                     with gr.Tab("Side by side"):
                         comparison = comparison_panel.build()
+                    with gr.Tab("Analyses"):
+                        analysis = analysis_panel.AnalysisPanel.build()
                 export_panel = ExportPanel.build()
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
@@ -138,7 +140,10 @@ def build_app(service) -> gr.Blocks:
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
         generation.button.click(on_generate, generation.inputs(),
-                                [session, answer, attention.layer, attention.head, *token_outputs])
+                                [session, answer, attention.layer, attention.head, *token_outputs]).success(
+            gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
+            [analysis.layer, analysis.lens])
+        analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
                       [session, *token_outputs])
         for control in attention.controls():

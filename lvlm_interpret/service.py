@@ -20,6 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .analysis.ablation import ablate, example_mean_embedding
+from .analysis.knockout import WINDOWS, knockout
+from .analysis.logit_lens import LogitLens, logit_lens
+from .analysis.token_sets import select_tokens
 from .capture import GenerationOptions, generate_with_capture, scoped_hook
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .export import export_files
@@ -177,6 +181,34 @@ class ExplainService:
                 cached = visually_relevant_tokens(loaded, trace, threshold)
             self._cache.put(key, cached, 64 * trace.n_answer + 1024)
         return cached
+
+    # --- analyses (Neo et al.): lvlm_interpret.analysis on the request's trace and model ---------------------
+    def logit_lens(self, request_id: str, k: int = 5) -> LogitLens:
+        """Top-k vocabulary tokens of every image patch at every layer, cached per request."""
+        key = ("logit_lens", request_id, k)
+        cached = self._cache.get(key)
+        if cached is None:
+            trace = self.trace(request_id)
+            cached = logit_lens(self.model(trace.model_name), trace, k)
+            self._cache.put(key, cached, 2 * cached.probs.nbytes + 32 * cached.probs.size)
+        return cached
+
+    def analysis_tokens(self, request_id: str, kind: str, token_index: int = 0, **selection) -> list[int]:
+        """Positions of a token set (object box, register, random, top-k of a method) of the first image."""
+        trace = self.trace(request_id)
+        return select_tokens(self.model(trace.model_name), trace, kind, token_index=token_index, **selection)
+
+    def ablate(self, request_id: str, positions: list[int], token_index: int = 0, replacement: str = "mean"):
+        """Mean (over the example scenes) or zero ablation of image tokens; the answer is regenerated."""
+        trace = self.trace(request_id)
+        loaded = self.model(trace.model_name)
+        mean = example_mean_embedding(loaded) if replacement == "mean" else None
+        return ablate(loaded, trace, positions, replacement, mean, token_index)
+
+    def knockout(self, request_id: str, positions: list[int], token_index: int = 0, windows=tuple(WINDOWS)):
+        """Attention from the token's predicting position to `positions` blocked per layer window."""
+        trace = self.trace(request_id)
+        return knockout(self.model(trace.model_name), trace, positions, token_index, windows=windows)
 
     def _run(self, request: Request) -> Trace:
         loaded = self.model(request.model)

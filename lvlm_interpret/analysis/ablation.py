@@ -5,6 +5,7 @@ their norm in distribution) or by zeros; the answer is regenerated and the targe
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def mean_embedding_from_folder(loaded, folder) -> tuple[torch.Tensor, dict]:
     files = image_files(folder)
     mean, count = mean_visual_embedding(loaded, [load_image(path) for path in files])
     return mean, {"model": loaded.name, "n_images": str(len(files)), "n_tokens": str(count)}
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
+_EXAMPLE_MEANS: dict[str, torch.Tensor] = {}
+_EXAMPLE_MEANS_LOCK = threading.Lock()
+
+
+def example_mean_embedding(loaded) -> torch.Tensor:
+    """The mean embedding over the shipped example scenes (assets/examples), once per model: the web page's
+    default when no mean file is given (representative for the demo model, a rough one for others)."""
+    with _EXAMPLE_MEANS_LOCK:
+        if loaded.name not in _EXAMPLE_MEANS:
+            _EXAMPLE_MEANS[loaded.name] = mean_embedding_from_folder(loaded, EXAMPLES_DIR)[0]
+        return _EXAMPLE_MEANS[loaded.name]
 
 
 def save_mean_embedding(path, mean: torch.Tensor, metadata: dict) -> None:

@@ -1,0 +1,163 @@
+"""Analyses panel (Neo et al.): ablate or knock out a set of image tokens for the current request and selected
+token, and browse the logit lens on the image (hover a patch for its top tokens, move the layer slider).
+The computation is the library's (lvlm_interpret.analysis), reached through the service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from lvlm_interpret import ExplainService, UserInputError
+from lvlm_interpret.analysis.knockout import WINDOWS, knockout_figure
+from lvlm_interpret.analysis.token_sets import positions_to_cells
+from lvlm_interpret.rendering import blend, overlay, plotly_heatmap
+
+from .method_panel import method_names
+
+SETS = {"object (box)": "object", "register-like (high norm)": "register", "random k": "random",
+        "top k of a method": "top"}
+LENS_TOP_K = 5
+
+
+@dataclass
+class AnalysisPanel:
+    token_set: gr.Radio
+    box: gr.Textbox
+    buffer: gr.Slider
+    k: gr.Number
+    seed: gr.Number
+    method: gr.Dropdown
+    replacement: gr.Radio
+    windows: gr.CheckboxGroup
+    ablate: gr.Button
+    knockout: gr.Button
+    tokens: gr.Image
+    summary: gr.Markdown
+    drops: gr.Plot
+    layer: gr.Slider
+    lens: gr.Plot
+
+    @classmethod
+    def build(cls) -> "AnalysisPanel":
+        with gr.Column():
+            gr.Markdown("Acts on the selected answer token. Box: x0,y0,x1,y1 in the image's pixels.")
+            with gr.Row():
+                token_set = gr.Radio(list(SETS), value="object (box)", label="Image tokens", elem_id="analysis-set")
+                box = gr.Textbox(label="Box", placeholder="x0,y0,x1,y1", elem_id="analysis-box")
+            with gr.Row():
+                buffer = gr.Slider(0, 2, value=0, step=1, label="Patch buffer")
+                k = gr.Number(value=10, precision=0, label="k")
+                seed = gr.Number(value=0, precision=0, label="Seed (random)")
+                names = method_names()
+                method = gr.Dropdown(names, value=names[0], label="Method (top k)")
+            with gr.Row():
+                replacement = gr.Radio(["mean", "zero"], value="mean", label="Ablation",
+                                       info="mean: the mean embedding of the example scenes")
+                windows = gr.CheckboxGroup(list(WINDOWS), value=list(WINDOWS), label="Knockout windows")
+            with gr.Row():
+                ablate = gr.Button("Ablate", elem_id="analysis-ablate")
+                knockout = gr.Button("Knock out", elem_id="analysis-knockout")
+            tokens = gr.Image(type="pil", label="Chosen tokens", interactive=False, height=240, format="png",
+                              elem_id="analysis-tokens")
+            summary = gr.Markdown(elem_id="analysis-summary")
+            drops = gr.Plot(label="Knockout: probability drop per layer window", elem_id="analysis-knockout-plot")
+            layer = gr.Slider(0, 1, value=0, step=1, label="Logit lens layer", elem_id="analysis-lens-layer")
+            lens = gr.Plot(label="Logit lens (hover a patch for its top tokens)", elem_id="analysis-lens")
+        return cls(token_set, box, buffer, k, seed, method, replacement, windows, ablate, knockout, tokens, summary,
+                   drops, layer, lens)
+
+    def selection(self) -> list:
+        return [self.token_set, self.box, self.buffer, self.k, self.seed, self.method]
+
+
+def _check(service, state):
+    if not state:
+        raise UserInputError("generate an answer first")
+    if not hasattr(service, "logit_lens"):
+        raise UserInputError("the analyses need the model in this process: run the app without --backend")
+
+
+def choose_tokens(service: ExplainService, state: dict, token_set: str, box: str, buffer, k, seed, method):
+    """(positions, picture of the chosen cells) for the panel's selection."""
+    _check(service, state)
+    kind = SETS.get(token_set)
+    if kind is None:
+        raise UserInputError(f"unknown token set {token_set!r}")
+    options = {"buffer": int(buffer), "k": int(k) if k is not None else None, "seed": int(seed or 0),
+               "method": method}
+    if kind == "object":
+        if not box or not box.strip():
+            raise UserInputError("give the object's box as x0,y0,x1,y1 in image pixels")
+        options["box"] = box.split(",")
+    positions = service.analysis_tokens(state["request_id"], kind, state["token"], **options)
+    if not positions:
+        raise UserInputError(f"no {token_set} tokens in this image: choose another set")
+    trace = service.trace(state["request_id"])
+    cells = positions_to_cells(trace, positions).astype(np.float32)
+    return positions, blend(state["image"], overlay(cells, trace.images[0]))
+
+
+def run_ablation(service: ExplainService, state: dict, replacement: str, *selection) -> tuple[Image.Image, str]:
+    positions, picture = choose_tokens(service, state, *selection)
+    result = service.ablate(state["request_id"], positions, state["token"], replacement)
+    summary = (f"**{replacement.capitalize()} ablation of {len(positions)} image tokens**: p({result.target.strip()!r})"
+               f" {result.prob_before:.4f} -> {result.prob_after:.4f}"
+               f"{'' if result.still_argmax else ' (no longer the top token)'}; answer "
+               f"*{result.answer_before}* -> *{result.answer_after}*")
+    return picture, summary
+
+
+def run_knockout(service: ExplainService, state: dict, windows: list[str], *selection):
+    if not windows:
+        raise UserInputError("tick at least one layer window")
+    positions, picture = choose_tokens(service, state, *selection)
+    result = service.knockout(state["request_id"], positions, state["token"], windows)
+    lines = [f"{w.window} (layers {w.layers[0]}-{w.layers[-1]}): p {w.prob:.4f}, drop {100 * d:.1f}%"
+             for w, d in zip(result.windows, result.drops())]
+    summary = (f"**Knockout** of {len(positions)} image tokens from the position predicting "
+               f"{result.target.strip()!r} (p {result.prob_before:.4f}): " + "; ".join(lines))
+    return picture, summary, knockout_figure(result)
+
+
+def lens_figure(service: ExplainService, state: dict, layer: int):
+    """The image with each patch coloured by its top token's probability at `layer`; hover lists the top k."""
+    _check(service, state)
+    lens = service.logit_lens(state["request_id"], LENS_TOP_K)
+    trace = service.trace(state["request_id"])
+    slot = int(np.clip(layer, 0, len(lens.layers) - 1))
+    top_prob = lens.probs[slot, :, 0].reshape(lens.rows, lens.cols)
+    figure = plotly_heatmap(state["image"], top_prob, trace.images[0],
+                            title=f"Logit lens, layer {lens.layers[slot]}: top-1 probability")
+    hover = np.array([["<br>".join(f"{text.strip() or repr(text)} {p:.3f}" for text, p in lens.cell(slot, r, c))
+                       for c in range(lens.cols)] for r in range(lens.rows)], dtype=object)
+    figure.update_traces(text=hover, hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>%{text}"
+                                                   "<extra></extra>")
+    return figure
+
+
+def layer_slider(service: ExplainService, state: dict) -> gr.Slider:
+    n_layers = service.trace(state["request_id"]).n_layers
+    return gr.Slider(0, n_layers - 1, value=n_layers - 1, step=1)
+
+
+def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
+    """Connect the panel's buttons and slider (handlers wrapped by the app's `user_errors`)."""
+    panel.ablate.click(user_errors(lambda state, replacement, *selection: run_ablation(
+        service, state, replacement, *selection)), [session, panel.replacement, *panel.selection()],
+        [panel.tokens, panel.summary])
+    panel.knockout.click(user_errors(lambda state, windows, *selection: run_knockout(
+        service, state, windows, *selection)), [session, panel.windows, *panel.selection()],
+        [panel.tokens, panel.summary, panel.drops])
+    panel.layer.release(user_errors(lambda state, layer: lens_figure(service, state, layer)),
+                        [session, panel.layer], panel.lens)
+
+
+def on_new_request(service, state) -> tuple:
+    """After a generation: the slider spans the model's layers and the lens shows the last one."""
+    if not hasattr(service, "logit_lens"):
+        return gr.Slider(), None
+    slider = layer_slider(service, state)
+    return slider, lens_figure(service, state, slider.value)

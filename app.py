@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-from pathlib import Path
 
 import gradio as gr
 
@@ -23,9 +21,9 @@ from components.method_panel import MethodPanel, method_names, render_method
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
+from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
-HOSTED_CONFIG = Path(__file__).resolve().parent / "configs" / "hosted.json"
 
 try:  # on Hugging Face ZeroGPU Spaces, handlers that compute borrow a GPU
     import spaces
@@ -168,22 +166,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also open a temporary public link")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
+    parser.add_argument("--queue", type=int, default=64, help="requests that may wait; more are refused (busy)")
     parser.add_argument("--cache-mb", type=int, default=1024, help="bound of the trace and map cache")
     parser.add_argument("--backend", default=None, help="URL of a running `python -m lvlm_interpret serve`; "
                                                         "without it the model runs in this process")
     parser.add_argument("--hosted", action="store_true", help=f"public-demo limits from {HOSTED_CONFIG.name}: "
-                                                              "allowed models, answer length, upload size")
+                                                              "allowed models, answer length, upload size, "
+                                                              "queue, time limit")
     args = parser.parse_args(argv)
-    limits = json.loads(HOSTED_CONFIG.read_text()) if args.hosted else {}
+    limits = hosted_limits() if args.hosted else {}
     if args.backend:
         service = RemoteService(args.backend)
     else:
-        model = args.model if not args.hosted or args.model in limits["models"] else limits["models"][0]
-        service = ExplainService(default_model=model, device=args.device, cache_bytes=args.cache_mb * 2 ** 20,
-                                 allowed_models=limits.get("models"), max_new_tokens=limits.get("max_new_tokens"))
+        service = hosted_service(args.model, limits, device=args.device) if args.hosted else ExplainService(
+            default_model=args.model, device=args.device, cache_bytes=args.cache_mb * 2 ** 20)
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
-    concurrency = limits.get("concurrency", args.concurrency)
-    build_app(service).queue(default_concurrency_limit=concurrency).launch(
+    build_app(service).queue(default_concurrency_limit=limits.get("concurrency", args.concurrency),
+                             max_size=limits.get("queue", args.queue)).launch(
         server_name=args.host, server_port=args.port, share=args.share, css=CSS,
         max_file_size=f"{limits['max_upload_mb']}mb" if args.hosted else None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import threading
 import time
 import uuid
@@ -30,8 +31,17 @@ from .export import export_files
 from .methods import Explanation, get_method
 from .methods.attention import attention_overview, reverse_attention
 from .methods.visual_relevance import visually_relevant_tokens
-from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .models.loading import CONFIGS_DIR, DEFAULT_MODEL, LoadedModel, load_model
 from .trace import Trace
+
+
+HOSTED_CONFIG = CONFIGS_DIR / "hosted.json"
+
+
+def hosted_limits() -> dict:
+    """The hosted mode's limits (configs/hosted.json): models, max_new_tokens, max_upload_mb, concurrency, queue,
+    timeout_s, cache_mb."""
+    return json.loads(HOSTED_CONFIG.read_text())
 
 
 @dataclass(frozen=True)
@@ -237,3 +247,11 @@ class ExplainService:
                 torch.cuda.empty_cache()
             raise ServiceBusyError("out of memory: try a smaller image or fewer new tokens, or retry when the "
                                    "server is less busy") from None
+
+
+def hosted_service(model: str, limits: dict, **load_options) -> ExplainService:
+    """A service under the hosted `limits`: `model` if it is allowed, else the first allowed model."""
+    allowed = limits["models"]
+    return ExplainService(default_model=model if model in allowed else allowed[0],
+                          cache_bytes=limits["cache_mb"] * 2 ** 20, allowed_models=allowed,
+                          max_new_tokens=limits["max_new_tokens"], timeout_s=limits["timeout_s"], **load_options)

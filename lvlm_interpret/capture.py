@@ -255,7 +255,9 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
     attention = torch.zeros(n_answer, len(recorder.rows), recorder.rows[0][0].shape[0], n_keys, dtype=torch.float16)
     for layer, rows in enumerate(recorder.rows):
         for t in range(n_answer):
-            attention[t, layer, :, : rows[t].shape[-1]] = rows[t]
+            # a sliding-window layer's cache keeps only the last keys: its row ends at the predicting position
+            end = prompt_length + t
+            attention[t, layer, :, end - rows[t].shape[-1]: end] = rows[t]
     hidden = torch.cat(recorder.hidden, dim=0)[:n_keys]
     logprobs = torch.stack([
         torch.log_softmax(output.logits[t][0].float(), dim=-1)[sequence[prompt_length + t]].cpu()

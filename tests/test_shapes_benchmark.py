@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 from lvlm_interpret.cli import main
 from lvlm_interpret.demo.scenes import describe, draw_scene
 from lvlm_interpret.evaluation.shapes import object_words
@@ -49,3 +51,22 @@ def test_evaluate_command_writes_json_and_csv(tmp_path, capsys):
             "insertion_auc"} <= set(header)
     assert "answer accuracy" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.csv", "evaluation.json"]
+
+
+def test_a_shared_colour_word_has_its_instance_mask_and_the_class_mask():
+    from lvlm_interpret.evaluation.shapes import shapes_sample
+
+    index = next(i for i in range(200) if len({o.colour for o in draw_scene(10 ** 9 + i, 96).objects})
+                 < len(draw_scene(10 ** 9 + i, 96).objects))
+    scene, sample = draw_scene(10 ** 9 + index, 96), shapes_sample(index, 96)
+    texts = describe(scene).replace(",", " ,").replace(".", " .").split()
+    targets = sample.targets(_words(texts))
+    order = scene.left_to_right()
+    for k, target in enumerate(targets):
+        obj = scene.objects[order[k // 2]]
+        value = obj.colour if k % 2 == 0 else obj.shape
+        sharing = [i for i, o in enumerate(scene.objects) if (o.colour if k % 2 == 0 else o.shape) == value]
+        assert (target.mask == scene.masks[order[k // 2]]).all()
+        assert target.unique == (len(sharing) == 1)
+        assert (target.class_mask == np.logical_or.reduce([scene.masks[i] for i in sharing])).all()
+    assert not all(t.unique for t in targets)

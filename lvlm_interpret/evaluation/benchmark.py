@@ -22,7 +22,7 @@ from .faithfulness import deletion_insertion
 from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, share_inside
 from .words import Word, answer_words
 
-COLUMNS = ("pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
+COLUMNS = ("pointing_game", "pointing_unique", "pointing_class", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
            "cells_inside_object", "n_words")
 
 
@@ -31,6 +31,7 @@ class WordTarget:
     word: Word
     mask: np.ndarray  # bool [height, width] of the original image: what the word names
     unique: bool  # no other object in the image shares what the word names
+    class_mask: np.ndarray | None = None  # every object the word could name (when it names one instance)
 
 
 @dataclass
@@ -75,14 +76,18 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                     records.append((name, "cells_inside_object", inside))
             for map_name in map_names:
                 sub_maps = [e.all_maps()[map_name] for e in explanations]
-                hit = float(pointing_hit(_word_map(sub_maps), layout, target.mask))
+                word_map = _word_map(sub_maps)
+                hit = float(pointing_hit(word_map, layout, target.mask))
                 records.append((map_name, "pointing_game", hit))
                 if target.unique:
                     records.append((map_name, "pointing_unique", hit))
+                if target.class_mask is not None:
+                    records.append((map_name, "pointing_class", float(pointing_hit(word_map, layout,
+                                                                                   target.class_mask))))
                 # TAM protocol: the best sub-token
                 records.append((map_name, "obj_iou", max(obj_iou(m[0], layout, target.mask) for m in sub_maps)))
                 if faithfulness:
-                    curves = deletion_insertion(loaded, trace, target.word.tokens[0], _word_map(sub_maps))
+                    curves = deletion_insertion(loaded, trace, target.word.tokens[0], word_map)
                     records.append((map_name, "deletion_auc", curves["deletion_auc"]))
                     records.append((map_name, "insertion_auc", curves["insertion_auc"]))
         for map_name in map_names:

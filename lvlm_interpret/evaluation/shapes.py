@@ -3,6 +3,8 @@ that names the right object is scored against that object's mask."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..demo.scenes import COLOURS, DESCRIBE_PROMPT, HELD_OUT_SEED_START, SHAPES, describe, draw_scene, normalise_answer
 from .benchmark import Sample, WordTarget
 from .words import Word
@@ -31,8 +33,9 @@ def shapes_sample(index: int, size: int | tuple[int, int] = 192, seed_start: int
         for word, obj, kind in object_words(words, scene):
             attribute = (lambda o: o.colour) if kind == "colour" else (lambda o: o.shape)
             # a word whose colour / shape another object shares names a class, not one instance
-            unique = sum(attribute(o) == attribute(scene.objects[obj]) for o in scene.objects) == 1
-            found.append(WordTarget(word, scene.masks[obj], unique))
+            sharing = [k for k, o in enumerate(scene.objects) if attribute(o) == attribute(scene.objects[obj])]
+            found.append(WordTarget(word, scene.masks[obj], unique=len(sharing) == 1,
+                                    class_mask=np.logical_or.reduce([scene.masks[k] for k in sharing])))
         return found
 
     expected = normalise_answer(describe(scene))

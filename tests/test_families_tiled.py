@@ -280,3 +280,15 @@ def test_checkpoint_presets_name_a_registered_family_and_a_known_dtype(family):
     assert preset["checkpoints"] and len({c["id"] for c in preset["checkpoints"]}) == len(preset["checkpoints"])
     for checkpoint in preset["checkpoints"]:
         assert checkpoint["dtype"] in DTYPES and checkpoint["attn_implementation"] == CAPTURE_ATTENTION
+
+
+def test_an_image_the_processor_does_not_split_has_only_its_global_view():
+    loaded = load_model("random:idefics3", device="cpu")
+    loaded.processor.image_processor.do_image_splitting = False
+    image = make_scene(100, 60)
+    inputs = build_inputs(loaded, [image], "Describe the image.")
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
+    assert [v.name for v in layout.views] == ["global"] and layout.positions.shape == (4, 4)
+    image_tokens = (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero().flatten().tolist()
+    assert layout.positions.ravel().tolist() == image_tokens and len(layout.separators) == 3
+    assert layout.box == (0.0, 0.0, 100.0, 60.0)

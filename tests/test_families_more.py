@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
-from lvlm_interpret.capture import build_inputs
+from lvlm_interpret.capture import CAPTURE_ATTENTION, build_inputs
 from lvlm_interpret.cli import main
+from lvlm_interpret.families import FAMILIES as REGISTRY
+from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
 from tests.conftest import make_scene
 from tests.test_capture import _replay
@@ -261,3 +263,14 @@ def test_internvl_two_images(models):
     assert first.token_positions.max() < second.token_positions.min()
     assert np.concatenate([first.cell_positions, second.cell_positions]).tolist() == \
         _image_token_positions(loaded, inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_is_the_real_architecture_and_checkpoint_presets_are_loadable_names(models, family):
+    loaded = models(family)
+    assert loaded.model.config.model_type in REGISTRY[family].model_types
+    preset = json.loads((CONFIGS_DIR / "checkpoints" / f"{family}.json").read_text())
+    assert preset["family"] == family and preset["checkpoints"]
+    for checkpoint in preset["checkpoints"]:
+        assert checkpoint["id"].count("/") == 1 and checkpoint["dtype"] in DTYPES
+        assert checkpoint["attn_implementation"] == CAPTURE_ATTENTION

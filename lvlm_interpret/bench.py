@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .capture import CAPTURE_ATTENTION, GenerationOptions, generate_with_capture
+from .capture import CAPTURE_ATTENTION, GenerationOptions, generate_with_capture, replay_inputs
 from .demo.scenes import DESCRIBE_PROMPT, draw_scene
 from .methods import get_method
 
@@ -57,10 +57,25 @@ def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "rel
                "capture_generation_s": capture_s, "capture_overhead_x": capture_s / plain_s,
                "trace_bytes": trace.nbytes, "methods": {}}
     all_tokens = list(range(trace.n_answer))
+
+    def forward_backward():
+        """The yardstick for one token's relevancy: a plain (SDPA) forward over the final sequence and the backward
+        of one answer token's logit to every weight."""
+        model.set_attn_implementation("sdpa")
+        try:
+            with torch.enable_grad():
+                logits = model(**replay_inputs(trace, loaded.device)).logits[0]
+                logits[trace.source_position(trace.n_answer // 2), trace.answer_ids[trace.n_answer // 2]].backward()
+        finally:
+            model.set_attn_implementation(CAPTURE_ATTENTION)
+            model.zero_grad(set_to_none=True)
+
+    figures["forward_backward_s"], _ = _timed(forward_backward, repeats)
     for name in methods:
         method = get_method(name)
         one_s, _ = _timed(lambda: method.explain(trace, trace.n_answer // 2, model=loaded), repeats)
-        row = {"one_token_s": one_s, "one_token_x_plain": one_s / plain_s}
+        row = {"one_token_s": one_s, "one_token_x_plain": one_s / plain_s,
+               "one_token_x_forward_backward": one_s / figures["forward_backward_s"]}
         if name != "cleann":  # CLEANN is a per-click search, not run over whole answers
             all_s, _ = _timed(lambda: method.explain_many(trace, all_tokens, model=loaded), 1)
             row.update({"all_tokens_s": all_s, "all_tokens_x_plain": all_s / plain_s})
@@ -68,6 +83,7 @@ def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "rel
     if name := next((m for m in methods if m == "relevancy"), None):
         sequential_s, _ = _timed(lambda: [get_method(name).explain(trace, t, model=loaded) for t in all_tokens], 1)
         figures["methods"][name]["all_tokens_one_at_a_time_s"] = sequential_s
+        figures["methods"][name]["batched_speedup_x"] = sequential_s / figures["methods"][name]["all_tokens_s"]
     figures["peak_memory_mb"] = _peak_memory_mb(loaded.device)
     return figures
 

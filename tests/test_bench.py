@@ -2,21 +2,28 @@ import json
 
 import torch
 
+from lvlm_interpret.bench import run_bench
 from lvlm_interpret.cli import main
 from lvlm_interpret.models.loading import _build_random
 
 
-def test_bench_reports_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "random:qwen2_vl", "--answer-tokens", "4", "--repeats", "1",
-                 "--methods", "attention,tam,relevancy", "--out", str(out)]) == 0
-    figures = json.loads(out.read_text())
+def test_bench_reports_every_figure(qwen2_vl):
+    figures = run_bench(qwen2_vl, 4, ["attention", "tam", "relevancy"], repeats=1, image_size=96)
+    json.dumps(figures)  # what `bench --out` writes
     assert figures["answer_tokens"] == 4  # the answer length is fixed for comparable figures
     assert figures["plain_generation_s"] > 0 and figures["capture_generation_s"] > 0
     assert figures["trace_bytes"] > 0 and figures["peak_memory_mb"] > 0
     assert set(figures["methods"]) == {"attention", "tam", "relevancy"}
     assert figures["methods"]["relevancy"]["all_tokens_one_at_a_time_s"] > 0
+    assert figures["forward_backward_s"] > 0 and figures["methods"]["relevancy"]["batched_speedup_x"] > 0
+    assert all(p.grad is None for p in qwen2_vl.model.parameters())  # the yardstick leaves no gradients behind
     assert all(row["one_token_s"] > 0 and row["all_tokens_s"] > 0 for row in figures["methods"].values())
+
+
+def test_bench_command_rejects_a_bad_image_size(tmp_path, capsys):
+    assert main(["bench", "--image-size", "5", "--out", str(tmp_path / "bench.json")]) == 2
+    assert "--image-size must be between" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
 
 
 def _parameters(module) -> int:

@@ -271,3 +271,29 @@ def test_register_tokens_stand_out_by_norm(llava, llava_trace):
     chosen = positions_to_cells(llava_trace, register_tokens(llava, llava_trace))
     threshold = norms.mean() + 2 * norms.std()
     assert (norms[chosen] > threshold).all() and (norms[~chosen] <= threshold).all()
+
+
+def test_analysis_panel_shows_the_librarys_results(scene):
+    from components import analysis_panel
+    from lvlm_interpret import ExplainService
+
+    service = ExplainService(default_model="random:llava", device="cpu")
+    request_id, trace = service.generate([scene], "Describe the image.")
+    state = {"request_id": request_id, "image": scene, "token": 0}
+    slider, figure = analysis_panel.on_new_request(service, state)
+    lens = service.logit_lens(request_id, analysis_panel.LENS_TOP_K)
+    last = trace.n_layers - 1
+    assert slider.maximum == last and figure.data[0].text[0][0].startswith(lens.texts[last][0][0].strip())
+    np.testing.assert_allclose(figure.data[0].z, lens.probs[last, :, 0].reshape(lens.rows, lens.cols))
+    selection = ("random k", "", 0, 4, 1, "tam")
+    picture, summary, bars = analysis_panel.run_knockout(service, state, ["early", "late"], *selection)
+    expected = knockout(service.model("random:llava"), trace, random_tokens(trace, 4, seed=1),
+                        windows=["early", "late"])
+    np.testing.assert_allclose(bars.data[0].y, [100 * d for d in expected.drops()], rtol=1e-5, atol=1e-6)
+    assert picture.size == scene.size and "**Knockout** of 4 image tokens" in summary
+    _, summary = analysis_panel.run_ablation(service, state, "zero", *selection)
+    assert summary.startswith("**Zero ablation of 4 image tokens**")
+    with pytest.raises(UserInputError, match="box"):
+        analysis_panel.run_ablation(service, state, "zero", "object (box)", " ", 0, 4, 1, "tam")
+    with pytest.raises(UserInputError, match="generate"):
+        analysis_panel.lens_figure(service, {}, 0)

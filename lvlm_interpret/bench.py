@@ -60,15 +60,18 @@ def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "rel
 
     def forward_backward():
         """The yardstick for one token's relevancy: a plain (SDPA) forward over the final sequence and the backward
-        of one answer token's logit to every weight."""
+        of one answer token's logit through the whole model to the input pixels (activation gradients only, as
+        any attribution needs; no weight gradients)."""
+        inputs = replay_inputs(trace, loaded.device)
+        inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_()
         model.set_attn_implementation("sdpa")
         try:
             with torch.enable_grad():
-                logits = model(**replay_inputs(trace, loaded.device)).logits[0]
-                logits[trace.source_position(trace.n_answer // 2), trace.answer_ids[trace.n_answer // 2]].backward()
+                logits = model(**inputs).logits[0]
+                target = logits[trace.source_position(trace.n_answer // 2), trace.answer_ids[trace.n_answer // 2]]
+                torch.autograd.grad(target, inputs["pixel_values"])
         finally:
             model.set_attn_implementation(CAPTURE_ATTENTION)
-            model.zero_grad(set_to_none=True)
 
     figures["forward_backward_s"], _ = _timed(forward_backward, repeats)
     for name in methods:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,7 +73,8 @@ def _packed_tags(loaded, inputs) -> np.ndarray:
     (tile 0 is the base image, cell is row-major within the tile, (-1, -1) is image_newline); (-2, -2) elsewhere.
     Where OneVision shrinks the stitched grid the tags are blends."""
     model = loaded.model.model
-    n_tiles, side = inputs["pixel_values"].shape[1], model.config.vision_config.image_size // 8
+    n_tiles = inputs["pixel_values"].shape[1]
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     tags = torch.zeros(n_tiles, side * side, model.config.text_config.hidden_size)
     tags[..., 0] = torch.arange(n_tiles)[:, None]
     tags[..., 1] = torch.arange(side * side)[None, :]
@@ -85,27 +87,28 @@ def _packed_tags(loaded, inputs) -> np.ndarray:
     return result
 
 
-@pytest.mark.parametrize("size", [(100, 60), (60, 100), (64, 64), (200, 40), (300, 300)])
-def test_anyres_views_match_the_processor_and_the_models_packing(anyres_model, size):
+def _check_anyres_layout(loaded, size) -> bool:
+    """Check an image's layout against the processor's tokens and the model's own packing; whether the model shrank
+    the stitched grid (OneVision)."""
+    config = loaded.model.config
+    tile_px = config.vision_config.image_size
+    side = tile_px // config.vision_config.patch_size
     image = make_scene(*size)
-    inputs = build_inputs(anyres_model, [image], "Describe the image.")
-    (layout,) = anyres_model.family.image_layouts(anyres_model.model, anyres_model.processor, inputs, [image])
+    inputs = build_inputs(loaded, [image], "Describe the image.")
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
     assert layout.image_size == size and [v.name for v in layout.views] == ["tiles", "base"]
-    image_tokens = (inputs["input_ids"][0] == anyres_model.model.config.image_token_id).nonzero().flatten()
+    image_tokens = (inputs["input_ids"][0] == config.image_token_id).nonzero().flatten()
     assert layout.token_positions.tolist() == image_tokens.tolist()  # every image token, nothing else
-    tags = _packed_tags(anyres_model, inputs)
-    side = 4  # configs/random-llava_next.json, random-llava_onevision.json: 32-pixel tiles of 8-pixel patches
+    tags = _packed_tags(loaded, inputs)
     base = layout.view("base")
-    assert (tags[base.positions, 0] == 0).all() and tags[base.positions, 1].tolist() == \
-        np.arange(16).reshape(4, 4).tolist()
+    assert (tags[base.positions, 0] == 0).all()
+    assert tags[base.positions, 1].tolist() == np.arange(side * side).reshape(side, side).tolist()
     assert (tags[layout.separators] == -1).all() and len(layout.separators) == layout.rows
     n_tiles_high, n_tiles_wide = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(),
-                                                             anyres_model.model.config.image_grid_pinpoints, 32)
+                                                             config.image_grid_pinpoints, tile_px)
     assert inputs["pixel_values"].shape[1] == 1 + n_tiles_high * n_tiles_wide
-    unshrunk_rows, unshrunk_cols, _ = stitched_grid(size[1], size[0], anyres_model.model.config.image_grid_pinpoints,
-                                                    32, side)
+    unshrunk_rows, unshrunk_cols, _ = stitched_grid(size[1], size[0], config.image_grid_pinpoints, tile_px, side)
     shrunk = (layout.rows, layout.cols) != (unshrunk_rows, unshrunk_cols)
-    assert shrunk == (anyres_model.family.name == "llava_onevision" and size in [(100, 60), (60, 100), (300, 300)])
     if not shrunk:
         # stitched cell (r, c) holds tile (r // side, c // side)'s cell, shifted by the rows / cols unpadding cut
         tile, cell = tags[layout.positions, 0].astype(int) - 1, tags[layout.positions, 1].astype(int)
@@ -113,12 +116,41 @@ def test_anyres_views_match_the_processor_and_the_models_packing(anyres_model, s
         global_col = tile % n_tiles_wide * side + cell % side
         assert (global_row - np.arange(layout.rows)[:, None] == global_row[0, 0]).all()
         assert (global_col - np.arange(layout.cols)[None, :] == global_col[0, 0]).all()
-    # the grid covers the image up to the unpadding's rounding: less than one unshrunk cell off on each side
+    # the grid covers the image up to the unpadding's rounding: less than one unshrunk cell off on each side,
+    # centred as the processor pads (up to two canvas pixels)
     x0, y0, x1, y1 = layout.box
-    cell_w, cell_h = size[0] / (n_tiles_wide * side) * 1.5, size[1] / (n_tiles_high * side) * 1.5
+    pixel_w, pixel_h = size[0] / (n_tiles_wide * tile_px), size[1] / (n_tiles_high * tile_px)
+    cell_w, cell_h = pixel_w * tile_px / side * 1.5, pixel_h * tile_px / side * 1.5
     assert abs(y0) < cell_h and abs(y1 - size[1]) < cell_h and abs(x0) < cell_w and abs(x1 - size[0]) < cell_w
-    assert abs(y0 + y1 - size[1]) < 1 and abs(x0 + x1 - size[0]) < 1  # centred, as the processor pads
+    assert abs(y0 + y1 - size[1]) < max(1, 2 * pixel_h) and abs(x0 + x1 - size[0]) < max(1, 2 * pixel_w)
     assert (layout.rows > layout.cols) == (size[1] > size[0]) or size[0] == size[1]
+    return shrunk
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (64, 64), (200, 40), (300, 300)])
+def test_anyres_views_match_the_processor_and_the_models_packing(anyres_model, size):
+    shrunk = _check_anyres_layout(anyres_model, size)
+    assert shrunk == (anyres_model.family.name == "llava_onevision" and size in [(100, 60), (60, 100), (300, 300)])
+
+
+@pytest.mark.parametrize("family, geometry", [
+    # llava-hf/llava-v1.6-*: CLIP-L/14 at 336, the processor's default pinpoints
+    ("llava_next", {"tile": 336, "patch": 14,
+                    "pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}),
+    # llava-hf/llava-onevision-qwen2-*: SigLIP/14 at 384, anyres_max_9 over 1x1 .. 6x6 tiles
+    ("llava_onevision", {"tile": 384, "patch": 14, "max_tiles": 9,
+                         "pinpoints": [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]}),
+])
+@pytest.mark.parametrize("size", [(1000, 667), (480, 1200), (640, 640), (1500, 1400)])
+def test_anyres_layouts_at_the_real_checkpoints_geometry(family, geometry, size):
+    """The real checkpoints' tile, patch and pinpoint geometry on a narrow random model (no weights needed)."""
+    preset = json.loads((CONFIGS_DIR / f"random-{family}.json").read_text())
+    preset["image"] = {**preset["image"], **geometry}
+    preset["text_config"]["max_position_embeddings"] = 16384
+    model, processor = FAMILIES[family].build_random(preset)
+    loaded = SimpleNamespace(model=model, processor=processor, family=FAMILIES[family])
+    # OneVision shrinks what exceeds 9 tiles' worth of cells: a 1500x1400 image gets 4x4 tiles
+    assert _check_anyres_layout(loaded, size) == (family == "llava_onevision" and size == (1500, 1400))
 
 
 def _mass_inside(grid_map, layout, box) -> float:
@@ -187,28 +219,50 @@ def _tile_blocks(loaded, inputs) -> dict[tuple[int, int], list[int]]:
     return blocks
 
 
-@pytest.mark.parametrize("size", [(100, 60), (60, 100), (200, 40)])
-def test_split_views_match_the_processor(split_model, size):
+def _check_split_layout(loaded, size):
+    """Check an image's layout against the processor's tiles (its row / col info and <row_i_col_j> tags)."""
+    config = loaded.model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
     image = make_scene(*size)
-    inputs = build_inputs(split_model, [image], "Describe the image.")
-    (layout,) = split_model.family.image_layouts(split_model.model, split_model.processor, inputs, [image])
-    info = split_model.processor.image_processor(images=[[image]], return_row_col_info=True)
+    inputs = build_inputs(loaded, [image], "Describe the image.")
+    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
+    info = loaded.processor.image_processor(images=[[image]], return_row_col_info=True)
     rows, cols = info["rows"][0][0], info["cols"][0][0]
     assert rows >= 1 and cols >= 1 and inputs["pixel_values"].shape[1] == rows * cols + 1
-    assert (rows > cols) == (size[1] > size[0])
-    side = 4  # configs/random-idefics3.json: 32-pixel tiles of 4-pixel patches, pixel-shuffled by 2
+    assert (rows > cols) == (size[1] > size[0]) or size[0] == size[1]
     assert [v.name for v in layout.views] == ["tiles", "global"]
-    assert (layout.rows, layout.cols) == (rows * side, cols * side) and layout.view("global").positions.shape == (4, 4)
-    blocks = _tile_blocks(split_model, inputs)
+    assert (layout.rows, layout.cols) == (rows * side, cols * side)
+    assert layout.view("global").positions.shape == (side, side)
+    blocks = _tile_blocks(loaded, inputs)
     assert set(blocks) == {(r, c) for r in range(rows) for c in range(cols)}
     for (r, c), block in blocks.items():
         assert layout.positions[r * side:(r + 1) * side, c * side:(c + 1) * side].ravel().tolist() == block
-    image_tokens = (inputs["input_ids"][0] == split_model.model.config.image_token_id).nonzero().flatten().tolist()
+    image_tokens = (inputs["input_ids"][0] == config.image_token_id).nonzero().flatten().tolist()
     assert layout.cell_positions.tolist() == image_tokens
-    # separators: the tile tags, the global tag and the wrapping tokens; the image's tokens are one span
+    # separators: the tile tags, the global tag, the wrapping tokens and the text between tile rows; one span
     span = layout.token_positions
-    assert span.tolist() == list(range(span[0], span[-1] + 1)) and len(layout.separators) == rows * cols * 2 + 3
+    assert span.tolist() == list(range(span[0], span[-1] + 1))
+    assert len(layout.separators) == len(span) - len(image_tokens) >= rows * cols * 2 + 3
     assert layout.box == (0.0, 0.0, float(size[0]), float(size[1]))  # tiles and global image cover all of it
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (200, 40)])
+def test_split_views_match_the_processor(split_model, size):
+    _check_split_layout(split_model, size)
+
+
+@pytest.mark.parametrize("family, geometry", [
+    ("idefics3", {"tile": 364, "patch": 14, "scale_factor": 2, "longest_edge": 1456}),  # Idefics3-8B-Llama3
+    ("smolvlm", {"tile": 512, "patch": 16, "scale_factor": 4, "longest_edge": 2048}),  # SmolVLM-256M / 500M
+])
+@pytest.mark.parametrize("size", [(1000, 667), (480, 1200)])
+def test_split_layouts_at_the_real_checkpoints_geometry(family, geometry, size):
+    """The real checkpoints' tile, patch and shuffle geometry on a narrow random model (no weights needed)."""
+    preset = json.loads((CONFIGS_DIR / f"random-{family}.json").read_text())
+    preset["image"] = geometry
+    preset["text_config"]["max_position_embeddings"] = 16384
+    model, processor = FAMILIES[family].build_random(preset)
+    _check_split_layout(SimpleNamespace(model=model, processor=processor, family=FAMILIES[family]), size)
 
 
 def test_split_tile_tokens_are_the_patch_grid_row_major(split_model):

@@ -181,10 +181,17 @@ def main(argv: list[str] | None = None) -> None:
         service = hosted_service(args.model, limits, device=args.device) if args.hosted else ExplainService(
             default_model=args.model, device=args.device, cache_bytes=args.cache_mb * 2 ** 20)
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
-    build_app(service).queue(default_concurrency_limit=limits.get("concurrency", args.concurrency),
-                             max_size=limits.get("queue", args.queue)).launch(
-        server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-        max_file_size=f"{limits['max_upload_mb']}mb" if args.hosted else None)
+    launch(service, limits, args.host, args.port, args.share, args.concurrency, args.queue)
+
+
+def launch(service, limits: dict, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           concurrency: int = 1, queue: int = 64, block: bool = True) -> gr.Blocks:
+    """Serve the page; hosted `limits` (empty: none) set concurrency, queue size and upload size."""
+    demo = build_app(service).queue(default_concurrency_limit=limits.get("concurrency", concurrency),
+                                    max_size=limits.get("queue", queue))
+    demo.launch(server_name=host, server_port=port, share=share, css=CSS, prevent_thread_lock=not block,
+                max_file_size=f"{limits['max_upload_mb']}mb" if limits else None, quiet=not block)
+    return demo
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=DEFAULT_MODEL)
     serve.add_argument("--device", default="auto")
     serve.add_argument("--cache-mb", type=int, default=1024, help="bound of the trace and map cache")
+    serve.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
+    serve.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503 (busy, retry)")
+    serve.add_argument("--hosted", action="store_true", help="public-demo limits from configs/hosted.json")
     analysis_commands.add_parsers(commands)
     return parser
 
@@ -121,12 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve(args) -> None:
     import uvicorn
 
-    from .server import create_api
-    from .service import ExplainService
+    from .server import serving_api
 
-    service = ExplainService(default_model=args.model, cache_bytes=args.cache_mb * 2 ** 20, device=args.device)
-    service.model()  # a bad --model fails here, before serving
-    uvicorn.run(create_api(service), host=args.host, port=args.port, log_level="warning")
+    api = serving_api(args.model, args.device, args.hosted, args.cache_mb, args.concurrency, args.queue)
+    uvicorn.run(api, host=args.host, port=args.port, log_level="warning")
 
 
 def run_bench_command(args) -> dict:

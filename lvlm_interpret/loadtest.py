@@ -272,11 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["backend"]["memory"] = service.memory()
         results["after_backend"] = process_figures()
     if "app" in targets:
-        from app import build_app  # the web app lives at the repository root
+        from app import launch  # the web app lives at the repository root
 
-        demo = build_app(service).queue(default_concurrency_limit=args.concurrency, max_size=args.queue)
         port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        demo = launch(service, {}, port=port, concurrency=args.concurrency, queue=args.queue, block=False)
         try:
             fresh = [Session(s.png, s.prompt) for s in sessions]  # the app's maps are pictures
             results["app"] = run_load("app", f"http://127.0.0.1:{port}/", fresh, args.rounds).figures()

@@ -25,7 +25,7 @@ from .capture import GenerationOptions
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .images import MAX_PIXELS, prepare_image
 from .methods import METHODS
-from .service import ExplainService
+from .service import ExplainService, hosted_limits, hosted_service
 
 MAX_UPLOAD_BYTES = 20 * 2 ** 20
 RETRY_AFTER_S = 5
@@ -231,3 +231,15 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         return explanation_json(explanation)
 
     return api
+
+
+def serving_api(model: str, device: str = "auto", hosted: bool = False, cache_mb: int = 1024, concurrency: int = 1,
+                queue: int = 16) -> FastAPI:
+    """The backend as `python -m lvlm_interpret serve` runs it, its model loaded (a bad one fails here); `hosted`
+    applies configs/hosted.json (allowed models, answer length, upload size, concurrency, queue, time limit)."""
+    limits = hosted_limits() if hosted else {}
+    service = hosted_service(model, limits, device=device) if hosted else ExplainService(
+        default_model=model, cache_bytes=cache_mb * 2 ** 20, device=device)
+    service.model()
+    return create_api(service, Admission(limits.get("concurrency", concurrency), limits.get("queue", queue)),
+                      max_upload_bytes=int(limits["max_upload_mb"] * 2 ** 20) if hosted else MAX_UPLOAD_BYTES)

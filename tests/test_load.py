@@ -50,12 +50,11 @@ def test_a_session_given_another_sessions_results_is_reported(service, backend_s
 
 
 def test_web_app_sessions_get_their_own_results_or_queue_full(service):
-    from app import build_app
+    from app import launch
 
     sessions = make_sessions(3)
-    demo = build_app(service).queue(default_concurrency_limit=1, max_size=1)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo = launch(service, {}, port=port, concurrency=1, queue=1, block=False)
     try:
         report = run_load("app", f"http://127.0.0.1:{port}/", sessions)
     finally:

@@ -123,18 +123,25 @@ def _load_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             local_files_only=offline or local.is_dir())
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserInputError(f"model {name!r} needs its own Python code to load, and running a checkpoint's code "
+                                 "is off: pass --trust-remote-code only for a checkpoint you trust") from None
         looked = f"local folder {local}" if local.is_dir() else \
             f"no local folder {name!r}, and hub id {name!r} is not in the Hugging Face cache" + \
             (" (offline: downloads are off)" if offline else " and could not be downloaded")
         raise UserInputError(f"cannot load model {name!r}: {looked}") from error
     family = _family(config.model_type)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source,
-        dtype=torch_dtype,
-        device_map=device_map,
-        attn_implementation=CAPTURE_ATTENTION,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            device_map=device_map,
+            attn_implementation=CAPTURE_ATTENTION,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # pickle weights (.bin) can run code when loaded: never read them
+        )
+    except OSError as error:
+        raise UserInputError(f"cannot load model {name!r}: it has no safetensors weights (*.safetensors), and "
+                             "pickle weights (.bin) are never loaded: use a checkpoint saved as safetensors") from error
     processor = family.load_processor(source, trust_remote_code=trust_remote_code)
     return model, processor, family

@@ -274,3 +274,19 @@ def test_tiny_model_is_the_real_architecture_and_checkpoint_presets_are_loadable
     for checkpoint in preset["checkpoints"]:
         assert checkpoint["id"].count("/") == 1 and checkpoint["dtype"] in DTYPES
         assert checkpoint["attn_implementation"] == CAPTURE_ATTENTION
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2_vl"])  # qwen2_vl: its processor loading is shared
+def test_a_saved_checkpoint_folder_loads_through_the_familys_processor(models, traces, tmp_path, family):
+    """What loading a real checkpoint does (AutoModel + the family's processor, no torchvision), offline."""
+    loaded = models(family)
+    loaded.model.save_pretrained(tmp_path)
+    loaded.processor.save_pretrained(tmp_path)
+    if family == "paligemma":  # released PaliGemma processors have no chat template: the family supplies one
+        (tmp_path / "chat_template.jinja").unlink()
+    reloaded = load_model(str(tmp_path), device="cpu")
+    assert reloaded.family.name == family
+    trace = generate_with_capture(reloaded, [make_scene(200, 90)], PROMPT,
+                                  GenerationOptions(max_new_tokens=4, min_new_tokens=4))
+    assert trace.answer_ids == traces(family).answer_ids
+    assert [layout.to_json() for layout in trace.images] == [layout.to_json() for layout in traces(family).images]

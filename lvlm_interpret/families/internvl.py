@@ -24,7 +24,6 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
 from .base import ImageLayout, ImageView, ModelFamily, seeded_model
-from .qwen2_vl import image_only_processor
 
 START, END, CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", START, END, CONTEXT, VIDEO]
@@ -35,6 +34,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class InternVLImageOnlyProcessor(InternVLProcessor):
+    """InternVL's processor without its video processor, which needs torchvision (absent from CPU installs)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
 
 
 def tiles_then_thumbnail(start: int, side: int, tile_rows: int, tile_cols: int, box, image_size,
@@ -85,6 +93,10 @@ class InternVLFamily(ModelFamily):
     def vision_attentions(self, model):
         return [layer.attention for layer in self.vision_layers(model)]
 
+    def load_processor(self, source, trust_remote_code=False):
+        # AutoProcessor would also build the video processor, which needs torchvision
+        return InternVLImageOnlyProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,
                                          CHAT_TEMPLATE, start_image_token=START, end_image_token=END,
@@ -102,7 +114,7 @@ class InternVLFamily(ModelFamily):
             image_token_id=ids(CONTEXT),
             image_seq_length=side * side,
         )
-        processor = image_only_processor(InternVLProcessor)(
+        processor = InternVLImageOnlyProcessor(
             image_processor=GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True,
                                                      min_patches=1, max_patches=image["max_tiles"]),
             tokenizer=tokenizer,

@@ -67,6 +67,10 @@ class Qwen2VLFamily(ModelFamily):
         merge = model.config.vision_config.spatial_merge_size
         return np.arange(layout.n_cells * merge * merge).reshape(layout.n_cells, merge * merge)
 
+    def load_processor(self, source, trust_remote_code=False):
+        # AutoProcessor would also build the video processor, which needs torchvision
+        return self.processor_class.from_pretrained(source, trust_remote_code=trust_remote_code)
+
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,
                                          CHAT_TEMPLATE)

@@ -14,6 +14,7 @@ import torch
 from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
 from lvlm_interpret.capture import CAPTURE_ATTENTION, build_inputs
 from lvlm_interpret.cli import main
+from lvlm_interpret.errors import UserInputError
 from lvlm_interpret.families import FAMILIES as REGISTRY
 from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
@@ -215,7 +216,8 @@ def _internvl_layout(loaded, image):
     return inputs, layout
 
 
-@pytest.mark.parametrize("size, tiles", [((200, 90), (1, 2)), ((90, 200), (2, 1)), ((60, 60), (2, 2)), ((30, 30), (1, 1))])
+@pytest.mark.parametrize("size, tiles", [((200, 90), (1, 2)), ((90, 200), (2, 1)), ((60, 60), (2, 2)),
+                                         ((30, 30), (1, 1))])
 def test_internvl_tiles_are_stitched_in_the_processors_arrangement(models, size, tiles):
     loaded = models("internvl")
     inputs, layout = _internvl_layout(loaded, make_scene(*size))
@@ -290,3 +292,11 @@ def test_a_saved_checkpoint_folder_loads_through_the_familys_processor(models, t
                                   GenerationOptions(max_new_tokens=4, min_new_tokens=4))
     assert trace.answer_ids == traces(family).answer_ids
     assert [layout.to_json() for layout in trace.images] == [layout.to_json() for layout in traces(family).images]
+
+
+def test_gemma3_pan_and_scan_crops_get_one_clear_message():
+    loaded = load_model("random:gemma3", device="cpu")  # its own copy: the processor is changed
+    loaded.processor.images_kwargs = {**loaded.processor.images_kwargs, "do_pan_and_scan": True,
+                                      "pan_and_scan_min_crop_size": 32}
+    with pytest.raises(UserInputError, match="pan-and-scan crops are not supported"):
+        generate_with_capture(loaded, [make_scene(400, 90)], PROMPT, GenerationOptions(max_new_tokens=1))

@@ -41,8 +41,8 @@ class Gemma3Family(ModelFamily):
 
     def grids(self, model, processor, inputs, images):
         if inputs["pixel_values"].shape[0] != len(images):
-            raise UserInputError("gemma3: pan-and-scan crops are not supported; load the processor with "
-                                 "do_pan_and_scan=False (the default)")
+            raise UserInputError("gemma3: pan-and-scan crops are not supported: turn pan-and-scan off in the "
+                                 "processor (do_pan_and_scan=False, its default)")
         side = math.isqrt(model.config.mm_tokens_per_image)
         # a plain resize of the whole image (no crop, no pad): the grid covers all of it
         return [(side, side, 0, (0.0, 0.0, float(image.width), float(image.height))) for image in images]

@@ -1,4 +1,4 @@
-"""InternVL (2.5 / 3, transformers-native) layout: tiles of the stretched image plus a thumbnail, each tile pixel-shuffled.
+"""InternVL (2.5 / 3, transformers-native) layout: tiles of the stretched image plus a thumbnail, pixel-shuffled.
 
 The image processor picks the tile arrangement (cols x rows, `min_patches`..`max_patches` tiles) whose aspect ratio
 is closest to the image's, resizes (stretches) the whole image to it and cuts it into tiles, row by row, then adds

@@ -346,3 +346,19 @@ def test_an_image_the_processor_does_not_split_has_only_its_global_view():
     image_tokens = (inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero().flatten().tolist()
     assert layout.positions.ravel().tolist() == image_tokens and len(layout.separators) == 3
     assert layout.box == (0.0, 0.0, 100.0, 60.0)
+
+
+@pytest.mark.parametrize("preset", ["llava_next", "llava_onevision", "idefics3", "smolvlm"])
+def test_a_saved_checkpoint_loads_from_its_folder_with_the_same_layout_and_answer(tmp_path, preset):
+    """The real checkpoints' path (AutoConfig, AutoModelForImageTextToText, the family's processor), offline; the
+    folder also names a video processor, as the hub checkpoints do, which CPU installs cannot build."""
+    built = load_model(f"random:{preset}", device="cpu")
+    built.model.save_pretrained(tmp_path)
+    built.processor.save_pretrained(tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text('{"video_processor_type": "NoSuchVideoProcessor"}')
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert loaded.family is built.family
+    image, options = make_scene(100, 60), GenerationOptions(max_new_tokens=2)
+    first = generate_with_capture(built, [image], "Describe the image.", options)
+    second = generate_with_capture(loaded, [image], "Describe the image.", options)
+    assert second.images == first.images and second.answer_ids == first.answer_ids

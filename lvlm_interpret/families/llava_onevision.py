@@ -17,7 +17,19 @@ from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
 from .base import seeded_model
 from .llava import CHAT_TEMPLATE, IMAGE_TOKEN, llava_config
 from .llava_next import LlavaNextFamily, stitched_grid
-from .qwen2_vl import image_only_processor
+
+
+class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without its video processor, which needs torchvision (absent from CPU installs);
+    its own settings are named so that save_pretrained / from_pretrained keep them."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+                         **kwargs)
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -36,6 +48,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             rows, cols = int(rows // ratio), int(cols // ratio)
         return rows, cols, box
 
+    def load_processor(self, source, trust_remote_code=False):
+        return LlavaOnevisionImageOnlyProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+
     def build_random(self, preset):
         # the processor counts <video> tokens: it must be a token of its own, not <unk>
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN, "<video>"],
@@ -46,7 +61,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         config = llava_config(tokenizer, tile, patch, preset["vision_config"], preset["text_config"],
                               config_class=LlavaOnevisionConfig, image_grid_pinpoints=pinpoints,
                               vision_aspect_ratio=aspect)
-        processor = image_only_processor(LlavaOnevisionProcessor)(
+        processor = LlavaOnevisionImageOnlyProcessor(
             image_processor=LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
                                                             image_grid_pinpoints=pinpoints),
             tokenizer=tokenizer,

@@ -362,3 +362,13 @@ def test_a_saved_checkpoint_loads_from_its_folder_with_the_same_layout_and_answe
     first = generate_with_capture(built, [image], "Describe the image.", options)
     second = generate_with_capture(loaded, [image], "Describe the image.", options)
     assert second.images == first.images and second.answer_ids == first.answer_ids
+
+
+def test_a_llava_next_checkpoint_keeping_clip_cls_in_its_tiles_is_refused_with_one_message():
+    loaded = load_model("random:llava_next", device="cpu")
+    image = make_scene(100, 60)
+    inputs = build_inputs(loaded, [image], "Describe the image.")
+    loaded.model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(UserInputError, match="vision_feature_select_strategy 'full' are not supported; use one with "
+                                             "'default'"):
+        loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])

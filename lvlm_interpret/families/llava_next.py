@@ -18,6 +18,7 @@ from transformers import (
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
 
+from ..errors import UserInputError
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
 from .base import ImageLayout, ImageView, seeded_model
 from .llava import CHAT_TEMPLATE, IMAGE_TOKEN, LlavaFamily, llava_config
@@ -71,8 +72,9 @@ class LlavaNextFamily(LlavaFamily):
     def image_layouts(self, model, processor, inputs, images):
         config = model.config
         if config.vision_feature_select_strategy not in self.feature_strategies:
-            raise ValueError(f"{self.name}: the vision feature strategy {config.vision_feature_select_strategy!r} is "
-                             f"not supported (supported: {', '.join(self.feature_strategies)})")
+            raise UserInputError(f"{self.name}: checkpoints with vision_feature_select_strategy "
+                                 f"{config.vision_feature_select_strategy!r} are not supported; use one with "
+                                 f"{' or '.join(map(repr, self.feature_strategies))}")
         side = config.vision_config.image_size // config.vision_config.patch_size
         grids = [self.high_resolution_grid(config, height, width, side)
                  for height, width in inputs["image_sizes"].tolist()]
@@ -93,8 +95,9 @@ class LlavaNextFamily(LlavaFamily):
         config = llava_config(tokenizer, tile, patch, preset["vision_config"], preset["text_config"],
                               config_class=LlavaNextConfig, image_grid_pinpoints=pinpoints)
         processor = LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessorPil(
-                size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints),
+            image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": tile},
+                                                       crop_size={"height": tile, "width": tile},
+                                                       image_grid_pinpoints=pinpoints),
             tokenizer=tokenizer,
             patch_size=patch,
             vision_feature_select_strategy="default",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,7 +73,10 @@ def _image_token_positions(loaded, inputs) -> list[int]:
 @pytest.mark.parametrize("family", SINGLE_GRID)
 @pytest.mark.parametrize("size", [(200, 90), (90, 200)])
 def test_spans_and_grids_equal_the_processors(models, family, size):
-    loaded = models(family)
+    _check_single_grid_layout(models(family), family, size)
+
+
+def _check_single_grid_layout(loaded, family, size):
     image = make_scene(*size)
     inputs = build_inputs(loaded, [image], PROMPT)
     (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
@@ -89,6 +93,48 @@ def test_spans_and_grids_equal_the_processors(models, family, size):
     assert layout.separators.tolist() == np.flatnonzero(np.isin(inputs["input_ids"][0], separators)).tolist()
     if family == "mistral3":
         assert len(layout.separators) == rows and (np.diff(layout.positions[:, 0]) == cols + 1).all()
+
+
+# The released checkpoints' image geometry (patch, merge, windows, resize limits, tiles) on narrow random models
+REAL_GEOMETRY = {
+    "qwen2_5_vl": {"image": {"patch": 14, "merge": 2, "min_cells": 4, "max_cells": 16384}},  # 3136 .. 12845056 px
+    "qwen3_vl": {"image": {"patch": 16, "merge": 2, "min_cells": 64, "max_cells": 16384}},
+    "gemma3": {"image": {"size": 896, "patch": 14, "tokens_per_side": 16}},
+    "paligemma": {"image": {"size": 448, "patch": 14}},  # the -448 checkpoints; -224 has 16 x 16 tokens
+    "mistral3": {"image": {"longest_edge": 1540, "patch": 14, "merge": 2}},
+    "internvl": {"image": {"tile": 448, "patch": 14, "max_tiles": 12}},
+}
+
+
+def _narrow_model_at_real_geometry(family):
+    preset = json.loads((CONFIGS_DIR / f"random-{family}.json").read_text())
+    preset["image"] = REAL_GEOMETRY[family]["image"]
+    preset["text_config"]["max_position_embeddings"] = 16384
+    preset["vision_config"]["depth" if "depth" in preset["vision_config"] else "num_hidden_layers"] = 2
+    model, processor = REGISTRY[family].build_random(preset)
+    return SimpleNamespace(model=model, processor=processor, family=REGISTRY[family])
+
+
+@pytest.mark.parametrize("family", SINGLE_GRID)
+@pytest.mark.parametrize("size", [(1000, 667), (480, 1200)])
+def test_layouts_at_the_real_checkpoints_geometry(family, size):
+    _check_single_grid_layout(_narrow_model_at_real_geometry(family), family, size)
+
+
+@pytest.mark.parametrize("size, tiles", [((1000, 667), (2, 3)), ((480, 1200), (5, 2))])
+def test_internvl_tiles_at_the_real_checkpoints_geometry(size, tiles):
+    loaded = _narrow_model_at_real_geometry("internvl")
+    inputs, layout = _internvl_layout(loaded, make_scene(*size))
+    assert loaded.processor.image_seq_length == 256 and inputs["pixel_values"].shape[0] == tiles[0] * tiles[1] + 1
+    assert (layout.rows, layout.cols) == (tiles[0] * 16, tiles[1] * 16)
+    assert layout.cell_positions.tolist() == _image_token_positions(loaded, inputs)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_vision_token_groups_at_the_real_checkpoints_geometry(family):
+    """Qwen2.5-VL's 112-pixel windows over 14-pixel patches; Gemma 3's 64 x 64 patches pooled to 16 x 16."""
+    loaded = _narrow_model_at_real_geometry(family)
+    _check_vision_token_groups(loaded, make_scene(300, 200))
 
 
 @pytest.mark.parametrize("family", SINGLE_GRID)
@@ -184,8 +230,10 @@ def _vision_features(loaded, inputs):
 
 @pytest.mark.parametrize("family", WITH_VISION_RELEVANCY)
 def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(models, family):
-    loaded = models(family)
-    image = make_scene(200, 90)
+    _check_vision_token_groups(models(family), make_scene(200, 90))
+
+
+def _check_vision_token_groups(loaded, image):
     inputs = build_inputs(loaded, [image], PROMPT)
     (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
     groups = loaded.family.vision_token_groups(loaded.model, layout)

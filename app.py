@@ -140,7 +140,7 @@ def build_app(service) -> gr.Blocks:
         generation.button.click(on_generate, generation.inputs(),
                                 [session, answer, attention.layer, attention.head, *token_outputs]).success(
             gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
-            [analysis.layer, analysis.lens])
+            [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
                       [session, *token_outputs])

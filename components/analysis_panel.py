@@ -43,7 +43,8 @@ class AnalysisPanel:
     @classmethod
     def build(cls) -> "AnalysisPanel":
         with gr.Column():
-            gr.Markdown("Acts on the selected answer token. Box: x0,y0,x1,y1 in the image's pixels.")
+            gr.Markdown("Acts on the selected answer token. Box: x0,y0,x1,y1 in the image's pixels, typed or drawn "
+                        "by clicking two opposite corners on the image below.")
             with gr.Row():
                 token_set = gr.Radio(list(SETS), value="object (box)", label="Image tokens", elem_id="analysis-set")
                 box = gr.Textbox(label="Box", placeholder="x0,y0,x1,y1", elem_id="analysis-box")
@@ -60,8 +61,8 @@ class AnalysisPanel:
             with gr.Row():
                 ablate = gr.Button("Ablate", elem_id="analysis-ablate")
                 knockout = gr.Button("Knock out", elem_id="analysis-knockout")
-            tokens = gr.Image(type="pil", label="Chosen tokens", interactive=False, height=240, format="png",
-                              elem_id="analysis-tokens")
+            tokens = gr.Image(type="pil", label="Chosen tokens (click two corners to draw a box)", interactive=False,
+                              height=240, format="png", elem_id="analysis-tokens")
             summary = gr.Markdown(elem_id="analysis-summary")
             drops = gr.Plot(label="Knockout: probability drop per layer window", elem_id="analysis-knockout-plot")
             layer = gr.Slider(0, 1, value=0, step=1, label="Logit lens layer", elem_id="analysis-lens-layer")
@@ -143,6 +144,18 @@ def layer_slider(service: ExplainService, state: dict) -> gr.Slider:
     return gr.Slider(0, n_layers - 1, value=n_layers - 1, step=1)
 
 
+def box_click(box: str, x: float, y: float) -> str:
+    """Two clicks draw a box: the first gives one corner, the second the opposite one (in image pixels)."""
+    parts = [p for p in (box or "").split(",") if p.strip()]
+    if len(parts) != 2:
+        return f"{x:.0f},{y:.0f}"
+    try:
+        x0, y0 = float(parts[0]), float(parts[1])
+    except ValueError:
+        return f"{x:.0f},{y:.0f}"
+    return f"{min(x0, x):.0f},{min(y0, y):.0f},{max(x0, x):.0f},{max(y0, y):.0f}"
+
+
 def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
     """Connect the panel's buttons and slider (handlers wrapped by the app's `user_errors`)."""
     panel.ablate.click(user_errors(lambda state, replacement, *selection: run_ablation(
@@ -154,10 +167,15 @@ def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
     panel.layer.release(user_errors(lambda state, layer: lens_figure(service, state, layer)),
                         [session, panel.layer], panel.lens)
 
+    def on_click(box, event: gr.SelectData):
+        return box_click(box, *event.index)
+    panel.tokens.select(on_click, panel.box, panel.box)
+
 
 def on_new_request(service, state) -> tuple:
-    """After a generation: the slider spans the model's layers and the lens shows the last one."""
+    """After a generation: the slider spans the model's layers, the lens shows the last one, and the image is
+    ready for drawing a box."""
     if not hasattr(service, "logit_lens"):
-        return gr.Slider(), None
+        return gr.Slider(), None, state["image"]
     slider = layer_slider(service, state)
-    return slider, lens_figure(service, state, slider.value)
+    return slider, lens_figure(service, state, slider.value), state["image"]

@@ -280,7 +280,11 @@ def test_analysis_panel_shows_the_librarys_results(scene):
     service = ExplainService(default_model="random:llava", device="cpu")
     request_id, trace = service.generate([scene], "Describe the image.")
     state = {"request_id": request_id, "image": scene, "token": 0}
-    slider, figure = analysis_panel.on_new_request(service, state)
+    slider, figure, picture = analysis_panel.on_new_request(service, state)
+    assert picture is scene
+    assert analysis_panel.box_click("", 50, 20) == "50,20"
+    assert analysis_panel.box_click("50,20", 10, 60) == "10,20,50,60"
+    assert analysis_panel.box_click("10,20,50,60", 5, 5) == "5,5"
     lens = service.logit_lens(request_id, analysis_panel.LENS_TOP_K)
     last = trace.n_layers - 1
     assert slider.maximum == last and figure.data[0].text[0][0].startswith(lens.texts[last][0][0].strip())

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
-from lvlm_interpret.capture import CAPTURE_ATTENTION, build_inputs
+from lvlm_interpret import GenerationOptions, Trace, generate_with_capture, get_method, load_model
+from lvlm_interpret.capture import CAPTURE_ATTENTION, build_inputs, replay_inputs
 from lvlm_interpret.cli import main
 from lvlm_interpret.errors import UserInputError
 from lvlm_interpret.families import FAMILIES as REGISTRY
@@ -245,9 +245,16 @@ def _check_vision_token_groups(loaded, image):
 
 
 @pytest.mark.parametrize("preset", ["paligemma", "paligemma2"])
-def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(models, traces, preset):
+def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(models, traces, preset, tmp_path):
     loaded, trace = models(preset), traces(preset)
-    assert trace.model_inputs["token_type_ids"].tolist() == [[0] * trace.prompt_length + [1] * trace.n_answer]
+    token_types = [[0] * trace.prompt_length + [1] * trace.n_answer]
+    assert trace.model_inputs["token_type_ids"].tolist() == token_types
+    # a saved trace keeps them; a replay on re-processed inputs (the blurred image of LLR) extends them the same way
+    trace.save(tmp_path / "trace.safetensors")
+    assert Trace.load(tmp_path / "trace.safetensors").model_inputs["token_type_ids"].tolist() == token_types
+    reprocessed = {name: value for name, value in build_inputs(loaded, [make_scene(200, 90)], PROMPT).items()
+                   if name not in ("input_ids", "attention_mask")}
+    assert replay_inputs(trace, model_inputs=reprocessed)["token_type_ids"].tolist() == token_types
     attentions = _replay(loaded, trace).attentions[-1][0]  # last LM layer [heads, S, S]
     first_image = int(trace.images[0].positions[0, 0])
     # an image token (first in the sequence) sees the last prompt token, but no answer token

@@ -38,7 +38,8 @@ def window_layers(window: str, n_layers: int) -> list[int]:
     except ValueError:
         raise UserInputError(f"unknown layer window {window!r}: use {', '.join(WINDOWS)} or a range like 2-5") from None
     if not 0 <= first <= last < n_layers:
-        raise UserInputError(f"layer window {window!r} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+        raise UserInputError(f"layer window {window!r} is out of range: the model has {n_layers} layers "
+                             f"(0-{n_layers - 1})")
     return list(range(first, last + 1))
 
 

@@ -162,8 +162,8 @@ class GenerationOptions:
             raise UserInputError(f"max new tokens must be between 1 and 1024, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserInputError(f"min new tokens must be between 0 and max new tokens, got {self.min_new_tokens}")
-        if not 0 < self.temperature <= 10:
-            raise UserInputError(f"temperature must be in (0, 10], got {self.temperature}")
+        if not 0.01 <= self.temperature <= 10:  # below, logits / temperature overflow to inf and sampling fails
+            raise UserInputError(f"temperature must be in [0.01, 10], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
 

@@ -29,18 +29,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise UserInputError(f"image path is not a file: {path}")
     if os.path.getsize(path) == 0:
         raise UserInputError(f"image file is empty (0 bytes): {path}")
+    return decode_image(path, path)
+
+
+def decode_image(source, name: str) -> Image.Image:
+    """Open a path or binary file as an RGB picture (`prepare_image`), or refuse it in one line that ends with
+    `name`; the declared size is checked before any pixel is decoded."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             if opened.width * opened.height > MAX_PIXELS:
                 raise UserInputError(f"image is too large ({opened.width}x{opened.height}); use one under "
-                                     f"{MAX_PIXELS // 1_000_000} megapixels: {path}")
+                                     f"{MAX_PIXELS // 1_000_000} megapixels: {name}")
             opened.load()
             return prepare_image(opened)
     except UserInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise UserInputError(f"not a readable image (PNG, JPEG, WebP, ...): {path}") from error
+        raise UserInputError(f"not a readable image (PNG, JPEG, WebP, ...): {name}") from error
     except PermissionError as error:
-        raise UserInputError(f"image file cannot be read (permission denied): {path}") from error
+        raise UserInputError(f"image file cannot be read (permission denied): {name}") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise UserInputError(f"image file is corrupt or truncated: {path}") from error
+        raise UserInputError(f"image file is corrupt or truncated: {name}") from error

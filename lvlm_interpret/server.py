@@ -18,12 +18,13 @@ import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .capture import GenerationOptions
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
-from .images import MAX_PIXELS, prepare_image
+from .images import decode_image
 from .methods import METHODS
 from .service import ExplainService, hosted_limits, hosted_service
 
@@ -125,22 +126,13 @@ def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Image.Image:
         raise UserInputError("the uploaded image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise UserInputError(f"the uploaded image is larger than {max_bytes / 2 ** 20:g} MB: upload a smaller file")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > MAX_PIXELS:
-                raise UserInputError(f"the image is too large ({opened.width}x{opened.height})")
-            opened.load()
-            return prepare_image(opened)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise UserInputError("the upload is not a readable image (PNG, JPEG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError):
-        raise UserInputError("the uploaded image is corrupt or truncated") from None
+    return decode_image(io.BytesIO(data), "the uploaded file")
 
 
 def create_api(service: ExplainService, admission: Admission | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """Errors are JSON `{"error": one line}`: 400 bad input, 404 unknown request id, 503 busy (with Retry-After),
-    500 anything else (logged here; the client sees no trace or path)."""
+    """Errors are JSON `{"error": one line}`: 400 bad input, 404 unknown request id or endpoint, 413 upload too
+    large, 503 busy (with Retry-After), 500 anything else (logged here; the client sees no trace or path)."""
     admission = admission or Admission()
     api = FastAPI(title="lvlm_interpret", version="1",
                   description="Generate with capture, then explain any answer token with any registered method.")
@@ -158,6 +150,11 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path"))
         return JSONResponse(status_code=400, content={"error": f"{field or 'request'}: {first['msg']}"})
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        message = "no such endpoint: see /docs for the API" if error.status_code == 404 else str(error.detail)
+        return JSONResponse(status_code=error.status_code, content={"error": message}, headers=error.headers)
 
     @api.exception_handler(Exception)
     async def internal_error(request, error: Exception):

@@ -24,6 +24,11 @@ def service():
     return ExplainService(default_model="random:llava", device="cpu")
 
 
+def _handler(demo, name):
+    """The web page's handler `name`, as Gradio calls it."""
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
 @contextlib.contextmanager
 def out_of_memory_once(service, at_forward: int = 3):
     """The model runs out of memory once, in its `at_forward`-th decoder forward (mid-generation)."""
@@ -67,7 +72,7 @@ def test_out_of_memory_over_http_is_503_with_retry_after(service):
 
 
 def test_out_of_memory_in_the_web_app_is_a_notice(service):
-    on_generate = next(f.fn for f in build_app(service).fns.values() if f.name == "on_generate")
+    on_generate = _handler(build_app(service), "on_generate")
     with out_of_memory_once(service), pytest.raises(gr.Error, match="out of memory") as notice:
         on_generate(make_scene(), "Describe the image.", "random:llava", 4, 0, 1, progress=lambda *a, **k: None)
     assert "secret" not in str(notice.value)
@@ -81,19 +86,22 @@ def test_backend_restart_under_an_open_front_end(service):
     image = make_scene()
     with BackgroundServer(service, port=port) as backend:
         remote = RemoteService(backend.url)
-        request_id, trace = remote.generate([image], "Describe the image.")
-        before = remote.explain(request_id, "tam", 1).maps[0]
-    with pytest.raises(ServiceBusyError, match="cannot be reached .* retry"):
-        remote.explain(request_id, "tam", 1)
+        page = build_app(remote)  # the web app as `python app.py --backend URL` runs it
+        state, answer, *_ = _handler(page, "on_generate")(image, "Describe the image.", "random:llava", 4, 0, 1,
+                                                         progress=lambda *a, **k: None)
+        before = _handler(page, "on_method")(state, "tam", None)[0]
+    with pytest.raises(gr.Error, match="cannot be reached .* retry in a moment"):
+        _handler(page, "on_method")(state, "relevancy", None)
     # a restarted backend has a fresh service that knows none of the old request ids: the front end regenerates
     with BackgroundServer(ExplainService(default_model="random:llava", device="cpu"), port=port):
-        np.testing.assert_array_equal(remote.explain(request_id, "tam", 1).maps[0], before)
-        assert remote.visual_relevance(request_id).llr is not None
-        assert remote.trace(request_id).answer == trace.answer
+        np.testing.assert_array_equal(np.asarray(_handler(page, "on_method")(state, "tam", None)[0]),
+                                      np.asarray(before))
+        assert remote.visual_relevance(state["request_id"]).llr is not None
+        assert remote.trace(state["request_id"]).answer == answer
     # restarted with another model, the old answer cannot be reproduced: the front end says so
     with BackgroundServer(ExplainService(default_model="random:qwen2_vl", device="cpu"), port=port):
-        with pytest.raises(UserInputError, match="answers differently: generate again"):
-            remote.explain(request_id, "tam", 1)
+        with pytest.raises(gr.Error, match="answers differently: generate again"):
+            _handler(page, "on_method")(state, "tam", None)
         assert remote.generate([image], "Describe the image.")[1].model_name == "random:qwen2_vl"
 
 

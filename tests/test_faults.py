@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app import build_app
-from lvlm_interpret import ExplainService, GenerationOptions, UserInputError
+from lvlm_interpret import ExplainService, GenerationOptions
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.errors import ServiceBusyError, UnknownRequestError
 from lvlm_interpret.loadtest import BackgroundServer, free_port

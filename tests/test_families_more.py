@@ -27,7 +27,9 @@ SINGLE_GRID = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]  # o
 FAMILIES = SINGLE_GRID + ["internvl"]
 # PaliGemma 2 (Gemma 2 decoder): soft-capped attention logits, which capture computes without SDPA
 PRESETS = FAMILIES + ["paligemma2"]
-WITH_VISION_RELEVANCY = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
+# families whose tower tokens each LM image token is made of are known (vision_token_groups)
+WITH_VISION_GROUPS = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
+WITH_VISION_RELEVANCY = ["qwen3_vl", "gemma3", "paligemma"]
 PROMPT = "What color is the circle?"
 
 
@@ -228,7 +230,7 @@ def _vision_features(loaded, inputs):
             projector.mm_input_projection_weight, output.pooler_output[0]
 
 
-@pytest.mark.parametrize("family", WITH_VISION_RELEVANCY)
+@pytest.mark.parametrize("family", WITH_VISION_GROUPS)
 def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(models, family):
     _check_vision_token_groups(models(family), make_scene(200, 90))
 
@@ -355,3 +357,17 @@ def test_gemma3_pan_and_scan_crops_get_one_clear_message():
                                       "pan_and_scan_min_crop_size": 32}
     with pytest.raises(UserInputError, match="pan-and-scan crops are not supported"):
         generate_with_capture(loaded, [make_scene(400, 90)], PROMPT, GenerationOptions(max_new_tokens=1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_module_handles_line_up_with_the_models_layers(models, family):
+    """Hook points and relevancy index the towers' layers and their attention modules together."""
+    loaded = models(family)
+    family_, model = loaded.family, loaded.model
+    text = model.config.get_text_config()
+    assert len(family_.language_attentions(model)) == len(family_.language_layers(model)) == text.num_hidden_layers
+    assert family_.lm_head(model).weight.shape[0] == text.vocab_size
+    layers, attentions = family_.vision_layers(model), family_.vision_attentions(model)
+    assert len(layers) == len(attentions) >= 1
+    assert all(attention in set(layer.modules()) for layer, attention in zip(layers, attentions))
+    assert family_.vision_relevancy == (family in WITH_VISION_RELEVANCY)

@@ -2,7 +2,8 @@
 
 The LM side (image_grid_thw, 2x2 merge, mRoPE) is Qwen2-VL's. The tower differs: it permutes the merge groups
 window by window (`get_vision_window_index`) and only the blocks in `fullatt_block_indexes` attend over the whole
-image; the others attend inside windows of `window_size` pixels (one attention call per window).
+image; the others attend inside windows of `window_size` pixels (one attention call per window). The vision token
+groups follow the permutation.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ class Qwen2_5VLFamily(Qwen2VLFamily):
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = image_only_processor(Qwen2_5_VLProcessor)
 
-    def vision_attentions(self, model):
-        # Vision relevancy follows the full-attention blocks: a windowed block's attention is one matrix per window,
-        # not per image, and mixes nothing across windows.
-        full = set(model.config.vision_config.fullatt_block_indexes)
-        return [block.attn for index, block in enumerate(self.vision_layers(model)) if index in full]
+    # A windowed block's attention is one call per window, not per image, which vision relevancy cannot read:
+    # relevancy gives the LM map only.
+    vision_relevancy = False
 
     def vision_token_groups(self, model, layout):
         # The tower's sequence holds merge group window_index[j] at slot j; LM token i is group i.

@@ -1,5 +1,6 @@
-"""Non-tiled families beyond LLaVA-1.5 / Qwen2-VL: each adapter agrees with its processor's own outputs, its tiny
-random model goes through `explain` with every method, and maps land where the attended tokens are."""
+"""Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma (1 and 2), Mistral 3 and InternVL: each adapter agrees with its
+processor's own outputs, its tiny random model goes through `explain` with every method, and maps land where the
+attended tokens are."""
 
 from __future__ import annotations
 
@@ -363,11 +364,11 @@ def test_gemma3_pan_and_scan_crops_get_one_clear_message():
 def test_module_handles_line_up_with_the_models_layers(models, family):
     """Hook points and relevancy index the towers' layers and their attention modules together."""
     loaded = models(family)
-    family_, model = loaded.family, loaded.model
+    adapter, model = loaded.family, loaded.model
     text = model.config.get_text_config()
-    assert len(family_.language_attentions(model)) == len(family_.language_layers(model)) == text.num_hidden_layers
-    assert family_.lm_head(model).weight.shape[0] == text.vocab_size
-    layers, attentions = family_.vision_layers(model), family_.vision_attentions(model)
+    assert len(adapter.language_attentions(model)) == len(adapter.language_layers(model)) == text.num_hidden_layers
+    assert adapter.lm_head(model).weight.shape[0] == text.vocab_size
+    layers, attentions = adapter.vision_layers(model), adapter.vision_attentions(model)
     assert len(layers) == len(attentions) >= 1
     assert all(attention in set(layer.modules()) for layer, attention in zip(layers, attentions))
-    assert family_.vision_relevancy == (family in WITH_VISION_RELEVANCY)
+    assert adapter.vision_relevancy == (family in WITH_VISION_RELEVANCY)

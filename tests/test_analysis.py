@@ -301,3 +301,17 @@ def test_analysis_panel_shows_the_librarys_results(scene):
         analysis_panel.run_ablation(service, state, "zero", "object (box)", " ", 0, 4, 1, "tam")
     with pytest.raises(UserInputError, match="generate"):
         analysis_panel.lens_figure(service, {}, 0)
+
+
+def test_studies_on_held_out_scenes(llava):
+    from lvlm_interpret.analysis.study import ablation_study, lens_word_share, study_questions
+    from lvlm_interpret.demo.scenes import HELD_OUT_SEED_START, draw_scene
+
+    scene = draw_scene(HELD_OUT_SEED_START + 2)  # one red triangle
+    assert study_questions(scene) == [("What color is the triangle?", "red", 0), ("Is there a red triangle?", "yes", 0)]
+    result = ablation_study(llava, 1, torch.zeros(64), buffer=1, size=96)
+    row = result["rows"][0]
+    assert result["n_questions"] == len(study_questions(draw_scene(HELD_OUT_SEED_START, 96))) == len(result["rows"])
+    assert {"object (mean)", "random (mean)", "object (zero)"} <= row.keys() and row["n_tokens"] > 0
+    lens = lens_word_share(llava, 1, size=96)
+    assert len(lens["colour_share"]) == 3 and all(0 <= v <= 1 for v in lens["colour_share"] + lens["shape_share"])

@@ -20,10 +20,10 @@ from ..models.loading import DEFAULT_MODEL, load_model
 from .ablation import REPLACEMENTS, ablate, load_mean_embedding, mean_embedding_from_folder, save_mean_embedding
 from .knockout import WINDOWS, knockout, knockout_figure
 from .logit_lens import logit_lens
-from .study import ablation_study, default_mean_embedding, table
+from .study import ablation_study, default_mean_embedding, lens_word_share, table
 from .token_sets import KINDS, positions_to_cells, select_tokens
 
-COMMANDS = ("mean-embedding", "ablate", "knockout", "logit-lens", "ablation-study")
+COMMANDS = ("mean-embedding", "ablate", "knockout", "logit-lens", "ablation-study", "logit-lens-study")
 
 
 def add_parsers(commands) -> None:
@@ -72,6 +72,14 @@ def add_parsers(commands) -> None:
     study.add_argument("--buffer", type=int, default=1, help="patch buffer around the object's mask")
     study.add_argument("--mean", help="mean embedding file (default: computed from 50 training scenes)")
     study.add_argument("--out", required=True, help="output folder for study.json")
+
+    lens_study = commands.add_parser("logit-lens-study", help="logit lens on held-out demo scenes: how often object "
+                                                              "patches read as their colour / shape word per layer")
+    lens_study.add_argument("--n", type=int, default=20, help="number of held-out scenes")
+    lens_study.add_argument("--model", default=DEFAULT_MODEL)
+    lens_study.add_argument("--device", default="auto")
+    lens_study.add_argument("--top-k", type=int, default=5)
+    lens_study.add_argument("--out", required=True, help="output folder for logit_lens_study.json")
 
 
 def write_staged(out, files: dict[str, str]) -> Path:
@@ -222,6 +230,21 @@ def run_ablation_study(args) -> dict:
     return result
 
 
+def run_logit_lens_study(args) -> dict:
+    if args.n < 1:
+        raise UserInputError(f"--n must be at least 1, got {args.n}")
+    loaded = load_model(args.model, device=args.device)
+    result = {"model": args.model, **lens_word_share(loaded, args.n, args.top_k)}
+    write_staged(args.out, {"logit_lens_study.json": json.dumps(result, indent=2)})
+    print(f"{result['n_object_patches']} object patches on {args.n} held-out scenes ({args.model}): share whose top "
+          f"{args.top_k} tokens hold the object's word")
+    print("| layer | colour word | shape word |\n|---|---|---|")
+    for layer, colour, shape in zip(result["layers"], result["colour_share"], result["shape_share"]):
+        print(f"| {layer} | {colour:.3f} | {shape:.3f} |")
+    return result
+
+
 def run(args):
     return {"mean-embedding": run_mean_embedding, "ablate": run_ablate, "knockout": run_knockout,
-            "logit-lens": run_logit_lens, "ablation-study": run_ablation_study}[args.command](args)
+            "logit-lens": run_logit_lens, "ablation-study": run_ablation_study,
+            "logit-lens-study": run_logit_lens_study}[args.command](args)

@@ -7,12 +7,16 @@ unique is asked "What color is the <shape>?", and the leftmost object with a uni
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..capture import GenerationOptions, generate_with_capture
-from ..demo.scenes import HELD_OUT_SEED_START, color_prompt, draw_scene, exists_prompt, normalise_answer
+from ..demo.scenes import (
+    DESCRIBE_PROMPT, HELD_OUT_SEED_START, color_prompt, draw_scene, exists_prompt, normalise_answer,
+)
 from .ablation import ablate, mean_visual_embedding
-from .token_sets import object_tokens, random_tokens
+from .logit_lens import logit_lens
+from .token_sets import object_tokens, positions_to_cells, random_tokens
 
 CONDITIONS = ("object (mean)", "random (mean)", "object (zero)")
 MEAN_SCENES = 50  # training-distribution scenes (seeds 0..49) for the default mean embedding
@@ -86,3 +90,28 @@ def table(result: dict) -> str:
         lines.append(f"| {condition} | {row['accuracy']:.3f} | {100 * row['accuracy_drop']:.1f}% | "
                      f"{row['mean_prob']:.3f} |")
     return "\n".join(lines)
+
+
+def lens_word_share(loaded, n: int, k: int = 5, size: int = 192, seed_offset: int = 500, progress=None) -> dict:
+    """Logit lens on held-out scenes ("Describe the image."): per layer, the share of object patches (mask, no
+    buffer) whose top-k tokens contain the object's colour word, and its shape word."""
+    colour_hits = shape_hits = None
+    n_patches = 0
+    for i in range(n):
+        scene = draw_scene(HELD_OUT_SEED_START + seed_offset + i, size)
+        trace = generate_with_capture(loaded, [scene.image], DESCRIBE_PROMPT, GenerationOptions(max_new_tokens=2))
+        lens = logit_lens(loaded, trace, k)
+        if colour_hits is None:
+            colour_hits, shape_hits = np.zeros(len(lens.layers)), np.zeros(len(lens.layers))
+        for obj, mask in zip(scene.objects, scene.masks):
+            cells = np.flatnonzero(positions_to_cells(trace, object_tokens(trace, mask)).ravel())
+            for slot in range(len(lens.layers)):
+                words = [[text.strip() for text in lens.texts[slot][cell]] for cell in cells]
+                colour_hits[slot] += sum(obj.colour in top for top in words)
+                shape_hits[slot] += sum(obj.shape in top for top in words)
+            n_patches += len(cells)
+        if progress:
+            progress(i + 1, n)
+    return {"n_scenes": n, "k": k, "n_object_patches": n_patches, "layers": lens.layers,
+            "colour_share": (colour_hits / n_patches).round(4).tolist(),
+            "shape_share": (shape_hits / n_patches).round(4).tolist()}

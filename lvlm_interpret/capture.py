@@ -274,7 +274,7 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
         attention=attention,
         hidden=hidden,
         answer_logprobs=logprobs.float(),
-        model_inputs=_recorded_inputs(inputs, getattr(family, "answer_input_values", {}), n_answer),
+        model_inputs=_recorded_inputs(inputs, family.answer_input_values, n_answer),
         pixels=[torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()) for image in images],
         generation=asdict(options),
         special_token_ids=sorted(set(tokenizer.all_special_ids)),

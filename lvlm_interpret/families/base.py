@@ -219,6 +219,8 @@ class ModelFamily:
     vision_readout: str = "cls"  # the vision-tower row that summarises an image: "cls" (row 0) or "mean"
     # False where the tower sees one image as several tiles: relevancy then gives the LM map only
     vision_relevancy: bool = True
+    # per-position model inputs whose value over the generated tokens differs from the prompt's text (replays keep it)
+    answer_input_values: dict[str, int] = {}
 
     def vision_token_groups(self, model: nn.Module, layout: ImageLayout) -> np.ndarray:
         """[n_cells, k]: the vision-tower token indices (of that image) that make each cell of the map's grid."""

@@ -4,17 +4,7 @@ import pytest
 import torch
 
 from lvlm_interpret import Trace
-from lvlm_interpret.capture import CAPTURE_ATTENTION, replay_inputs
-
-
-def _replay(loaded, trace, image=None):
-    """Eager teacher-forced forward over the final sequence: the reference the capture must match."""
-    loaded.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return loaded.model(**replay_inputs(trace), output_attentions=True, output_hidden_states=True)
-    finally:
-        loaded.model.set_attn_implementation(CAPTURE_ATTENTION)
+from tests.references import eager_replay
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -22,7 +12,7 @@ def test_captured_rows_equal_eager_attention(family, llava, qwen2_vl, llava_trac
     from tests.conftest import make_scene
     loaded, trace, image = (llava, llava_trace, scene) if family == "llava" else \
         (qwen2_vl, qwen_trace, make_scene(200, 90))
-    output = _replay(loaded, trace, image)
+    output = eager_replay(loaded, trace)
     for t in range(trace.n_answer):
         source = trace.source_position(t)
         for layer, attentions in enumerate(output.attentions):
@@ -44,7 +34,7 @@ def test_attention_rows_are_probability_rows(llava_trace, qwen_trace):
 
 
 def test_hidden_states_are_what_the_lm_head_reads(llava, llava_trace, scene):
-    output = _replay(llava, llava_trace, scene)
+    output = eager_replay(llava, llava_trace)
     n = llava_trace.hidden.shape[0]
     assert n == llava_trace.prompt_length + llava_trace.n_answer - 1
     logits = llava.family.lm_head(llava.model)(llava_trace.hidden.float())

@@ -21,8 +21,7 @@ from lvlm_interpret.families import FAMILIES as REGISTRY
 from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
 from tests.conftest import make_scene
-from tests.test_capture import _replay
-from tests.test_relevancy import _reference_lm_map
+from tests.references import eager_replay, reference_lm_map
 
 SINGLE_GRID = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]  # one grid per image
 FAMILIES = SINGLE_GRID + ["internvl"]
@@ -196,7 +195,7 @@ def test_explain_runs_every_method(tmp_path, family):
 @pytest.mark.parametrize("family", PRESETS)
 def test_captured_rows_and_relevancy_match_eager_references(models, traces, family):
     loaded, trace = models(family), traces(family)
-    output = _replay(loaded, trace)
+    output = eager_replay(loaded, trace)
     lm_attentions = output.attentions[-loaded.model.config.get_text_config().num_hidden_layers:]
     for t in range(trace.n_answer):
         source = trace.source_position(t)
@@ -208,7 +207,7 @@ def test_captured_rows_and_relevancy_match_eager_references(models, traces, fami
         assert logprobs[trace.source_position(t), trace.answer_ids[t]] == pytest.approx(
             float(trace.answer_logprobs[t]), abs=1e-3)
     t = trace.n_answer - 1
-    expected_map, logit = _reference_lm_map(loaded, trace, t)
+    expected_map, logit = reference_lm_map(loaded, trace, t)
     explanation = get_method("relevancy").explain(trace, t, model=loaded)
     np.testing.assert_allclose(explanation.maps[0], expected_map, rtol=1e-3, atol=1e-6)
     assert explanation.details["target_logit"] == pytest.approx(logit, abs=1e-4)
@@ -258,7 +257,7 @@ def test_paligemma_prefix_is_bidirectional_and_the_answer_causal_in_replays(mode
     reprocessed = {name: value for name, value in build_inputs(loaded, [make_scene(200, 90)], PROMPT).items()
                    if name not in ("input_ids", "attention_mask")}
     assert replay_inputs(trace, model_inputs=reprocessed)["token_type_ids"].tolist() == token_types
-    attentions = _replay(loaded, trace).attentions[-1][0]  # last LM layer [heads, S, S]
+    attentions = eager_replay(loaded, trace).attentions[-1][0]  # last LM layer [heads, S, S]
     first_image = int(trace.images[0].positions[0, 0])
     # an image token (first in the sequence) sees the last prompt token, but no answer token
     assert attentions[:, first_image, trace.prompt_length - 1].min() > 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lvlm_interpret import get_method
-from lvlm_interpret.capture import CAPTURE_ATTENTION, replay_inputs
 from lvlm_interpret.methods.relevancy import head_mean_relevance, propagate_row, propagate_rows
+from tests.references import reference_lm_map
 
 
 def test_head_mean_relevance_hand_values():
@@ -34,32 +34,12 @@ def test_row_propagation_equals_the_full_recursion():
         torch.testing.assert_close(propagate_rows(per_row, starts)[k], propagate_rows([a[k] for a in per_row], starts[k]))
 
 
-def _reference_lm_map(loaded, trace, t):
-    """Chefer's rule with the full R, on HF's own eager attention and a plain backward of the raw logit."""
-    loaded.model.set_attn_implementation("eager")
-    try:
-        output = loaded.model(**replay_inputs(trace), output_attentions=True)
-        source = trace.source_position(t)
-        target = output.logits[0, source, trace.answer_ids[t]]
-        attentions = output.attentions[-loaded.model.config.get_text_config().num_hidden_layers:]
-        grads = torch.autograd.grad(target, attentions)
-    finally:
-        loaded.model.set_attn_implementation(CAPTURE_ATTENTION)
-    size = attentions[0].shape[-1]
-    relevance = torch.eye(size)
-    for gradient, attention in zip(grads, attentions):
-        abar = torch.relu(gradient[0] * attention[0]).mean(0).detach()
-        relevance = relevance + abar @ relevance
-    layout = trace.images[0]
-    return layout.gather(relevance[source].numpy()), float(target.detach())
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_lm_map_equals_full_matrix_reference(family, llava, qwen2_vl, llava_trace, qwen_trace):
     loaded, trace = (llava, llava_trace) if family == "llava" else (qwen2_vl, qwen_trace)
     for t in (0, trace.n_answer - 1):
         explanation = get_method("relevancy").explain(trace, t, model=loaded)
-        expected, logit = _reference_lm_map(loaded, trace, t)
+        expected, logit = reference_lm_map(loaded, trace, t)
         np.testing.assert_allclose(explanation.maps[0], expected, rtol=1e-3, atol=1e-6)
         assert explanation.details["target_logit"] == pytest.approx(logit, abs=1e-4)
         assert explanation.maps[0].any()

@@ -8,7 +8,7 @@ from lvlm_interpret import get_method
 from lvlm_interpret.methods.tam import (
     context_positions, image_positions, interference_scale, rank_gaussian_filter, remove_interference,
 )
-from tests.test_capture import _replay
+from tests.references import eager_replay
 
 
 def _reference_filter(grid):
@@ -56,7 +56,7 @@ def test_interference_removal_by_least_squares():
 
 @pytest.mark.parametrize("t", [0, 2])
 def test_raw_map_is_the_models_logit_of_the_token_at_image_positions(llava, llava_trace, scene, t):
-    output = _replay(llava, llava_trace, scene)
+    output = eager_replay(llava, llava_trace)
     explanation = get_method("tam").explain(llava_trace, t, model=llava)
     layout = llava_trace.images[0]
     # the class is the explained answer token itself (also for the first generated token)

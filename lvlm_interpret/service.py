@@ -199,26 +199,33 @@ class ExplainService:
         cached = self._cache.get(key)
         if cached is None:
             trace = self.trace(request_id)
-            cached = logit_lens(self.model(trace.model_name), trace, k)
+            loaded = self.model(trace.model_name)
+            with self._limits(loaded):
+                cached = logit_lens(loaded, trace, k)
             self._cache.put(key, cached, 2 * cached.probs.nbytes + 32 * cached.probs.size)
         return cached
 
     def analysis_tokens(self, request_id: str, kind: str, token_index: int = 0, **selection) -> list[int]:
         """Positions of a token set (object box, register, random, top-k of a method) of the first image."""
         trace = self.trace(request_id)
-        return select_tokens(self.model(trace.model_name), trace, kind, token_index=token_index, **selection)
+        loaded = self.model(trace.model_name)
+        with self._limits(loaded):
+            return select_tokens(loaded, trace, kind, token_index=token_index, **selection)
 
     def ablate(self, request_id: str, positions: list[int], token_index: int = 0, replacement: str = "mean"):
         """Mean (over the example scenes) or zero ablation of image tokens; the answer is regenerated."""
         trace = self.trace(request_id)
         loaded = self.model(trace.model_name)
-        mean = example_mean_embedding(loaded) if replacement == "mean" else None
-        return ablate(loaded, trace, positions, replacement, mean, token_index)
+        with self._limits(loaded):
+            mean = example_mean_embedding(loaded) if replacement == "mean" else None
+            return ablate(loaded, trace, positions, replacement, mean, token_index)
 
     def knockout(self, request_id: str, positions: list[int], token_index: int = 0, windows=tuple(WINDOWS)):
         """Attention from the token's predicting position to `positions` blocked per layer window."""
         trace = self.trace(request_id)
-        return knockout(self.model(trace.model_name), trace, positions, token_index, windows=windows)
+        loaded = self.model(trace.model_name)
+        with self._limits(loaded):
+            return knockout(loaded, trace, positions, token_index, windows=windows)
 
     def _run(self, request: Request) -> Trace:
         loaded = self.model(request.model)

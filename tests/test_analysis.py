@@ -315,3 +315,14 @@ def test_studies_on_held_out_scenes(llava):
     assert {"object (mean)", "random (mean)", "object (zero)"} <= row.keys() and row["n_tokens"] > 0
     lens = lens_word_share(llava, 1, size=96)
     assert len(lens["colour_share"]) == 3 and all(0 <= v <= 1 for v in lens["colour_share"] + lens["shape_share"])
+
+
+def test_knockout_study_on_the_demo_model():
+    from lvlm_interpret.analysis.knockout import WINDOWS
+    from lvlm_interpret.analysis.study import knockout_study, knockout_table
+
+    result = knockout_study(load_model("demo", device="cpu"), 3)
+    assert result["n_questions"] >= 2 and list(result["summary"]) == list(WINDOWS)
+    late = result["summary"]["late"]
+    assert late["object_drop"] > late["random_drop"] + 0.2  # the object's tokens carry the answer
+    assert len(knockout_table(result).splitlines()) == 2 + len(WINDOWS)

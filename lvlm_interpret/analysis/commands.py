@@ -20,10 +20,13 @@ from ..models.loading import DEFAULT_MODEL, load_model
 from .ablation import REPLACEMENTS, ablate, load_mean_embedding, mean_embedding_from_folder, save_mean_embedding
 from .knockout import WINDOWS, knockout, knockout_figure
 from .logit_lens import logit_lens
-from .study import ablation_study, default_mean_embedding, lens_word_share, table
+from .study import (
+    ablation_study, default_mean_embedding, knockout_study, knockout_table, lens_word_share, table,
+)
 from .token_sets import KINDS, positions_to_cells, select_tokens
 
-COMMANDS = ("mean-embedding", "ablate", "knockout", "logit-lens", "ablation-study", "logit-lens-study")
+COMMANDS = ("mean-embedding", "ablate", "knockout", "logit-lens", "ablation-study", "knockout-study",
+            "logit-lens-study")
 
 
 def add_parsers(commands) -> None:
@@ -72,6 +75,14 @@ def add_parsers(commands) -> None:
     study.add_argument("--buffer", type=int, default=1, help="patch buffer around the object's mask")
     study.add_argument("--mean", help="mean embedding file (default: computed from 50 training scenes)")
     study.add_argument("--out", required=True, help="output folder for study.json")
+
+    knockout_study = commands.add_parser("knockout-study", help="attention knockout of the asked-about object vs "
+                                                                "random tokens per layer window, held-out scenes")
+    knockout_study.add_argument("--n", type=int, default=50, help="number of held-out scenes")
+    knockout_study.add_argument("--model", default=DEFAULT_MODEL)
+    knockout_study.add_argument("--device", default="auto")
+    knockout_study.add_argument("--buffer", type=int, default=1, help="patch buffer around the object's mask")
+    knockout_study.add_argument("--out", required=True, help="output folder for knockout_study.json")
 
     lens_study = commands.add_parser("logit-lens-study", help="logit lens on held-out demo scenes: how often object "
                                                               "patches read as their colour / shape word per layer")
@@ -230,6 +241,22 @@ def run_ablation_study(args) -> dict:
     return result
 
 
+def run_knockout_study(args) -> dict:
+    if args.n < 1:
+        raise UserInputError(f"--n must be at least 1, got {args.n}")
+    if args.buffer < 0:
+        raise UserInputError(f"--buffer must be 0 or more, got {args.buffer}")
+    loaded = load_model(args.model, device=args.device)
+    result = {"model": args.model, **knockout_study(
+        loaded, args.n, args.buffer, progress=lambda i, n: print(f"\r{i}/{n} scenes", end="", file=sys.stderr))}
+    print(file=sys.stderr)
+    write_staged(args.out, {"knockout_study.json": json.dumps(result, indent=2)})
+    print(f"{result['n_questions']} questions answered right on {args.n} held-out scenes ({args.model}), "
+          f"buffer {args.buffer}; attention blocked from the position predicting the answer:")
+    print(knockout_table(result))
+    return result
+
+
 def run_logit_lens_study(args) -> dict:
     if args.n < 1:
         raise UserInputError(f"--n must be at least 1, got {args.n}")
@@ -246,5 +273,5 @@ def run_logit_lens_study(args) -> dict:
 
 def run(args):
     return {"mean-embedding": run_mean_embedding, "ablate": run_ablate, "knockout": run_knockout,
-            "logit-lens": run_logit_lens, "ablation-study": run_ablation_study,
+            "logit-lens": run_logit_lens, "ablation-study": run_ablation_study, "knockout-study": run_knockout_study,
             "logit-lens-study": run_logit_lens_study}[args.command](args)

@@ -15,6 +15,7 @@ from ..demo.scenes import (
     DESCRIBE_PROMPT, HELD_OUT_SEED_START, color_prompt, draw_scene, exists_prompt, normalise_answer,
 )
 from .ablation import ablate, mean_visual_embedding
+from .knockout import knockout
 from .logit_lens import logit_lens
 from .token_sets import object_tokens, positions_to_cells, random_tokens
 
@@ -115,3 +116,42 @@ def lens_word_share(loaded, n: int, k: int = 5, size: int = 192, seed_offset: in
     return {"n_scenes": n, "k": k, "n_object_patches": n_patches, "layers": lens.layers,
             "colour_share": (colour_hits / n_patches).round(4).tolist(),
             "shape_share": (shape_hits / n_patches).round(4).tolist()}
+
+
+def knockout_study(loaded, n: int, buffer: int = 1, size: int = 192, seed: int = 0, progress=None) -> dict:
+    """Attention knockout from the answer's predicting position to the asked-about object's tokens, and to as
+    many random image tokens, per layer window, over the study's questions answered right."""
+    options = GenerationOptions(max_new_tokens=4)
+    rows = []
+    for i in range(n):
+        scene = draw_scene(HELD_OUT_SEED_START + i, size)
+        for prompt, expected, index in study_questions(scene):
+            trace = generate_with_capture(loaded, [scene.image], prompt, options)
+            if normalise_answer(trace.answer) != expected:
+                continue
+            objects = object_tokens(trace, scene.masks[index], buffer)
+            sets = {"object": objects, "random": random_tokens(trace, len(objects), seed + i, exclude=objects)}
+            row = {"seed": scene.seed, "prompt": prompt, "n_tokens": len(objects)}
+            for name, keys in sets.items():
+                result = knockout(loaded, trace, keys)
+                row[name] = {"drop": result.drops(), "flipped": [not w.still_argmax for w in result.windows]}
+            row["windows"] = [[w.window, w.layers] for w in result.windows]
+            rows.append(row)
+        if progress:
+            progress(i + 1, n)
+    summary = {}
+    if rows:
+        for slot, (window, layers) in enumerate(rows[0]["windows"]):
+            summary[window] = {"layers": layers, **{
+                f"{name}_{key}": float(np.mean([row[name][key][slot] for row in rows]))
+                for name in ("object", "random") for key in ("drop", "flipped")}}
+    return {"n_scenes": n, "n_questions": len(rows), "buffer": buffer, "summary": summary, "rows": rows}
+
+
+def knockout_table(result: dict) -> str:
+    lines = ["| window (layers) | object tokens: mean p drop | answers flipped | random tokens: mean p drop | "
+             "answers flipped |", "|---|---|---|---|---|"]
+    for window, row in result["summary"].items():
+        lines.append(f"| {window} ({row['layers'][0]}-{row['layers'][-1]}) | {100 * row['object_drop']:.1f}% | "
+                     f"{row['object_flipped']:.3f} | {100 * row['random_drop']:.1f}% | {row['random_flipped']:.3f} |")
+    return "\n".join(lines)

@@ -223,18 +223,26 @@ def run_logit_lens(args) -> dict:
     return record
 
 
-def run_ablation_study(args) -> dict:
+def _study(args, compute, file_name: str) -> dict:
+    """Check the common options, run `compute(loaded, progress)` and write its result as `file_name`."""
     if args.n < 1:
         raise UserInputError(f"--n must be at least 1, got {args.n}")
-    if args.buffer < 0:
+    if getattr(args, "buffer", 0) < 0:
         raise UserInputError(f"--buffer must be 0 or more, got {args.buffer}")
     loaded = load_model(args.model, device=args.device)
-    mean = load_mean_embedding(args.mean, loaded) if args.mean else default_mean_embedding(loaded)
-    result = ablation_study(loaded, args.n, mean, args.buffer,
-                            progress=lambda i, n: print(f"\r{i}/{n} scenes", end="", file=sys.stderr))
+    result = {"model": args.model,
+              **compute(loaded, lambda i, n: print(f"\r{i}/{n} scenes", end="", file=sys.stderr))}
     print(file=sys.stderr)
-    result["model"] = args.model
-    write_staged(args.out, {"study.json": json.dumps(result, indent=2)})
+    write_staged(args.out, {file_name: json.dumps(result, indent=2)})
+    return result
+
+
+def run_ablation_study(args) -> dict:
+    def compute(loaded, progress):
+        mean = load_mean_embedding(args.mean, loaded) if args.mean else default_mean_embedding(loaded)
+        return ablation_study(loaded, args.n, mean, args.buffer, progress=progress)
+
+    result = _study(args, compute, "study.json")
     print(f"{result['n_questions']} questions on {args.n} held-out scenes ({args.model}), buffer {args.buffer}; "
           f"over the {result['summary'].get('none', {}).get('n', 0)} answered correctly without ablation:")
     print(table(result))
@@ -242,15 +250,8 @@ def run_ablation_study(args) -> dict:
 
 
 def run_knockout_study(args) -> dict:
-    if args.n < 1:
-        raise UserInputError(f"--n must be at least 1, got {args.n}")
-    if args.buffer < 0:
-        raise UserInputError(f"--buffer must be 0 or more, got {args.buffer}")
-    loaded = load_model(args.model, device=args.device)
-    result = {"model": args.model, **knockout_study(
-        loaded, args.n, args.buffer, progress=lambda i, n: print(f"\r{i}/{n} scenes", end="", file=sys.stderr))}
-    print(file=sys.stderr)
-    write_staged(args.out, {"knockout_study.json": json.dumps(result, indent=2)})
+    result = _study(args, lambda loaded, progress: knockout_study(loaded, args.n, args.buffer, progress=progress),
+                    "knockout_study.json")
     print(f"{result['n_questions']} questions answered right on {args.n} held-out scenes ({args.model}), "
           f"buffer {args.buffer}; attention blocked from the position predicting the answer:")
     print(knockout_table(result))
@@ -258,11 +259,8 @@ def run_knockout_study(args) -> dict:
 
 
 def run_logit_lens_study(args) -> dict:
-    if args.n < 1:
-        raise UserInputError(f"--n must be at least 1, got {args.n}")
-    loaded = load_model(args.model, device=args.device)
-    result = {"model": args.model, **lens_word_share(loaded, args.n, args.top_k)}
-    write_staged(args.out, {"logit_lens_study.json": json.dumps(result, indent=2)})
+    result = _study(args, lambda loaded, progress: lens_word_share(loaded, args.n, args.top_k, progress=progress),
+                    "logit_lens_study.json")
     print(f"{result['n_object_patches']} object patches on {args.n} held-out scenes ({args.model}): share whose top "
           f"{args.top_k} tokens hold the object's word")
     print("| layer | colour word | shape word |\n|---|---|---|")

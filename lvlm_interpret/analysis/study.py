@@ -43,30 +43,36 @@ def study_questions(scene) -> list[tuple[str, str, int]]:
     return questions
 
 
-def ablation_study(loaded, n: int, mean: torch.Tensor, buffer: int = 1, size: int = 192, seed: int = 0,
-                   progress=None) -> dict:
-    """Accuracy and mean target-token probability per condition; `rows` has one entry per question."""
+def study_cases(loaded, n: int, buffer: int = 1, size: int = 192, seed: int = 0, progress=None):
+    """Per question of `n` held-out scenes: (scene, prompt, expected answer, trace, the object's tokens grown by
+    `buffer`, as many random image tokens away from the object)."""
     options = GenerationOptions(max_new_tokens=4)
-    rows = []
     for i in range(n):
         scene = draw_scene(HELD_OUT_SEED_START + i, size)
         for prompt, expected, index in study_questions(scene):
             trace = generate_with_capture(loaded, [scene.image], prompt, options)
             objects = object_tokens(trace, scene.masks[index], buffer)
-            sets = {"object (mean)": (objects, "mean"),
-                    "random (mean)": (random_tokens(trace, len(objects), seed + i, exclude=objects), "mean"),
-                    "object (zero)": (objects, "zero")}
-            row = {"seed": scene.seed, "prompt": prompt, "expected": expected, "answer": trace.answer,
-                   "correct": normalise_answer(trace.answer) == expected, "n_tokens": len(objects)}
-            for condition, (positions, replacement) in sets.items():
-                # the answers are one word: when the unablated answer is right, the ablated one is right exactly
-                # when its first token stays the argmax (no regeneration needed)
-                result = ablate(loaded, trace, positions, replacement, mean, regenerate=False)
-                row[condition] = {"prob": result.prob_after, "correct": row["correct"] and result.still_argmax}
-            row["prob"] = result.prob_before
-            rows.append(row)
+            yield scene, prompt, expected, trace, objects, random_tokens(trace, len(objects), seed + i, exclude=objects)
         if progress:
             progress(i + 1, n)
+
+
+def ablation_study(loaded, n: int, mean: torch.Tensor, buffer: int = 1, size: int = 192, seed: int = 0,
+                   progress=None) -> dict:
+    """Accuracy and mean target-token probability per condition; `rows` has one entry per question."""
+    rows = []
+    for scene, prompt, expected, trace, objects, others in study_cases(loaded, n, buffer, size, seed, progress):
+        sets = {"object (mean)": (objects, "mean"), "random (mean)": (others, "mean"),
+                "object (zero)": (objects, "zero")}
+        row = {"seed": scene.seed, "prompt": prompt, "expected": expected, "answer": trace.answer,
+               "correct": normalise_answer(trace.answer) == expected, "n_tokens": len(objects)}
+        for condition, (positions, replacement) in sets.items():
+            # the answers are one word: when the unablated answer is right, the ablated one is right exactly
+            # when its first token stays the argmax (no regeneration needed)
+            result = ablate(loaded, trace, positions, replacement, mean, regenerate=False)
+            row[condition] = {"prob": result.prob_after, "correct": row["correct"] and result.still_argmax}
+        row["prob"] = result.prob_before
+        rows.append(row)
     return {"n_scenes": n, "n_questions": len(rows), "buffer": buffer, "summary": summarise(rows), "rows": rows}
 
 
@@ -121,24 +127,16 @@ def lens_word_share(loaded, n: int, k: int = 5, size: int = 192, seed_offset: in
 def knockout_study(loaded, n: int, buffer: int = 1, size: int = 192, seed: int = 0, progress=None) -> dict:
     """Attention knockout from the answer's predicting position to the asked-about object's tokens, and to as
     many random image tokens, per layer window, over the study's questions answered right."""
-    options = GenerationOptions(max_new_tokens=4)
     rows = []
-    for i in range(n):
-        scene = draw_scene(HELD_OUT_SEED_START + i, size)
-        for prompt, expected, index in study_questions(scene):
-            trace = generate_with_capture(loaded, [scene.image], prompt, options)
-            if normalise_answer(trace.answer) != expected:
-                continue
-            objects = object_tokens(trace, scene.masks[index], buffer)
-            sets = {"object": objects, "random": random_tokens(trace, len(objects), seed + i, exclude=objects)}
-            row = {"seed": scene.seed, "prompt": prompt, "n_tokens": len(objects)}
-            for name, keys in sets.items():
-                result = knockout(loaded, trace, keys)
-                row[name] = {"drop": result.drops(), "flipped": [not w.still_argmax for w in result.windows]}
-            row["windows"] = [[w.window, w.layers] for w in result.windows]
-            rows.append(row)
-        if progress:
-            progress(i + 1, n)
+    for scene, prompt, expected, trace, objects, others in study_cases(loaded, n, buffer, size, seed, progress):
+        if normalise_answer(trace.answer) != expected:
+            continue
+        row = {"seed": scene.seed, "prompt": prompt, "n_tokens": len(objects)}
+        for name, keys in (("object", objects), ("random", others)):
+            result = knockout(loaded, trace, keys)
+            row[name] = {"drop": result.drops(), "flipped": [not w.still_argmax for w in result.windows]}
+        row["windows"] = [[w.window, w.layers] for w in result.windows]
+        rows.append(row)
     summary = {}
     if rows:
         for slot, (window, layers) in enumerate(rows[0]["windows"]):

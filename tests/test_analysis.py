@@ -136,7 +136,7 @@ def test_ablation_regenerates_and_checks_its_inputs(llava, llava_trace):
         ablate(llava, llava_trace, [0], "zero")  # not an image token
 
 
-def test_mean_embedding_file_round_trip(tmp_path, llava, qwen2_vl):
+def test_mean_embedding_file_round_trip(tmp_path, llava):
     path = tmp_path / "mean.safetensors"
     save_mean_embedding(path, torch.ones(64), {"model": "random:llava"})
     assert torch.equal(load_mean_embedding(path, llava), torch.ones(64))

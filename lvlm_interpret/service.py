@@ -152,11 +152,15 @@ class ExplainService:
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         """The method's explanation of one answer token, computed on first use and cached."""
         explainer = get_method(method)
+        # the options are checked against whichever of explain / explain_many names them (not just **options)
+        signatures = [inspect.signature(function) for function in (explainer.explain, explainer.explain_many)]
+        named = next((s for s in signatures if all(p.kind is not p.VAR_KEYWORD for p in s.parameters.values())), None)
         try:
-            inspect.signature(explainer.explain).bind(None, token_index, **options)
+            if named is not None:
+                named.bind(None, token_index, **options)
         except TypeError as error:
             raise UserInputError(f"{method}: {error}") from None
-        key = ("explanation", request_id, method, token_index, tuple(sorted(options.items())))
+        key = ("explanation", request_id, method, token_index, json.dumps(options, sort_keys=True, default=str))
         cached = self._cache.get(key)
         if cached is not None:
             return cached

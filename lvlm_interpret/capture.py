@@ -203,13 +203,18 @@ def replay_inputs(trace: Trace, device=None, model_inputs: dict | None = None) -
     return {name: value.to(device) if device is not None else value for name, value in inputs.items()}
 
 
+def image_inputs(inputs) -> dict[str, torch.Tensor]:
+    """The processor's inputs besides the token ids and mask (pixels, grids, token types), without training
+    labels (PaliGemma's processor adds them), which would make the model compute a loss."""
+    return {name: value for name, value in inputs.items()
+            if name not in ("input_ids", "attention_mask", "labels") and isinstance(value, torch.Tensor)}
+
+
 def _recorded_inputs(inputs, answer_values: dict[str, int], n_answer: int) -> dict[str, torch.Tensor]:
     """The processor's inputs that re-running the model needs; the per-position ones a family gives answer tokens a
     value for (`answer_input_values`, e.g. PaliGemma's token_type_ids 1 = causal suffix) cover the answer too."""
     recorded = {}
-    for name, value in inputs.items():
-        if name in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
-            continue
+    for name, value in image_inputs(inputs).items():
         value = value.detach().cpu()
         if name in answer_values:
             value = torch.cat([value, torch.full((1, n_answer), answer_values[name], dtype=value.dtype)], dim=1)

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from lvlm_interpret.methods.visual_relevance import (
-    answer_logprobs, blur_kernel_size, blurred, is_content_token, visually_relevant_tokens,
+    answer_logprobs, answer_logprobs_batch, blur_kernel_size, blurred, is_content_token, visually_relevant_tokens,
 )
 from tests.conftest import make_scene
 
@@ -42,3 +44,18 @@ def test_llr_is_image_minus_blurred_log_likelihood(llava, llava_trace):
     assert everything.relevant == [is_content_token(text, token, special) for text, token in
                                    zip(llava_trace.answer_texts, llava_trace.answer_ids)]
     assert not any(visually_relevant_tokens(llava, llava_trace, threshold=np.inf).relevant)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_batched_replays_equal_one_at_a_time(family, llava, qwen2_vl, llava_trace, qwen_trace):
+    """Image sets run together (LLaVA stacks a batch axis, Qwen2-VL concatenates patches) give each set's own
+    log-probs, with logits kept only where answer tokens are predicted."""
+    loaded, trace = (llava, llava_trace) if family == "llava" else (qwen2_vl, qwen_trace)
+    image = trace.image(0)
+    sets = [[image], [blurred(image)], [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]]
+    together = answer_logprobs_batch(loaded, trace, sets, batch_size=2)
+    assert together.shape == (3, trace.n_answer)
+    for row, images in zip(together, sets):
+        torch.testing.assert_close(row, answer_logprobs(loaded, trace, images), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[0], trace.answer_logprobs, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(together[0], together[2], atol=1e-4)  # each set is its own image

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..families.base import ImageLayout
-from ..methods.visual_relevance import answer_logprobs, blurred
+from ..methods.visual_relevance import answer_logprobs_batch, blurred
 from ..rendering import map_on_image
 from ..trace import Trace
 
@@ -44,13 +44,14 @@ def deletion_insertion(loaded, trace: Trace, token_index: int, grid_map: np.ndar
     counts = np.unique(np.round(np.arange(0, 1 + 1e-9, step) * layout.n_cells).astype(int))
     counts[-1] = layout.n_cells
 
-    def probability(image: Image.Image) -> float:
-        return float(np.exp(answer_logprobs(loaded, trace, [image])[token_index]))
-
-    p_orig, p_blur = probability(Image.fromarray(original)), probability(Image.fromarray(blur))
+    images = [Image.fromarray(original), Image.fromarray(blur)]
+    images += [composite(original, blur, order[:k], cell_of_pixel) for k in counts]  # deletion
+    images += [composite(blur, original, order[:k], cell_of_pixel) for k in counts]  # insertion
+    probabilities = answer_logprobs_batch(loaded, trace, [[image] for image in images])[:, token_index].exp().numpy()
+    p_orig, p_blur = float(probabilities[0]), float(probabilities[1])
     span = p_orig - p_blur if abs(p_orig - p_blur) > 1e-8 else 1e-8
-    deletion = [(probability(composite(original, blur, order[:k], cell_of_pixel)) - p_blur) / span for k in counts]
-    insertion = [(probability(composite(blur, original, order[:k], cell_of_pixel)) - p_blur) / span for k in counts]
+    scores = (probabilities[2:].astype(np.float64) - p_blur) / span
+    deletion, insertion = scores[: len(counts)].tolist(), scores[len(counts):].tolist()
     fractions = counts / layout.n_cells
     return {"fractions": fractions.tolist(), "deletion": deletion, "insertion": insertion,
             "deletion_auc": auc(fractions, np.asarray(deletion)), "insertion_auc": auc(fractions, np.asarray(insertion)),

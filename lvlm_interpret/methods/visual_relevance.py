@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from ..capture import build_inputs, replay_inputs
+from ..capture import build_inputs, image_inputs, replay_inputs
 from ..errors import UserInputError
 from ..trace import Trace
 
@@ -48,17 +48,34 @@ def is_content_token(text: str, token_id: int, special_ids: set[int]) -> bool:
     return not all(unicodedata.category(ch)[0] in "PS" for ch in word)
 
 
-@torch.no_grad()
-def answer_logprobs(loaded, trace: Trace, images: list[Image.Image]) -> torch.Tensor:
-    """log p(y_t) for every answer token, teacher-forced, with `images` in place of the trace's images."""
+def _image_inputs(loaded, trace: Trace, images: list[Image.Image]) -> dict:
+    """The processor's image inputs for `images` in place of the trace's (the prompt's layout must not change)."""
     inputs = build_inputs(loaded, images, trace.prompt)
     if not torch.equal(inputs["input_ids"][0], trace.input_ids[: trace.prompt_length]):
         raise UserInputError("the altered images change the prompt's token layout; use images of the same size")
-    model_inputs = {name: value for name, value in inputs.items()
-                    if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)}
-    logits = loaded.model(**replay_inputs(trace, loaded.device, model_inputs)).logits[0].float().cpu()
-    sources = [trace.source_position(t) for t in range(trace.n_answer)]
-    return torch.log_softmax(logits[sources], dim=-1)[torch.arange(trace.n_answer), trace.answer_ids]
+    return image_inputs(inputs)
+
+
+@torch.no_grad()
+def answer_logprobs_batch(loaded, trace: Trace, image_sets: list[list[Image.Image]],
+                          batch_size: int = 16) -> torch.Tensor:
+    """[len(image_sets), n_answer]: log p(y_t) for every answer token, teacher-forced, with each set of images in
+    place of the trace's. Sets run `batch_size` at a time: every input is concatenated on its first axis (a batch
+    axis, or the patch / tile axis of families that flatten images), and logits are kept only where answer tokens
+    are predicted."""
+    rows = []
+    for start in range(0, len(image_sets), batch_size):
+        replays = [replay_inputs(trace, loaded.device, _image_inputs(loaded, trace, images))
+                   for images in image_sets[start:start + batch_size]]
+        inputs = {name: torch.cat([replay[name] for replay in replays]) for name in replays[0]}
+        logits = loaded.model(**inputs, logits_to_keep=trace.n_answer + 1).logits[:, :-1].float().cpu()
+        rows.append(torch.log_softmax(logits, dim=-1)[:, torch.arange(trace.n_answer), trace.answer_ids])
+    return torch.cat(rows)
+
+
+def answer_logprobs(loaded, trace: Trace, images: list[Image.Image]) -> torch.Tensor:
+    """log p(y_t) for every answer token, teacher-forced, with `images` in place of the trace's images."""
+    return answer_logprobs_batch(loaded, trace, [images])[0]
 
 
 @dataclass
@@ -71,8 +88,7 @@ class VisualRelevance:
 
 def visually_relevant_tokens(loaded, trace: Trace, threshold: float = 1.0) -> VisualRelevance:
     images = [trace.image(k) for k in range(len(trace.images))]
-    with_image = answer_logprobs(loaded, trace, images)
-    with_blur = answer_logprobs(loaded, trace, [blurred(image) for image in images])
+    with_image, with_blur = answer_logprobs_batch(loaded, trace, [images, [blurred(image) for image in images]])
     llr = (with_image - with_blur).tolist()
     special = set(trace.special_token_ids)
     content = [is_content_token(text, token, special) for text, token in zip(trace.answer_texts, trace.answer_ids)]

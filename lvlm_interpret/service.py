@@ -161,15 +161,8 @@ class ExplainService:
         except TypeError as error:
             raise UserInputError(f"{method}: {error}") from None
         key = ("explanation", request_id, method, token_index, json.dumps(options, sort_keys=True, default=str))
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        trace = self.trace(request_id)
-        loaded = self.model(trace.model_name)
-        with self._limits(loaded):
-            explanation = explainer.explain(trace, token_index, model=loaded, **options)
-        self._cache.put(key, explanation, sum(m.nbytes for m in explanation.maps) + 1024)
-        return explanation
+        return self._computed(key, request_id, lambda loaded, trace: explainer.explain(
+            trace, token_index, model=loaded, **options), lambda result, trace: sum(m.nbytes for m in result.maps))
 
     def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]:
         """Layer x head attention mass of the token on image tokens, prompt text and earlier answer tokens."""
@@ -186,28 +179,16 @@ class ExplainService:
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0):
         """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""
-        key = ("visual_relevance", request_id, threshold)
-        cached = self._cache.get(key)
-        if cached is None:
-            trace = self.trace(request_id)
-            loaded = self.model(trace.model_name)
-            with self._limits(loaded):
-                cached = visually_relevant_tokens(loaded, trace, threshold)
-            self._cache.put(key, cached, 64 * trace.n_answer + 1024)
-        return cached
+        return self._computed(("visual_relevance", request_id, threshold), request_id,
+                              lambda loaded, trace: visually_relevant_tokens(loaded, trace, threshold),
+                              lambda result, trace: 64 * trace.n_answer)
 
     # --- analyses (Neo et al.): lvlm_interpret.analysis on the request's trace and model ---------------------
     def logit_lens(self, request_id: str, k: int = 5) -> LogitLens:
         """Top-k vocabulary tokens of every image patch at every layer, cached per request."""
-        key = ("logit_lens", request_id, k)
-        cached = self._cache.get(key)
-        if cached is None:
-            trace = self.trace(request_id)
-            loaded = self.model(trace.model_name)
-            with self._limits(loaded):
-                cached = logit_lens(loaded, trace, k)
-            self._cache.put(key, cached, 2 * cached.probs.nbytes + 32 * cached.probs.size)
-        return cached
+        return self._computed(("logit_lens", request_id, k), request_id,
+                              lambda loaded, trace: logit_lens(loaded, trace, k),
+                              lambda result, trace: 2 * result.probs.nbytes + 32 * result.probs.size)
 
     def analysis_tokens(self, request_id: str, kind: str, token_index: int = 0, **selection) -> list[int]:
         """Positions of a token set (object box, register, random, top-k of a method) of the first image."""
@@ -230,6 +211,18 @@ class ExplainService:
         loaded = self.model(trace.model_name)
         with self._limits(loaded):
             return knockout(loaded, trace, positions, token_index, windows=windows)
+
+    def _computed(self, key, request_id: str, compute, nbytes):
+        """`compute(loaded, trace)` for the request, under the limits, cached under `key` with its size
+        `nbytes(result, trace)` (plus a little for the object)."""
+        cached = self._cache.get(key)
+        if cached is None:
+            trace = self.trace(request_id)
+            loaded = self.model(trace.model_name)
+            with self._limits(loaded):
+                cached = compute(loaded, trace)
+            self._cache.put(key, cached, nbytes(cached, trace) + 1024)
+        return cached
 
     def _run(self, request: Request) -> Trace:
         loaded = self.model(request.model)

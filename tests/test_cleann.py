@@ -84,7 +84,8 @@ def test_cleann_can_be_limited_to_image_patches(llava, llava_trace):
     assert details["text_tokens"] == []
 
 
-@pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"alpha": 2.0}, {"radius": 0}, {"among": "x"}])
+@pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"head": "abc"}, {"head": 1.5}, {"alpha": 2.0},
+                                     {"radius": 0}, {"among": "x"}])
 def test_bad_options(llava, llava_trace, options):
     with pytest.raises(UserInputError):
         get_method("cleann").explain(llava_trace, 0, model=llava, **options)

@@ -227,6 +227,8 @@ class Cleann(ExplanationMethod):
         layer_index = layer + n_layers if isinstance(layer, int) and layer < 0 else layer
         if not isinstance(layer_index, int) or not 0 <= layer_index < n_layers:
             raise UserInputError(f"layer {layer!r} is out of range: the model has {n_layers} layers")
+        if head != "all" and not (isinstance(head, int) or str(head).strip().lstrip("-").isdigit()):
+            raise UserInputError(f"head must be 'all' or a head number, got {head!r}")
         heads = list(range(trace.n_heads)) if head == "all" else [int(head)]
         if not all(0 <= h < trace.n_heads for h in heads):
             raise UserInputError(f"head {head!r} is out of range: the model has {trace.n_heads} heads")

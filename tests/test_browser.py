@@ -182,3 +182,41 @@ def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
                                       np.asarray(render_attention(service, request_id, image, 2)))
         page.screenshot(path=str(ARTIFACTS / "backend-mode.png"), full_page=True)
         browser.close()
+
+
+def test_bad_input_in_the_page_is_one_notice_and_the_page_keeps_working(app_url, tmp_path):
+    """What a stranger may send through the page: a file that is no image, a truncated PNG, an empty prompt. Each
+    is one readable notice (no stack trace, no server path), and the next good request is answered."""
+    from playwright.sync_api import sync_playwright
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels")
+    whole = io.BytesIO()
+    make_scene(160, 96).save(whole, format="PNG")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    good = tmp_path / "scene.png"
+    make_scene(160, 96).save(good)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        for path, prompt, message in [(not_an_image, "Describe the image.", "not a readable image"),
+                                      (truncated, "Describe the image.", "corrupt or truncated"),
+                                      (good, "   ", "prompt is empty")]:
+            page.locator("#input-image input[type=file]").set_input_files(str(path))
+            page.locator("#prompt textarea").fill(prompt)
+            page.locator("#generate").click()
+            notice = page.get_by_text(message).first
+            notice.wait_for(timeout=60_000)
+            text = notice.inner_text()
+            assert "Traceback" not in text and "/tmp" not in text and str(ROOT) not in text
+            assert page.locator("#answer textarea").input_value() == ""
+            page.screenshot(path=str(ARTIFACTS / f"bad-input-{path.stem}.png"), full_page=True)
+            page.reload()
+        page.locator("#input-image input[type=file]").set_input_files(str(good))
+        page.locator("#prompt textarea").fill("Describe the image.")
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        browser.close()

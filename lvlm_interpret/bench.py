@@ -80,7 +80,7 @@ def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "rel
         row = {"one_token_s": one_s, "one_token_x_plain": one_s / plain_s,
                "one_token_x_forward_backward": one_s / figures["forward_backward_s"]}
         if name != "cleann":  # CLEANN is a per-click search, not run over whole answers
-            all_s, _ = _timed(lambda: method.explain_many(trace, all_tokens, model=loaded), 1)
+            all_s, _ = _timed(lambda: method.explain_many(trace, all_tokens, model=loaded), repeats)
             row.update({"all_tokens_s": all_s, "all_tokens_x_plain": all_s / plain_s})
         figures["methods"][name] = row
     if name := next((m for m in methods if m == "relevancy"), None):

@@ -29,20 +29,22 @@ def model_choices(default: str, allowed: list[str] | None = None) -> list[str]:
     return list(dict.fromkeys([default, *BUILTIN_MODELS, *(RANDOM_PREFIX + p for p in random_presets())]))
 
 
-class ImageUpload(gr.Image):
-    """The input picture, decoded by the product's own decoder (declared size checked first, first frame, EXIF
-    rotation, RGB), so a file that is no usable image is one clear notice in the page, not Gradio's bare error."""
+def decoded_by_the_product(image: gr.Image) -> gr.Image:
+    """Uploads to `image` go through the product's own decoder (declared size checked first, first frame, EXIF
+    rotation, RGB), so a file that is no usable image is one clear notice in the page, not Gradio's bare error.
+    (An instance override: subclassing a Gradio component makes Gradio write a .pyi stub next to this file.)"""
+    gradio_preprocess = image.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"  # the same front-end component as gr.Image
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None or payload.path is None:
-            return super().preprocess(payload)
+            return gradio_preprocess(payload)
         try:
             return decode_image(payload.path, f"the uploaded file {payload.orig_name or ''}".strip())
         except UserInputError as error:
             raise gr.Error(str(error)) from None
+
+    image.preprocess = preprocess
+    return image
 
 
 @dataclass
@@ -59,7 +61,8 @@ class GenerationPanel:
     def build(cls, default_model: str, allowed_models: list[str] | None = None,
               max_new_tokens: int = 128) -> "GenerationPanel":
         with gr.Column():
-            image = ImageUpload(type="pil", label="Image", image_mode=None, height=320, elem_id="input-image")
+            image = decoded_by_the_product(gr.Image(type="pil", label="Image", image_mode=None, height=320,
+                                                    elem_id="input-image"))
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=1, elem_id="prompt")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             if examples():

@@ -12,7 +12,7 @@ from pathlib import Path
 from .analysis import commands as analysis_commands
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
-from .export import request_record, write_request
+from .export import request_record, staged_folder, write_request
 from .images import load_image
 from .methods import METHODS, get_method
 from .methods.visual_relevance import visually_relevant_tokens
@@ -189,11 +189,9 @@ def run_evaluate(args) -> dict:
         return result
     lines = ["method," + ",".join(COLUMNS)]
     lines += [name + "," + ",".join(str(row.get(c, "")) for c in COLUMNS) for name, row in result["methods"].items()]
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("evaluation.json", json.dumps(result, indent=2)), ("evaluation.csv", "\n".join(lines) + "\n")):
-        partial = out / f".{name}.partial"  # whole files only, even if interrupted
-        partial.write_text(text)
-        partial.replace(out / name)
+    with staged_folder(out) as staging:
+        (staging / "evaluation.json").write_text(json.dumps(result, indent=2))
+        (staging / "evaluation.csv").write_text("\n".join(lines) + "\n")
     accuracy = result["answer_accuracy"]
     print(f"{args.dataset}: {n} samples, {result['processes']} process(es), model {args.model}"
           + ("" if accuracy is None else f", answer accuracy {accuracy:.3f}"))

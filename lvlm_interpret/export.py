@@ -9,6 +9,8 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +86,30 @@ def overlay_images(trace: Trace, explanation: Explanation) -> dict[str, Image.Im
     return pictures
 
 
-def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str, list[Explanation]],
-                  png: bool = False, save_trace: bool = False) -> Path:
-    """Stage everything in a temporary folder inside `out`, then move it into place: no half-written folder."""
+@contextmanager
+def staged_folder(out) -> Iterator[Path]:
+    """A temporary folder inside `out` to write into: its contents move into `out` together when the block ends
+    without error, and are removed otherwise, so `out` never holds half-written output."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
+        yield staging
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str, list[Explanation]],
+                  png: bool = False, save_trace: bool = False) -> Path:
+    """result.json, maps.npz and optionally the trace and overlay PNGs, moved into `out` together."""
+    with staged_folder(out) as staging:
         (staging / "result.json").write_text(json.dumps(record, indent=2))
         np.savez_compressed(staging / "maps.npz", **map_arrays(trace, explanations))
         if save_trace:
@@ -101,14 +120,7 @@ def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str,
                 for explanation in explained:
                     for name, picture in overlay_images(trace, explanation).items():
                         picture.save(staging / "overlays" / f"{name}.png")
-        for item in staging.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _data_uri(picture: Image.Image) -> str:

@@ -6,15 +6,14 @@ in a temporary folder and moved into place only when everything succeeded."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..capture import GenerationOptions, generate_with_capture
 from ..errors import UserInputError
+from ..export import staged_folder
 from ..images import load_image
 from ..models.loading import DEFAULT_MODEL, load_model
 from .ablation import REPLACEMENTS, ablate, load_mean_embedding, mean_embedding_from_folder, save_mean_embedding
@@ -94,20 +93,11 @@ def add_parsers(commands) -> None:
 
 
 def write_staged(out, files: dict[str, str]) -> Path:
-    """Write the files into a temporary folder inside `out`, then move them into place together."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
-    try:
+    """Write the text files into `out` together (staged: nothing half-written)."""
+    with staged_folder(out) as staging:
         for name, text in files.items():
             (staging / name).write_text(text)
-        for item in staging.iterdir():
-            item.replace(out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _parse_ints(spec: str, option: str) -> list[int]:

@@ -70,3 +70,26 @@ def test_a_shared_colour_word_has_its_instance_mask_and_the_class_mask():
         assert target.unique == (len(sharing) == 1)
         assert (target.class_mask == np.logical_or.reduce([scene.masks[i] for i in sharing])).all()
     assert not all(t.unique for t in targets)
+
+
+def test_faithfulness_leaves_out_words_the_blur_does_not_change(llava, scene, monkeypatch):
+    from lvlm_interpret.evaluation import benchmark
+    from lvlm_interpret.evaluation.benchmark import Sample, WordTarget, evaluate_sample
+
+    def curves(loaded, trace, token_index, grid_map):  # the blur matters for the first word only
+        p_blurred = 0.2 if token_index == first_word_token[0] else 0.9
+        return {"p_original": 0.9, "p_blurred": p_blurred, "deletion_auc": 0.1, "insertion_auc": 0.8}
+
+    first_word_token = []
+
+    def targets(words):
+        first_word_token.append(words[0].tokens[0])
+        mask = np.ones((scene.height, scene.width), dtype=bool)
+        return [WordTarget(word, mask, unique=True) for word in words[:2]]
+
+    monkeypatch.setattr(benchmark, "deletion_insertion", curves)
+    result = evaluate_sample(llava, Sample("s", scene, "Describe the image.", targets), ["attention"],
+                             faithfulness=True, max_new_tokens=6)
+    rows = benchmark.aggregate([result])["methods"]["attention"]
+    assert rows["n_words"] == 2 and rows["n_faithfulness_words"] == 1
+    assert rows["deletion_auc"] == 0.1 and rows["insertion_auc"] == 0.8

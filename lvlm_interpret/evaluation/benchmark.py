@@ -22,8 +22,9 @@ from .faithfulness import deletion_insertion
 from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, share_inside
 from .words import Word, answer_words
 
+MIN_BLUR_EFFECT = 0.05  # |p(original) - p(blurred)| below which deletion / insertion is not scored
 COLUMNS = ("pointing_game", "pointing_unique", "pointing_class", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
-           "cells_inside_object", "n_words")
+           "cells_inside_object", "n_words", "n_faithfulness_words")
 
 
 @dataclass
@@ -88,8 +89,11 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                 records.append((map_name, "obj_iou", max(obj_iou(m[0], layout, target.mask) for m in sub_maps)))
                 if faithfulness:
                     curves = deletion_insertion(loaded, trace, target.word.tokens[0], word_map)
-                    records.append((map_name, "deletion_auc", curves["deletion_auc"]))
-                    records.append((map_name, "insertion_auc", curves["insertion_auc"]))
+                    # a word the blur hardly changes has no visual evidence to order: its normalised scores
+                    # divide by ~0, so it is left out
+                    if abs(curves["p_original"] - curves["p_blurred"]) >= MIN_BLUR_EFFECT:
+                        records.append((map_name, "deletion_auc", curves["deletion_auc"]))
+                        records.append((map_name, "insertion_auc", curves["insertion_auc"]))
         for map_name in map_names:
             thresholds = [otsu_threshold(_word_map([explained[t].all_maps()[map_name] for t in target.word.tokens]),
                                          layout) for target in targets]
@@ -114,6 +118,8 @@ def aggregate(results: list[dict]) -> dict:
         if "obj_iou" in row and "func_iou" in row:
             row["f1_iou"] = f1_iou(row["obj_iou"], row["func_iou"])
         row["n_words"] = len(metrics.get("pointing_game", []))
+        if "deletion_auc" in metrics:
+            row["n_faithfulness_words"] = len(metrics["deletion_auc"])
         table[map_name] = row
     known = [r["correct"] for r in results if r["correct"] is not None]
     return {"n_samples": len(results), "answer_accuracy": float(np.mean(known)) if known else None,

@@ -65,7 +65,12 @@ def build_app(service) -> gr.Blocks:
                     with gr.Tab("Side by side"):
                         comparison = comparison_panel.build()
                     with gr.Tab("Analyses"):
-                        analysis = analysis_panel.AnalysisPanel.build()
+                        if service.runs_analyses:
+                            analysis = analysis_panel.AnalysisPanel.build()
+                        else:
+                            analysis = None
+                            gr.Markdown("The analyses (ablation, knockout, logit lens) run next to the model: "
+                                        "start `app.py` without `--backend` to use them.", elem_id="no-analyses")
                 export_panel = ExportPanel.build()
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
@@ -137,11 +142,12 @@ def build_app(service) -> gr.Blocks:
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
-        generation.button.click(on_generate, generation.inputs(),
-                                [session, answer, attention.layer, attention.head, *token_outputs]).success(
-            gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
-            [analysis.layer, analysis.lens, analysis.tokens])
-        analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
+        generated = generation.button.click(on_generate, generation.inputs(),
+                                            [session, answer, attention.layer, attention.head, *token_outputs])
+        if analysis is not None:
+            generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
+                              [analysis.layer, analysis.lens, analysis.tokens])
+            analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
         tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
                       [session, *token_outputs])
         for control in attention.controls():

@@ -65,6 +65,8 @@ class _RemoteRequest:
 
 
 class RemoteService:
+    runs_analyses = False  # the HTTP API serves explanations; the analyses run next to a model only
+
     def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0,
                  requests_bytes: int = 64 << 20):
         """Requests (answer and uploaded PNG) are kept, least recently used first out, within `requests_bytes`."""

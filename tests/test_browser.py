@@ -181,6 +181,8 @@ def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
         np.testing.assert_array_equal(_shown_image(page, "#attention-map"),
                                       np.asarray(render_attention(service, request_id, image, 2)))
         page.screenshot(path=str(ARTIFACTS / "backend-mode.png"), full_page=True)
+        page.get_by_role("tab", name="Analyses").click()  # says where the analyses run instead of failing
+        assert "without --backend" in page.locator("#no-analyses").inner_text()
         browser.close()
 
 

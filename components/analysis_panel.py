@@ -139,11 +139,6 @@ def lens_figure(service: ExplainService, state: dict, layer: int):
     return figure
 
 
-def layer_slider(service: ExplainService, state: dict) -> gr.Slider:
-    n_layers = service.trace(state["request_id"]).n_layers
-    return gr.Slider(0, n_layers - 1, value=n_layers - 1, step=1)
-
-
 def box_click(box: str, x: float, y: float) -> str:
     """Two clicks draw a box: the first gives one corner, the second the opposite one (in image pixels)."""
     parts = [p for p in (box or "").split(",") if p.strip()]
@@ -175,7 +170,6 @@ def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
 def on_new_request(service, state) -> tuple:
     """After a generation: the slider spans the model's layers, the lens shows the last one, and the image is
     ready for drawing a box."""
-    if not hasattr(service, "logit_lens"):
-        return gr.Slider(), None, state["image"]
-    slider = layer_slider(service, state)
-    return slider, lens_figure(service, state, slider.value), state["image"]
+    last = service.trace(state["request_id"]).n_layers - 1
+    # the slider is built from `last`: inside an event Gradio returns an update object without `.value`
+    return gr.Slider(0, last, value=last, step=1), lens_figure(service, state, last), state["image"]

@@ -142,6 +142,10 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         page.wait_for_function("document.querySelector('#layer input').value === '1' && "
                                "document.querySelector('#head input').value === '2'", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)
+        # the analyses tab was filled after generation: the lens spans the model's layers, at the last one
+        page.get_by_role("tab", name="Analyses").click()
+        page.wait_for_function("document.querySelector('#analysis-lens .js-plotly-plot') !== null", timeout=30_000)
+        assert page.locator("#analysis-lens-layer input[type=number]").input_value() == str(trace.n_layers - 1)
         page.get_by_role("tab", name="Side by side").click()
         page.wait_for_function("document.querySelectorAll('#comparison img').length >= 8", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "side-by-side.png"), full_page=True)

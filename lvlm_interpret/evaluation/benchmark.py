@@ -58,25 +58,25 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
     correct = None if sample.reference_answer is None else bool(sample.reference_answer(trace.answer))
     words = answer_words(loaded.processor.tokenizer, trace.answer_ids)
     targets = sample.targets(words)
-    functions = [w for w in words if w.is_function_word] if targets else []
-    layout = trace.images[0]
     records = []
+    if not targets:
+        return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records}
+    functions = [w for w in words if w.is_function_word]
+    tokens = sorted({t for word in [*(target.word for target in targets), *functions] for t in word.tokens})
+    layout = trace.images[0]
     for name in methods:
-        if not targets:
-            break
-        tokens = sorted({t for target in targets for t in target.word.tokens} | {t for w in functions for t in w.tokens})
         explained = dict(zip(tokens, get_method(name).explain_many(trace, tokens, model=loaded,
                                                                     **method_options.get(name, {}))))
-        map_names = list(explained[tokens[0]].all_maps())
-        for target in targets:
-            explanations = [explained[t] for t in target.word.tokens]
-            if name == "cleann":
-                cells = [tuple(c) for e in explanations for c in e.details["image_cells"]]
+        if name == "cleann":
+            for target in targets:
+                cells = [tuple(c) for t in target.word.tokens for c in explained[t].details["image_cells"]]
                 inside = share_inside(cells, layout, target.mask)
                 if inside is not None:
                     records.append((name, "cells_inside_object", inside))
-            for map_name in map_names:
-                sub_maps = [e.all_maps()[map_name] for e in explanations]
+        for map_name in explained[tokens[0]].all_maps():
+            thresholds = []
+            for target in targets:
+                sub_maps = [explained[t].all_maps()[map_name] for t in target.word.tokens]
                 word_map = _word_map(sub_maps)
                 hit = float(pointing_hit(word_map, layout, target.mask))
                 records.append((map_name, "pointing_game", hit))
@@ -87,6 +87,8 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                                                                                    target.class_mask))))
                 # TAM protocol: the best sub-token
                 records.append((map_name, "obj_iou", max(obj_iou(m[0], layout, target.mask) for m in sub_maps)))
+                if (threshold := otsu_threshold(word_map, layout)) is not None:
+                    thresholds.append(threshold)
                 if faithfulness:
                     curves = deletion_insertion(loaded, trace, target.word.tokens[0], word_map)
                     # a word the blur hardly changes has no visual evidence to order: its normalised scores
@@ -94,13 +96,7 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                     if abs(curves["p_original"] - curves["p_blurred"]) >= MIN_BLUR_EFFECT:
                         records.append((map_name, "deletion_auc", curves["deletion_auc"]))
                         records.append((map_name, "insertion_auc", curves["insertion_auc"]))
-        for map_name in map_names:
-            thresholds = [otsu_threshold(_word_map([explained[t].all_maps()[map_name] for t in target.word.tokens]),
-                                         layout) for target in targets]
-            thresholds = [t for t in thresholds if t is not None]
-            if not thresholds:
-                continue
-            for word in functions:
+            for word in functions if thresholds else []:
                 word_map = _word_map([explained[t].all_maps()[map_name] for t in word.tokens])
                 records.append((map_name, "func_iou", func_iou(word_map, layout, float(np.mean(thresholds)))))
     return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records}

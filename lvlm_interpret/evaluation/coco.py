@@ -75,6 +75,7 @@ class CocoDataset:
                 words = name.lower().replace("_", " ").split()
                 for last in _plurals(words[-1]):
                     self.names[tuple(words[:-1] + [last])] = category_id
+        self.longest_name = max(len(name) for name in self.names)
         self.prompt = prompt
 
     def __len__(self) -> int:
@@ -102,12 +103,11 @@ class CocoDataset:
         info = self.images[index]
         image = load_image(self.images_dir / info["file_name"])
         masks = self.category_masks(info, image.size)
-        longest = max(len(name) for name in self.names)
 
         def targets(words: list[Word]) -> list[WordTarget]:
             found, i = [], 0
             while i < len(words):
-                for length in range(min(longest, len(words) - i), 0, -1):
+                for length in range(min(self.longest_name, len(words) - i), 0, -1):
                     category = self.names.get(tuple(w.text for w in words[i:i + length]))
                     if category is not None:
                         break

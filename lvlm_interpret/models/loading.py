@@ -99,7 +99,8 @@ def _build_random(preset_name: str, dtype: torch.dtype = torch.float32, device=t
     preset = json.loads(path.read_text())
     family = _family(preset["family"])
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    if dtype != default_dtype:  # process-wide: only touched when a preset is built in another dtype
+        torch.set_default_dtype(dtype)
     try:
         with device:
             model, processor = family.build_random(preset)

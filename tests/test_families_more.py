@@ -22,14 +22,12 @@ from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
 from tests.conftest import make_scene
 from tests.references import eager_replay, reference_lm_map
+from tests.test_vision_relevancy import check_vision_tokens
 
 SINGLE_GRID = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "mistral3"]  # one grid per image
 FAMILIES = SINGLE_GRID + ["internvl"]
 # PaliGemma 2 (Gemma 2 decoder): soft-capped attention logits, which capture computes without SDPA
 PRESETS = FAMILIES + ["paligemma2"]
-# families whose tower tokens each LM image token is made of are known (vision_token_groups)
-WITH_VISION_GROUPS = ["qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma"]
-WITH_VISION_RELEVANCY = ["qwen3_vl", "gemma3", "paligemma"]
 PROMPT = "What color is the circle?"
 
 
@@ -132,11 +130,11 @@ def test_internvl_tiles_at_the_real_checkpoints_geometry(size, tiles):
     assert layout.cell_positions.tolist() == _image_token_positions(loaded, inputs)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_vision_token_groups_at_the_real_checkpoints_geometry(family):
-    """Qwen2.5-VL's 112-pixel windows over 14-pixel patches; Gemma 3's 64 x 64 patches pooled to 16 x 16."""
-    loaded = _narrow_model_at_real_geometry(family)
-    _check_vision_token_groups(loaded, make_scene(300, 200))
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "internvl"])
+def test_vision_tokens_at_the_real_checkpoints_geometry(family):
+    """Qwen2.5-VL's 112-pixel windows over 14-pixel patches; Gemma 3's 64 x 64 patches pooled to 16 x 16; InternVL's
+    448-pixel tiles of 32 x 32 patches, pixel-shuffled, with a thumbnail."""
+    check_vision_tokens(_narrow_model_at_real_geometry(family), [make_scene(300, 200)], cells_per_image=40)
 
 
 @pytest.mark.parametrize("family", SINGLE_GRID)
@@ -183,7 +181,7 @@ def test_explain_runs_every_method(tmp_path, family):
     assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
     grid = result["image"]["grid"]
     maps = np.load(out / "maps.npz")
-    vision = {"relevancy_vit", "relevancy_all"} if family in WITH_VISION_RELEVANCY else set()
+    vision = {"relevancy_vit", "relevancy_all"}
     assert set(maps.keys()) == {"attention", "cleann", "relevancy", "tam", "tam_raw", "tam_cleaned"} | vision
     for name, values in maps.items():
         assert values.shape == (1, *grid) and (values >= 0).all(), name
@@ -211,39 +209,6 @@ def test_captured_rows_and_relevancy_match_eager_references(models, traces, fami
     explanation = get_method("relevancy").explain(trace, t, model=loaded)
     np.testing.assert_allclose(explanation.maps[0], expected_map, rtol=1e-3, atol=1e-6)
     assert explanation.details["target_logit"] == pytest.approx(logit, abs=1e-4)
-
-
-def _vision_features(loaded, inputs):
-    """(the tower's last hidden states in its own token order [n, d], a function from the tower tokens of each
-    LM image token [cells, k, d] to that token's embedding, the LM image embeddings [cells, d])."""
-    model = loaded.model.model
-    with torch.no_grad():
-        if loaded.family.name.startswith("qwen"):
-            output = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-            return output.last_hidden_state, lambda grouped: model.visual.merger(grouped.flatten(0, 1)), \
-                output.pooler_output
-        output = model.get_image_features(inputs["pixel_values"])
-        projector = model.multi_modal_projector
-        if loaded.family.name == "paligemma":  # one projected patch per token
-            return output.last_hidden_state[0], lambda grouped: projector(grouped[:, 0]), output.pooler_output[0]
-        return output.last_hidden_state[0], lambda grouped: projector.mm_soft_emb_norm(grouped.mean(1)) @ \
-            projector.mm_input_projection_weight, output.pooler_output[0]
-
-
-@pytest.mark.parametrize("family", WITH_VISION_GROUPS)
-def test_vision_token_groups_are_the_tower_tokens_each_lm_token_is_made_of(models, family):
-    _check_vision_token_groups(models(family), make_scene(200, 90))
-
-
-def _check_vision_token_groups(loaded, image):
-    inputs = build_inputs(loaded, [image], PROMPT)
-    (layout,) = loaded.family.image_layouts(loaded.model, loaded.processor, inputs, [image])
-    groups = loaded.family.vision_token_groups(loaded.model, layout)
-    hidden, make_token, lm_tokens = _vision_features(loaded, inputs)
-    assert groups.shape[0] == layout.n_cells and sorted(groups.reshape(-1)) == list(range(hidden.shape[0]))
-    with torch.no_grad():
-        rebuilt = make_token(hidden[torch.from_numpy(groups)])
-    torch.testing.assert_close(rebuilt, lm_tokens, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["paligemma", "paligemma2"])
@@ -370,4 +335,3 @@ def test_module_handles_line_up_with_the_models_layers(models, family):
     layers, attentions = adapter.vision_layers(model), adapter.vision_attentions(model)
     assert len(layers) == len(attentions) >= 1
     assert all(attention in set(layer.modules()) for layer, attention in zip(layers, attentions))
-    assert adapter.vision_relevancy == (family in WITH_VISION_RELEVANCY)

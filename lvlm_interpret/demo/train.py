@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..families.llava import CHAT_TEMPLATE, IMAGE_TOKEN, llava_config, llava_processor
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
 from .scenes import (
-    COLOURS, HELD_OUT_SEED_START, KINDS, SHAPES, Scene, draw_scene, parse_prompt, question_kind, sample_questions,
+    COLOURS, HELD_OUT_SEED_START, KINDS, SHAPES, Scene, draw_scene, parse_prompt, sample_questions,
 )
 
 IMAGE_SIZE, PATCH = 96, 8

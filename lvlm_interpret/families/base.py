@@ -153,6 +153,43 @@ class ImageLayout:
     __hash__ = None
 
 
+@dataclass(frozen=True, eq=False)
+class VisionTokens:
+    """One image's part of the vision tower's token sequence, for vision-side relevancy.
+
+    The tower's sequence is every image's tokens in image order, and within an image its tiles (or crops) in the
+    order the tower encodes them, each with its CLS token where the tower has one. Indices count from the image's
+    first token in that sequence."""
+
+    count: int  # tokens the image puts in the tower's sequence
+    groups: np.ndarray  # int64 [n_cells, k]: the tower tokens each cell of the map's grid is made of
+    readout: np.ndarray  # the tower tokens whose rows, averaged, summarise the map's part of the image
+    # float [n_cells, k], each row summing to 1: how much of each token a cell holds (None: equal shares)
+    weights: np.ndarray | None = None
+
+    @property
+    def shares(self) -> np.ndarray:
+        if self.weights is not None:
+            return np.asarray(self.weights, dtype=np.float32)
+        return np.full(self.groups.shape, 1.0 / self.groups.shape[1], dtype=np.float32)
+
+    @classmethod
+    def one_sequence(cls, groups: np.ndarray, count: int, has_cls: bool) -> "VisionTokens":
+        """An image the tower encodes as one sequence: summarised by its CLS row (token 0) or by all its rows."""
+        readout = np.zeros(1, dtype=np.int64) if has_cls else np.arange(count)
+        return cls(count=count, groups=np.asarray(groups, dtype=np.int64), readout=readout)
+
+
+def merged_patch_groups(rows: int, cols: int, merge: int, first: int = 0) -> np.ndarray:
+    """[rows * cols, merge * merge]: for each cell of a rows x cols grid made by merging `merge` x `merge` blocks of
+    a row-major patch grid (pooling, pixel shuffle, patch merger) stored from token `first`, its patches."""
+    rows_of, cols_of = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    block_rows, block_cols = np.meshgrid(np.arange(merge), np.arange(merge), indexing="ij")
+    patch_rows = rows_of.reshape(-1, 1) * merge + block_rows.reshape(1, -1)
+    patch_cols = cols_of.reshape(-1, 1) * merge + block_cols.reshape(1, -1)
+    return first + patch_rows * (cols * merge) + patch_cols
+
+
 class ModelFamily:
     """Base adapter. Subclasses set `name` and `model_types` and implement `grids` and `build_random`."""
 
@@ -216,14 +253,11 @@ class ModelFamily:
         return [layer.self_attn for layer in self.vision_layers(model)]
 
     # --- how LM image tokens map onto the vision tower's tokens (for vision-side relevancy) ----------------
-    vision_readout: str = "cls"  # the vision-tower row that summarises an image: "cls" (row 0) or "mean"
-    # False where the tower sees one image as several tiles: relevancy then gives the LM map only
-    vision_relevancy: bool = True
     # per-position model inputs whose value over the generated tokens differs from the prompt's text (replays keep it)
     answer_input_values: dict[str, int] = {}
 
-    def vision_token_groups(self, model: nn.Module, layout: ImageLayout) -> np.ndarray:
-        """[n_cells, k]: the vision-tower token indices (of that image) that make each cell of the map's grid."""
+    def vision_tokens(self, model: nn.Module, layout: ImageLayout) -> "VisionTokens":
+        """Where the image's map cells come from in the vision tower's token sequence."""
         raise NotImplementedError
 
     def load_processor(self, source: str, trust_remote_code: bool = False):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -20,7 +20,7 @@ from transformers import (
 
 from ..errors import UserInputError
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ModelFamily, seeded_model
+from .base import ModelFamily, VisionTokens, merged_patch_groups, seeded_model
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT]
@@ -37,7 +37,6 @@ CHAT_TEMPLATE = (
 class Gemma3Family(ModelFamily):
     name = "gemma3"
     model_types = ("gemma3",)
-    vision_readout = "mean"  # SigLIP has no CLS token
 
     def grids(self, model, processor, inputs, images):
         if inputs["pixel_values"].shape[0] != len(images):
@@ -51,16 +50,13 @@ class Gemma3Family(ModelFamily):
         tower = model.model.vision_tower
         return list(getattr(tower, "vision_model", tower).encoder.layers)
 
-    def vision_token_groups(self, model, layout):
-        # cell (r, c) is the mean of the k x k patch block (r*k .. r*k+k-1, c*k .. c*k+k-1) of the P x P patch grid
+    def vision_tokens(self, model, layout):
+        # cell (r, c) is the mean of the k x k patch block (r*k .. r*k+k-1, c*k .. c*k+k-1) of the P x P patch grid;
+        # SigLIP has no CLS token: the image is summarised by all its rows
         vision = model.config.vision_config
         patches = vision.image_size // vision.patch_size
-        k = patches // layout.rows
-        rows, cols = np.meshgrid(np.arange(layout.rows), np.arange(layout.cols), indexing="ij")
-        block_r, block_c = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-        patch_rows = rows.reshape(-1, 1) * k + block_r.reshape(1, -1)
-        patch_cols = cols.reshape(-1, 1) * k + block_c.reshape(1, -1)
-        return patch_rows * patches + patch_cols
+        groups = merged_patch_groups(layout.rows, layout.cols, patches // layout.rows)
+        return VisionTokens.one_sequence(groups, patches * patches, has_cls=False)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "model"], SPECIAL_TOKENS, CHAT_TEMPLATE,
@@ -89,4 +85,10 @@ class Gemma3Family(ModelFamily):
             chat_template=CHAT_TEMPLATE,
             image_seq_length=image["tokens_per_side"] ** 2,
         )
-        return seeded_model(Gemma3ForConditionalGeneration, config, preset.get("seed", 0)), processor
+        model = seeded_model(Gemma3ForConditionalGeneration, config, preset.get("seed", 0))
+        # Gemma 3 initialises the image projection to zeros, which would cut the image off from the LM
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        generator = torch.Generator().manual_seed(preset.get("seed", 0))
+        with torch.no_grad():
+            projection.copy_(torch.randn(projection.shape, generator=generator) * config.text_config.initializer_range)
+        return model, processor

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ImageLayout, ImageView, ModelFamily, seeded_model
+from .base import ImageLayout, ImageView, ModelFamily, VisionTokens, merged_patch_groups, seeded_model
 
 FAKE_TOKEN, IMAGE_TOKEN, GLOBAL_TOKEN, END_TOKEN = "<fake_token_around_image>", "<image>", "<global-img>", \
     "<end_of_utterance>"
@@ -54,9 +54,6 @@ class Idefics3Family(ModelFamily):
     model_types = ("idefics3",)
     config_class, model_class = Idefics3Config, Idefics3ForConditionalGeneration
     processor_class, image_processor_class = Idefics3Processor, Idefics3ImageProcessorPil
-    # the tower encodes every tile and the global image as separate images
-    vision_relevancy = False
-
     def image_layouts(self, model, processor, inputs, images):
         ids = inputs["input_ids"][0].numpy()
         tokens = processor.tokenizer.convert_tokens_to_ids
@@ -102,6 +99,21 @@ class Idefics3Family(ModelFamily):
         if len(layouts) != len(images) or tiles:
             raise RuntimeError(f"{self.name}: found {len(layouts)} images in input_ids for {len(images)} given")
         return layouts
+
+    def vision_tokens(self, model, layout):
+        # the tower encodes the tiles row by row, then the global image, each as one patch grid (no CLS); pixel
+        # shuffle merges scale x scale patches into each token
+        scale = model.config.scale_factor
+        per_crop = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+        side = layout.views[-1].rows  # the global view's side, as every tile's
+        tile_rows, tile_cols = layout.rows // side, layout.cols // side
+        n_tiles = tile_rows * tile_cols if layout.views[0].name == "tiles" else 0
+        cell_rows, cell_cols = np.meshgrid(np.arange(layout.rows), np.arange(layout.cols), indexing="ij")
+        crops = ((cell_rows // side) * tile_cols + cell_cols // side).reshape(-1, 1)
+        in_crop = merged_patch_groups(side, side, scale)[((cell_rows % side) * side + cell_cols % side).reshape(-1)]
+        used = np.unique(crops)  # the map's crops: every tile, or the global image alone
+        return VisionTokens(count=(n_tiles + 1) * per_crop, groups=crops * per_crop + in_crop,
+                            readout=(used[:, None] * per_crop + np.arange(per_crop)).reshape(-1))
 
     def language_model(self, model):
         return model.model.text_model

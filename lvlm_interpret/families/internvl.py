@@ -23,7 +23,7 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ImageLayout, ImageView, ModelFamily, seeded_model
+from .base import ImageLayout, ImageView, ModelFamily, VisionTokens, merged_patch_groups, seeded_model
 
 START, END, CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", START, END, CONTEXT, VIDEO]
@@ -65,9 +65,6 @@ def tiles_then_thumbnail(start: int, side: int, tile_rows: int, tile_cols: int, 
 class InternVLFamily(ModelFamily):
     name = "internvl"
     model_types = ("internvl",)
-    # the tower encodes every tile and the thumbnail as separate images
-    vision_relevancy = False
-
     def image_layouts(self, model, processor, inputs, images):
         side = math.isqrt(processor.image_seq_length)
         image_processor = processor.image_processor
@@ -86,6 +83,22 @@ class InternVLFamily(ModelFamily):
         return [tiles_then_thumbnail(start, side, rows, cols, (0.0, 0.0, float(image.width), float(image.height)),
                                      image.size, [start - 1, start + count])
                 for start, count, (rows, cols), image in zip(starts, counts, arrangements, images, strict=True)]
+
+    def vision_tokens(self, model, layout):
+        # the tower encodes the tiles row by row, then the thumbnail, each as CLS + a patch grid; pixel shuffle
+        # merges 2 x 2 patches into each token
+        vision = model.config.vision_config
+        patches = vision.image_size[0] // vision.patch_size[0]
+        per_crop = 1 + patches * patches
+        side = patches // 2
+        tile_rows, tile_cols = layout.rows // side, layout.cols // side
+        n_crops = tile_rows * tile_cols + (tile_rows * tile_cols > 1)
+        cell_rows, cell_cols = np.meshgrid(np.arange(layout.rows), np.arange(layout.cols), indexing="ij")
+        tiles = ((cell_rows // side) * tile_cols + cell_cols // side).reshape(-1, 1)
+        in_tile = merged_patch_groups(side, side, 2, first=1)[((cell_rows % side) * side + cell_cols % side)
+                                                               .reshape(-1)]
+        return VisionTokens(count=n_crops * per_crop, groups=tiles * per_crop + in_tile,
+                            readout=np.arange(tile_rows * tile_cols) * per_crop)  # the tiles' CLS rows
 
     def vision_layers(self, model):
         return list(model.model.vision_tower.encoder.layer)

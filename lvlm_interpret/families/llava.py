@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ModelFamily, seeded_model
+from .base import ModelFamily, VisionTokens, seeded_model
 
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (
@@ -71,9 +71,10 @@ class LlavaFamily(ModelFamily):
         tower = model.model.vision_tower
         return list(getattr(tower, "vision_model", tower).encoder.layers)
 
-    def vision_token_groups(self, model, layout):
+    def vision_tokens(self, model, layout):
         # vision token 0 is CLS; grid token i is patch i, i.e. vision token i + 1
-        return np.arange(1, layout.n_cells + 1).reshape(-1, 1)
+        return VisionTokens.one_sequence(np.arange(1, layout.n_cells + 1).reshape(-1, 1), layout.n_cells + 1,
+                                         has_cls=True)
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)

@@ -8,6 +8,8 @@ image_newline token after every row. The map is the stitched view placed on the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from transformers import (
     LlavaNextConfig,
@@ -20,12 +22,22 @@ from transformers.image_utils import ChannelDimension
 
 from ..errors import UserInputError
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ImageLayout, ImageView, seeded_model
+from .base import ImageLayout, ImageView, VisionTokens, seeded_model
 from .llava import CHAT_TEMPLATE, IMAGE_TOKEN, LlavaFamily, llava_config
 
 
-def stitched_grid(image_height: int, image_width: int, pinpoints: list, tile_px: int, side: int):
-    """Rows and cols of the unpadded high-resolution grid and the box it covers in original pixels.
+class StitchedGrid(NamedTuple):
+    rows: int  # the unpadded grid's cells
+    cols: int
+    box: tuple  # what it covers, in original pixels
+    tile_rows: int  # the tiles the padded image is cut into
+    tile_cols: int
+    top_cell: int  # where the unpadded grid starts in the tiles' cell grid
+    left_cell: int
+
+
+def stitched_grid(image_height: int, image_width: int, pinpoints: list, tile_px: int, side: int) -> StitchedGrid:
+    """The unpadded high-resolution grid, the box it covers in original pixels, and its place on the tiles.
 
     The cut is transformers' `unpad_image` on the tiles' cell grid; the box follows where the image processor put
     the resized image on the padded canvas, so it is exact up to the half-cell rounding of the cut."""
@@ -47,7 +59,7 @@ def stitched_grid(image_height: int, image_width: int, pinpoints: list, tile_px:
     sx, sy = image_width / resized_width, image_height / resized_height
     box = ((left_cell * cell_px - left_px) * sx, (top_cell * cell_px - top_px) * sy,
            ((left_cell + cols) * cell_px - left_px) * sx, ((top_cell + rows) * cell_px - top_px) * sy)
-    return rows, cols, box
+    return StitchedGrid(rows, cols, box, best_height // tile_px, best_width // tile_px, top_cell, left_cell)
 
 
 def base_then_rows_with_newlines(start: int, side: int, rows: int, cols: int, base_box, tiles_box,
@@ -64,8 +76,6 @@ def base_then_rows_with_newlines(start: int, side: int, rows: int, cols: int, ba
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
-    # the tower encodes the base image and every tile as separate images
-    vision_relevancy = False
     # the strategies whose tiles give side x side features each (CLIP's CLS dropped)
     feature_strategies = ("default",)
 
@@ -76,7 +86,7 @@ class LlavaNextFamily(LlavaFamily):
                                  f"{config.vision_feature_select_strategy!r} are not supported; use one with "
                                  f"{' or '.join(map(repr, self.feature_strategies))}")
         side = config.vision_config.image_size // config.vision_config.patch_size
-        grids = [self.high_resolution_grid(config, height, width, side)
+        grids = [self.high_resolution_grid(config, height, width, side)[:3]
                  for height, width in inputs["image_sizes"].tolist()]
         starts = self.image_token_runs(model, inputs, [side * side + rows * (cols + 1) for rows, cols, _ in grids])
         return [
@@ -85,8 +95,34 @@ class LlavaNextFamily(LlavaFamily):
             for start, (rows, cols, box), image in zip(starts, grids, images, strict=True)
         ]
 
-    def high_resolution_grid(self, config, height: int, width: int, side: int):
+    def high_resolution_grid(self, config, height: int, width: int, side: int) -> StitchedGrid:
         return stitched_grid(height, width, config.image_grid_pinpoints, config.vision_config.image_size, side)
+
+    def vision_tokens(self, model, layout):
+        # the tower encodes the base image, then the tiles row by row, each as its own sequence (CLS first for CLIP)
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        width, height = layout.image_size
+        grid = stitched_grid(height, width, config.image_grid_pinpoints, config.vision_config.image_size, side)
+        has_cls = int(getattr(self.vision_embeddings(model), "class_embedding", None) is not None)
+        per_tile = side * side + has_cls
+        rows, cols = np.meshgrid(np.arange(grid.rows) + grid.top_cell, np.arange(grid.cols) + grid.left_cell,
+                                 indexing="ij")
+        tiles = 1 + (rows // side) * grid.tile_cols + cols // side  # crop 0 is the base image
+        tokens = tiles * per_tile + has_cls + (rows % side) * side + cols % side
+        groups, weights = self.cells_of_stitched_grid(tokens, layout)
+        used = np.unique(tiles)
+        readout = used * per_tile if has_cls else (used[:, None] * per_tile + np.arange(per_tile)).reshape(-1)
+        return VisionTokens(count=(1 + grid.tile_rows * grid.tile_cols) * per_tile, groups=groups,
+                            readout=readout.astype(np.int64), weights=weights)
+
+    def vision_embeddings(self, model):
+        tower = model.model.vision_tower
+        return getattr(tower, "vision_model", tower).embeddings
+
+    def cells_of_stitched_grid(self, tokens: np.ndarray, layout):
+        """(groups, weights) of the map's cells from the stitched grid's tower tokens: one token each here."""
+        return tokens.reshape(-1, 1), None
 
     def build_random(self, preset):
         tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant"], [IMAGE_TOKEN], CHAT_TEMPLATE)

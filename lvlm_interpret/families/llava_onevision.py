@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -39,14 +41,27 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     feature_strategies = ("default", "full")
 
     def high_resolution_grid(self, config, height, width, side):
-        rows, cols, box = stitched_grid(height, width, config.image_grid_pinpoints, config.vision_config.image_size,
-                                        side)
+        grid = stitched_grid(height, width, config.image_grid_pinpoints, config.vision_config.image_size, side)
         # the same shrink as the model's pack_image_features
         max_tiles = int(config.vision_aspect_ratio.strip("anyres_max_"))
-        ratio = math.sqrt(rows * cols / (max_tiles * side * side))
+        ratio = math.sqrt(grid.rows * grid.cols / (max_tiles * side * side))
         if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-        return rows, cols, box
+            grid = grid._replace(rows=int(grid.rows // ratio), cols=int(grid.cols // ratio))
+        return grid
+
+    def cells_of_stitched_grid(self, tokens, layout):
+        if tokens.shape == (layout.rows, layout.cols):
+            return tokens.reshape(-1, 1), None
+        # a shrunk cell is the model's bilinear mix of stitched cells: the same interpolation of one-hot grids gives
+        # each cell's sources and shares
+        n = tokens.size
+        one_hot = torch.eye(n).reshape(n, 1, *tokens.shape)
+        mix = torch.nn.functional.interpolate(one_hot, [layout.rows, layout.cols], mode="bilinear")
+        mix = mix.reshape(n, -1).T.numpy()  # [cells, stitched cells]
+        k = int((mix > 0).sum(1).max())
+        sources = np.argsort(-mix, axis=1)[:, :k]
+        weights = np.take_along_axis(mix, sources, axis=1)
+        return tokens.reshape(-1)[sources], weights / weights.sum(1, keepdims=True)
 
     def load_processor(self, source, trust_remote_code=False):
         return LlavaOnevisionImageOnlyProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)

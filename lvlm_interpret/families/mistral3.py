@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ImageLayout, ImageView, ModelFamily, seeded_model
+from .base import ImageLayout, ImageView, ModelFamily, VisionTokens, merged_patch_groups, seeded_model
 
 IMAGE, BREAK, END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
 SPECIAL_TOKENS = ["[INST]", "[/INST]", IMAGE, BREAK, END]
@@ -53,10 +53,6 @@ def pixtral_processor_class():
 class Mistral3Family(ModelFamily):
     name = "mistral3"
     model_types = ("mistral3",)
-    # Pixtral's tower runs all images of a prompt as one sequence with a block-diagonal mask, so its attention has
-    # no per-image matrix to read a summary row from: relevancy gives the LM map only.
-    vision_relevancy = False
-
     def image_layouts(self, model, processor, inputs, images):
         ids = inputs["input_ids"][0].numpy()
         tokenizer = processor.tokenizer
@@ -83,6 +79,13 @@ class Mistral3Family(ModelFamily):
         if int((ids == image_id).sum()) != sum(layout.n_cells for layout in layouts):
             raise RuntimeError(f"{self.name}: some {IMAGE} tokens in input_ids belong to no image")
         return layouts
+
+    def vision_tokens(self, model, layout):
+        # Pixtral runs every image's patch grid (row-major, no CLS) in one sequence with a block-diagonal mask;
+        # the patch merger makes each token of merge x merge patches
+        merge = model.config.spatial_merge_size
+        groups = merged_patch_groups(layout.rows, layout.cols, merge)
+        return VisionTokens.one_sequence(groups, groups.size, has_cls=False)
 
     def vision_layers(self, model):
         return list(model.model.vision_tower.transformer.layers)

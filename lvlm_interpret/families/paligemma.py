@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ModelFamily, seeded_model
+from .base import ModelFamily, VisionTokens, seeded_model
 from .gemma3 import Gemma3Family
 
 IMAGE_TOKEN = "<image>"
@@ -35,7 +35,6 @@ CHAT_TEMPLATE = (
 class PaliGemmaFamily(ModelFamily):
     name = "paligemma"
     model_types = ("paligemma",)
-    vision_readout = "mean"  # SigLIP has no CLS token
     answer_input_values = {"token_type_ids": 1}  # generated tokens join the causal suffix
     vision_layers = Gemma3Family.vision_layers
 
@@ -44,8 +43,9 @@ class PaliGemmaFamily(ModelFamily):
         # a plain resize of the whole image to the tower's square: the grid covers all of it
         return [(side, side, 0, (0.0, 0.0, float(image.width), float(image.height))) for image in images]
 
-    def vision_token_groups(self, model, layout):
-        return np.arange(layout.n_cells).reshape(-1, 1)  # LM token i is the projection of patch i
+    def vision_tokens(self, model, layout):
+        # LM token i is the projection of patch i; SigLIP has no CLS token: all rows summarise the image
+        return VisionTokens.one_sequence(np.arange(layout.n_cells).reshape(-1, 1), layout.n_cells, has_cls=False)
 
     def load_processor(self, source, trust_remote_code=False):
         processor = super().load_processor(source, trust_remote_code=trust_remote_code)

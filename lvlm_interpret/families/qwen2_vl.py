@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
-from .base import ModelFamily, seeded_model
+from .base import ModelFamily, VisionTokens, seeded_model
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>", "<|endoftext|>"]
@@ -54,18 +54,18 @@ class Qwen2VLFamily(ModelFamily):
             grids.append((height // merge, width // merge, 0, (0.0, 0.0, float(image.width), float(image.height))))
         return grids
 
-    vision_readout = "mean"  # no CLS token
-
     def vision_layers(self, model):
         return list(model.model.visual.blocks)
 
     def vision_attentions(self, model):
         return [block.attn for block in self.vision_layers(model)]
 
-    def vision_token_groups(self, model, layout):
-        # the processor orders patches merge-window by merge-window: LM token i is made of patches 4i .. 4i+3
+    def vision_tokens(self, model, layout):
+        # the processor orders patches merge-window by merge-window: LM token i is made of patches 4i .. 4i+3;
+        # no CLS token: the image is summarised by all its rows
         merge = model.config.vision_config.spatial_merge_size
-        return np.arange(layout.n_cells * merge * merge).reshape(layout.n_cells, merge * merge)
+        groups = np.arange(layout.n_cells * merge * merge).reshape(layout.n_cells, merge * merge)
+        return VisionTokens.one_sequence(groups, groups.size, has_cls=False)
 
     def load_processor(self, source, trust_remote_code=False):
         # AutoProcessor would also build the video processor, which needs torchvision

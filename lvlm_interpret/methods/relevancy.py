@@ -7,7 +7,9 @@ Gradients come from one teacher-forced forward over the final sequence with grad
 targets, and batched backwards (`is_grads_batched`) over chunks of targets sized to a memory budget, never from
 the decoding graph.
 Variants: "vit" (the same rules through the vision tower, read from its summary row) and "all" (the LM
-relevancy of the image tokens pushed through the vision tower's relevancy matrix).
+relevancy of the image tokens pushed through the vision tower's relevancy matrix). The tower may encode an image as
+one sequence, several tiles or windows, or several images as one masked sequence: each layer is read as
+block-diagonal over the tower's token sequence, and the family adapter says which tower tokens make each map cell.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def propagate_row(abars: list[torch.Tensor], position: int) -> torch.Tensor:
     row = torch.zeros(abars[0].shape[-1], dtype=torch.float32, device=abars[0].device)
     row[position] = 1.0
     return propagate_rows(abars, row)
+
+
+def propagate_block_rows(layers: list[list[tuple[int, torch.Tensor]]], rows: torch.Tensor) -> torch.Tensor:
+    """`propagate_rows` for block-diagonal Abars given as (first index, abar [..., n, n]) blocks per layer, in forward
+    order; rows [..., m, size] (abars with a leading dimension apply to the rows' leading dimension)."""
+    for blocks in reversed(layers):
+        updated = rows.clone()
+        for first, abar in blocks:
+            block = slice(first, first + abar.shape[-1])
+            updated[..., block] += rows[..., block] @ abar
+        rows = updated
+    return rows
 
 
 def _gradients(targets: torch.Tensor, inputs: list[torch.Tensor], keep_graph: bool) -> list[torch.Tensor | None]:
@@ -73,14 +87,14 @@ class Relevancy(ExplanationMethod):
         token_indices = list(token_indices)
         family, model_module = model.family, model.model
         lm_modules = family.language_attentions(model_module)
-        vision_modules = family.vision_attentions(model_module) if family.vision_relevancy else []
+        vision_modules = family.vision_attentions(model_module)
         results = []
         with torch.enable_grad(), AttentionGraph(lm_modules + vision_modules) as graph:
             logits = model_module(**replay_inputs(trace, model.device)).logits[0]
             sources = [trace.source_position(t) for t in token_indices]
             targets = logits[sources, [trace.answer_ids[t] for t in token_indices]].float()
             lm_calls = [calls[0] for calls in graph.weights[: len(lm_modules)]]  # [1, heads, S, S] each
-            # a vision layer is called once for all images (batched) or once per image
+            # a vision layer is called once for all images (batched), or once per image, tile or window
             vision_calls = [calls for calls in graph.weights[len(lm_modules):] if calls]
             inputs = lm_calls + [call for calls in vision_calls for call in calls]
             if chunk_size is None:
@@ -96,58 +110,69 @@ class Relevancy(ExplanationMethod):
 
     def _explanations(self, trace, family, model, token_indices, sources, targets, lm_calls, vision_calls, grads):
         lm_grads, vision_grads = grads[: len(lm_calls)], grads[len(lm_calls):]
-        # per vision layer and image: (attention [heads, n, n], gradient [targets, heads, n, n] or None)
-        per_image = []
-        cursor = 0
-        for calls in vision_calls:
-            pairs = []
-            for call in calls:
-                gradient = vision_grads[cursor]
-                cursor += 1
-                pairs.extend((call[b].detach(), None if gradient is None else gradient[:, b])
-                             for b in range(call.shape[0]))
-            per_image.append(pairs)
-
         # every target of the chunk at once: abars [targets, S, S] per layer, rows [targets, S]
         abars = [head_mean_relevance(g[:, 0], a[0].detach()) for g, a in zip(lm_grads, lm_calls, strict=True)]
         start_rows = torch.zeros(len(sources), abars[0].shape[-1], dtype=torch.float32, device=abars[0].device)
         start_rows[range(len(sources)), sources] = 1.0
         rows = propagate_rows(abars, start_rows).cpu().numpy()
+        lm_maps = [split_by_image(trace, row) for row in rows]
+        vit_maps, combined_maps = self._vision_maps(trace, family, model, vision_calls, vision_grads, lm_maps)
         results = []
         for k, t in enumerate(token_indices):
-            lm_maps = split_by_image(trace, rows[k])
             text = rows[k, : sources[k] + 1].copy()
             text[sources[k]] -= 1.0  # drop the identity: text relevance of earlier tokens, R - I
-            vit_maps, combined_maps = [], []
-            for image_index, layout in enumerate(trace.images if family.vision_relevancy else []):
-                abars_vision = [head_mean_relevance(pairs[image_index][1][k], pairs[image_index][0])
-                                for pairs in per_image if pairs[image_index][1] is not None]
-                vit_map, combined = self._vision_maps(family, model, layout, abars_vision, lm_maps[image_index])
-                vit_maps.append(vit_map)
-                combined_maps.append(combined)
             results.append(Explanation(
-                method=self.name, token_index=t, maps=lm_maps, text_scores=text_only(trace, text),
-                variants={"vit": vit_maps, "all": combined_maps} if family.vision_relevancy else {},
+                method=self.name, token_index=t, maps=lm_maps[k], text_scores=text_only(trace, text),
+                variants={"vit": vit_maps[k], "all": combined_maps[k]},
                 details={"target_logit": float(targets[k])},
             ))
         return results
 
     @staticmethod
-    def _vision_maps(family, model, layout, abars, lm_map):
-        groups = family.vision_token_groups(model, layout)
-        if not abars:  # the vision tower is frozen out of the graph (no gradient reaches it)
-            zeros = np.zeros((layout.rows, layout.cols), dtype=np.float32)
-            return zeros, zeros
-        size = abars[0].shape[-1]
-        # R is needed only through two rows: the tower's summary row (vit) and the LM map spread over the
-        # tower's tokens (all), so both are propagated as row vectors
-        summary = torch.zeros(size)
-        if family.vision_readout == "cls":
-            summary[0] = 1.0
-        else:
-            summary[:] = 1.0 / size
-        spread = np.zeros(size, dtype=np.float32)
-        np.add.at(spread, groups, np.repeat(lm_map.reshape(-1, 1) / groups.shape[1], groups.shape[1], axis=1))
-        rows = propagate_rows([abar.cpu() for abar in abars], torch.stack([summary, torch.from_numpy(spread)]))
-        vit, combined = (rows.numpy()[:, groups].sum(-1)).reshape(2, layout.rows, layout.cols)
-        return vit.astype(np.float32), np.maximum(combined, 0).astype(np.float32)
+    def _vision_maps(trace, family, model, vision_calls, vision_grads, lm_maps):
+        """Per target: the vit and the combined map of every image.
+
+        The tower's attention calls, in call then batch order, cover its token sequence in order (one call for all
+        images, one per image, per tile or per window), so every layer is a block-diagonal matrix over that
+        sequence; R is needed only through two rows per image (its summary rows, and its LM map spread over the
+        tower tokens of its cells), propagated block by block."""
+        tokens = [family.vision_tokens(model, layout) for layout in trace.images]
+        offsets = np.cumsum([0] + [part.count for part in tokens])
+        size = int(offsets[-1])
+        layers = []  # per layer: (first token, Abar [targets, n, n]) per block
+        cursor = 0
+        for calls in vision_calls:
+            blocks, first = [], 0
+            for call in calls:
+                gradient = vision_grads[cursor]
+                cursor += 1
+                for b in range(call.shape[0]):
+                    if gradient is not None:  # None: the block is frozen out of the graph
+                        blocks.append((first, head_mean_relevance(gradient[:, b], call[b].detach()).cpu()))
+                    first += call.shape[-1]
+            if first != size:
+                raise RuntimeError(f"{family.name}: the vision tower attends over {first} tokens, but the adapter "
+                                   f"places the images on {size}")
+            layers.append(blocks)
+        n_targets = len(lm_maps)
+        # starting rows [targets, 2 * images, size]: image i's summary row, then its LM map spread over its tokens
+        rows = torch.zeros(n_targets, 2 * len(tokens), size)
+        for i, (part, offset) in enumerate(zip(tokens, offsets, strict=False)):
+            rows[:, 2 * i, offset + part.readout] = 1.0 / len(part.readout)
+            for target in range(n_targets):
+                spread = np.zeros(size, dtype=np.float32)
+                np.add.at(spread, offset + part.groups, lm_maps[target][i].reshape(-1, 1) * part.shares)
+                rows[target, 2 * i + 1] = torch.from_numpy(spread)
+        rows = propagate_block_rows(layers, rows).numpy()
+        vit, combined = [], []
+        for target in range(n_targets):
+            vit.append([])
+            combined.append([])
+            for i, (part, layout) in enumerate(zip(tokens, trace.images, strict=True)):
+                # a cell reads its tokens by their shares, scaled to a sum over k tokens
+                cells, scale = offsets[i] + part.groups, part.shares * part.groups.shape[1]
+                vit[-1].append((rows[target, 2 * i][cells] * scale).sum(-1).reshape(layout.rows, layout.cols)
+                               .astype(np.float32))
+                combined[-1].append(np.maximum((rows[target, 2 * i + 1][cells] * scale).sum(-1), 0)
+                                    .reshape(layout.rows, layout.cols).astype(np.float32))
+        return vit, combined

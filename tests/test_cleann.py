@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from lvlm_interpret import UserInputError, get_method
 from lvlm_interpret.methods.cleann import (
@@ -89,3 +90,37 @@ def test_cleann_can_be_limited_to_image_patches(llava, llava_trace):
 def test_bad_options(llava, llava_trace, options):
     with pytest.raises(UserInputError):
         get_method("cleann").explain(llava_trace, 0, model=llava, **options)
+
+
+def test_masking_a_qwen3_vl_image_token_replaces_its_deepstack_features_too(monkeypatch):
+    """Qwen3-VL adds DeepStack features to the first LM layers at the image positions: masking a token must replace
+    them as well as its input embedding, or the token still reaches the LM."""
+    from lvlm_interpret import GenerationOptions, generate_with_capture, load_model
+    from tests.conftest import make_scene
+
+    loaded = load_model("random:qwen3_vl", device="cpu")
+    trace = generate_with_capture(loaded, [make_scene(200, 90)], "Describe the image.",
+                                  GenerationOptions(max_new_tokens=2, min_new_tokens=2))
+    decoder = loaded.family.language_model(loaded.model)
+    seen = []
+    original = decoder._deepstack_process
+
+    def record(hidden_states, visual_pos_masks, visual_embeds):
+        seen.append(visual_embeds.detach().clone())
+        return original(hidden_states, visual_pos_masks, visual_embeds)
+
+    monkeypatch.setattr(decoder, "_deepstack_process", record)
+    scorer = _Scorer(loaded, trace, 1)
+    cells = trace.images[0].cell_positions.tolist()
+    masked = [cells[0], cells[5]]
+    scorer([])
+    unmasked = seen.pop()
+    probability, _ = scorer(masked)
+    features = seen.pop()
+    rows = [0, 5]  # the image's cells are its DeepStack rows, in order
+    torch.testing.assert_close(features[rows], unmasked.mean(0).expand(2, -1))
+    kept = [r for r in range(unmasked.shape[0]) if r not in rows]
+    torch.testing.assert_close(features[kept], unmasked[kept])
+    # the features matter: the same masking without them gives another probability
+    monkeypatch.setattr(loaded.family, "mask_image_side_inputs", lambda kwargs, positions: kwargs)
+    assert scorer(masked)[0] != pytest.approx(probability, rel=1e-6)

@@ -128,8 +128,9 @@ def discover(trace: Trace, attention: np.ndarray, head: int, source: int, *, thr
                       candidates=[nodes[k] for k in near])
 
 
-def _replace_embeddings(positions: list[int], replacement: dict[int, torch.Tensor]):
-    """A decoder pre-hook that puts `replacement[p]` in place of the input embedding at each position p."""
+def _replace_embeddings(family, positions: list[int], replacement: dict[int, torch.Tensor]):
+    """A decoder pre-hook that puts `replacement[p]` in place of the input embedding at each position p (and masks
+    the family's other image inputs there)."""
     def hook(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or not positions:
@@ -137,7 +138,7 @@ def _replace_embeddings(positions: list[int], replacement: dict[int, torch.Tenso
         embeds = embeds.clone()
         for position in positions:
             embeds[:, position] = replacement[position].to(embeds.dtype)
-        return args, {**kwargs, "inputs_embeds": embeds}
+        return args, family.mask_image_side_inputs({**kwargs, "inputs_embeds": embeds}, positions)
     return hook
 
 
@@ -172,7 +173,8 @@ class _Scorer:
     @torch.no_grad()
     def __call__(self, positions: list[int]) -> tuple[float, bool]:
         """(probability of the token, whether it is still the argmax) with `positions` masked."""
-        with scoped_hook(self.decoder, _replace_embeddings(positions, self.replacement), pre=True):
+        with scoped_hook(self.decoder, _replace_embeddings(self.loaded.family, positions, self.replacement),
+                         pre=True):
             logits = self.loaded.model(**replay_inputs(self.trace, self.loaded.device)).logits[0]
         row = logits[self.trace.source_position(self.token_index)].float()
         token = self.trace.answer_ids[self.token_index]

@@ -9,6 +9,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 from lvlm_interpret import GenerationOptions, generate_with_capture, load_model  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def models():
+    """models(name): the tiny random preset `name`, loaded once per test module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(f"random:{name}", device="cpu")
+        return cache[name]
+    return get
+
+
 @pytest.fixture(scope="session")
 def llava():
     return load_model("random:llava", device="cpu")

@@ -32,17 +32,6 @@ PROMPT = "What color is the circle?"
 
 
 @pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_model(f"random:{name}", device="cpu")
-        return cache[name]
-    return get
-
-
-@pytest.fixture(scope="module")
 def traces(models):
     cache = {}
 

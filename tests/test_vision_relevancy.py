@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_model
+from lvlm_interpret import GenerationOptions, generate_with_capture, get_method
 from lvlm_interpret.capture import build_inputs
 from lvlm_interpret.families import FAMILIES
 from lvlm_interpret.methods.relevancy import propagate_block_rows, propagate_rows
@@ -19,17 +19,6 @@ FAMILY_NAMES = sorted(FAMILIES)
 PROMPT = "What color is the circle?"
 # a wide and a tall image: tiled families cut them into different tile arrangements
 IMAGES = [(200, 90), (70, 110)]
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load_model(f"random:{name}", device="cpu")
-        return cache[name]
-    return get
 
 
 def check_vision_tokens(loaded, images, cells_per_image=None):

@@ -47,13 +47,13 @@ def test_evaluate_command_writes_json_and_csv(tmp_path, capsys):
     assert len(result["answers"]) == 2
     header = (tmp_path / "evaluation.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "method"
-    assert {"pointing_game", "pointing_unique", "obj_iou", "func_iou", "f1_iou", "deletion_auc",
-            "insertion_auc"} <= set(header)
+    assert {"pointing_game", "pointing_instance", "pointing_unique", "obj_iou", "obj_iou_instance", "func_iou",
+            "f1_iou", "deletion_auc", "insertion_auc"} <= set(header)
     assert "answer accuracy" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.csv", "evaluation.json"]
 
 
-def test_a_shared_colour_word_has_its_instance_mask_and_the_class_mask():
+def test_a_shared_colour_word_has_the_class_mask_and_its_instance_mask():
     from lvlm_interpret.evaluation.shapes import shapes_sample
 
     index = next(i for i in range(200) if len({o.colour for o in draw_scene(10 ** 9 + i, 96).objects})
@@ -66,9 +66,9 @@ def test_a_shared_colour_word_has_its_instance_mask_and_the_class_mask():
         obj = scene.objects[order[k // 2]]
         value = obj.colour if k % 2 == 0 else obj.shape
         sharing = [i for i, o in enumerate(scene.objects) if (o.colour if k % 2 == 0 else o.shape) == value]
-        assert (target.mask == scene.masks[order[k // 2]]).all()
+        assert (target.instance_mask == scene.masks[order[k // 2]]).all()
         assert target.unique == (len(sharing) == 1)
-        assert (target.class_mask == np.logical_or.reduce([scene.masks[i] for i in sharing])).all()
+        assert (target.mask == np.logical_or.reduce([scene.masks[i] for i in sharing])).all()
     assert not all(t.unique for t in targets)
 
 
@@ -93,3 +93,38 @@ def test_faithfulness_leaves_out_words_the_blur_does_not_change(llava, scene, mo
     rows = benchmark.aggregate([result])["methods"]["attention"]
     assert rows["n_words"] == 2 and rows["n_faithfulness_words"] == 1
     assert rows["deletion_auc"] == 0.1 and rows["insertion_auc"] == 0.8
+
+
+def test_a_map_on_another_object_of_the_class_points_at_the_class_not_the_instance(llava, scene, monkeypatch):
+    """A word is scored against its class (the pointing game's and TAM's protocol) and, where the phrase's object is
+    known, against that instance on its own columns."""
+    from lvlm_interpret.evaluation import benchmark
+    from lvlm_interpret.evaluation.benchmark import Sample, WordTarget, evaluate_sample
+    from lvlm_interpret.methods.base import Explanation
+
+    width, height = scene.size
+    instance = np.zeros((height, width), dtype=bool)
+    instance[:, : width // 4] = True  # the described object: the left quarter
+    other = np.zeros_like(instance)
+    other[:, -width // 4:] = True  # another object of the same class: the right quarter
+
+    class RightmostCell:  # a map whose top cell is on the other object
+        def explain_many(self, trace, tokens, model=None):
+            layout = trace.images[0]
+            grid = np.zeros((layout.rows, layout.cols), dtype=np.float32)
+            grid[layout.rows // 2, -1] = 1.0
+            return [Explanation("rightmost", t, [grid]) for t in tokens]
+
+    monkeypatch.setattr(benchmark, "get_method", lambda name: RightmostCell())
+
+    def targets(words):
+        return [WordTarget(words[0], instance | other, unique=False, instance_mask=instance),
+                WordTarget(words[1], other, unique=True)]
+
+    result = evaluate_sample(llava, Sample("s", scene, "Describe the image.", targets), ["rightmost"],
+                             max_new_tokens=6)
+    row = benchmark.aggregate([result])["methods"]["rightmost"]
+    assert row["n_words"] == 2 and row["pointing_game"] == 1.0  # both words' classes are hit
+    assert row["pointing_instance"] == 0.0  # the only word with a known instance misses it
+    assert row["pointing_unique"] == 1.0  # only the unambiguous word counts here
+    assert row["obj_iou_instance"] < row["obj_iou"]

@@ -23,16 +23,20 @@ from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, sh
 from .words import Word, answer_words
 
 MIN_BLUR_EFFECT = 0.05  # |p(original) - p(blurred)| below which deletion / insertion is not scored
-COLUMNS = ("pointing_game", "pointing_unique", "pointing_class", "obj_iou", "func_iou", "f1_iou", "deletion_auc", "insertion_auc",
-           "cells_inside_object", "n_words", "n_faithfulness_words")
+COLUMNS = ("pointing_game", "pointing_instance", "pointing_unique", "obj_iou", "obj_iou_instance", "func_iou",
+           "f1_iou", "deletion_auc", "insertion_auc", "cells_inside_object", "n_words", "n_faithfulness_words")
 
 
 @dataclass
 class WordTarget:
+    """An object word of the answer and what it names. As in the pointing game and TAM's COCO protocol, a word is
+    scored against its class: every object of its category (COCO), colour or shape (shapes); where the dataset
+    also knows the one object the answer's phrase describes, that instance is scored on its own columns."""
+
     word: Word
-    mask: np.ndarray  # bool [height, width] of the original image: what the word names
-    unique: bool  # no other object in the image shares what the word names
-    class_mask: np.ndarray | None = None  # every object the word could name (when it names one instance)
+    mask: np.ndarray  # bool [height, width] of the original image: every object of the word's class
+    unique: bool  # the class has one object in the image (the word is unambiguous)
+    instance_mask: np.ndarray | None = None  # the object the phrase describes, where known
 
 
 @dataclass
@@ -70,7 +74,8 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
         if name == "cleann":
             for target in targets:
                 cells = [tuple(c) for t in target.word.tokens for c in explained[t].details["image_cells"]]
-                inside = share_inside(cells, layout, target.mask)
+                inside = share_inside(cells, layout, target.mask if target.instance_mask is None else
+                                      target.instance_mask)
                 if inside is not None:
                     records.append((name, "cells_inside_object", inside))
         for map_name in explained[tokens[0]].all_maps():
@@ -82,11 +87,13 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                 records.append((map_name, "pointing_game", hit))
                 if target.unique:
                     records.append((map_name, "pointing_unique", hit))
-                if target.class_mask is not None:
-                    records.append((map_name, "pointing_class", float(pointing_hit(word_map, layout,
-                                                                                   target.class_mask))))
                 # TAM protocol: the best sub-token
                 records.append((map_name, "obj_iou", max(obj_iou(m[0], layout, target.mask) for m in sub_maps)))
+                if target.instance_mask is not None:
+                    records.append((map_name, "pointing_instance",
+                                    float(pointing_hit(word_map, layout, target.instance_mask))))
+                    records.append((map_name, "obj_iou_instance",
+                                    max(obj_iou(m[0], layout, target.instance_mask) for m in sub_maps)))
                 if (threshold := otsu_threshold(word_map, layout)) is not None:
                     thresholds.append(threshold)
                 if faithfulness:

@@ -1,5 +1,6 @@
 """The ground-truth benchmark on held-out synthetic scenes: "Describe the image.", and each colour and shape word
-that names the right object is scored against that object's mask."""
+of a pair that names the right object is scored against its class (every object of that colour / shape) and
+against that object alone."""
 
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ def shapes_sample(index: int, size: int | tuple[int, int] = 192, seed_start: int
         found = []
         for word, obj, kind in object_words(words, scene):
             attribute = (lambda o: o.colour) if kind == "colour" else (lambda o: o.shape)
-            # a word whose colour / shape another object shares names a class, not one instance
+            # the word's class: every object of its colour / shape
             sharing = [k for k, o in enumerate(scene.objects) if attribute(o) == attribute(scene.objects[obj])]
-            found.append(WordTarget(word, scene.masks[obj], unique=len(sharing) == 1,
-                                    class_mask=np.logical_or.reduce([scene.masks[k] for k in sharing])))
+            found.append(WordTarget(word, np.logical_or.reduce([scene.masks[k] for k in sharing]),
+                                    unique=len(sharing) == 1, instance_mask=scene.masks[obj]))
         return found
 
     expected = normalise_answer(describe(scene))

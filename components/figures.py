@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-
-def _in_image(trace) -> set[int]:
-    return {int(p) for layout in trace.images for p in layout.token_positions}
+from lvlm_interpret.methods.base import image_token_positions
 
 
 def text_scores_figure(trace, explanation) -> go.Figure | None:
@@ -14,7 +12,7 @@ def text_scores_figure(trace, explanation) -> go.Figure | None:
     scores = explanation.text_scores
     if scores is None:
         return None
-    image = _in_image(trace)
+    image = image_token_positions(trace)
     positions = [p for p in range(len(scores)) if p not in image and trace.token_texts[p].strip()]
     labels = [f"{p}:{trace.token_texts[p].strip()}" for p in positions]
     figure = go.Figure(go.Bar(x=labels, y=[float(scores[p]) for p in positions],
@@ -31,7 +29,7 @@ def cleann_graph_figure(trace, explanation) -> go.Figure | None:
         return None
     details = explanation.details
     layout = trace.images[0]
-    image = _in_image(trace)
+    image = image_token_positions(trace)
     text_nodes = [p for p in details["nodes"] if p not in image]
 
     def place(position):

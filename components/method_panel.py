@@ -54,8 +54,9 @@ def summarise(explanation) -> str:
     if explanation.method != "cleann":
         return ""
     verdict = "verified" if details["verified"] else "not reached: the whole neighbourhood is shown"
+    other_views = "".join(f" (+{len(cells)} in the {name} view)" for name, cells in details["view_cells"].items())
     return (f"**CLEANN** (layer {details['layer']}, head {details['head']}): {len(details['image_cells'])} image "
-            f"cells, text positions {details['text_tokens']}; p(token) {details['prob_before']:.3f} -> "
+            f"cells{other_views}, text positions {details['text_tokens']}; p(token) {details['prob_before']:.3f} -> "
             f"{details['prob_after']:.3f} when masked ({verdict}); {len(details['edges'])} graph edges.")
 
 

@@ -21,7 +21,8 @@ from .methods import METHODS, Explanation
 from .rendering import blend, overlay
 from .trace import Trace
 
-CLEANN_KEYS = ("image_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head", "edges")
+CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head",
+               "edges")
 
 
 def image_info(trace: Trace) -> dict:

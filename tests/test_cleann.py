@@ -124,3 +124,35 @@ def test_masking_a_qwen3_vl_image_token_replaces_its_deepstack_features_too(monk
     # the features matter: the same masking without them gives another probability
     monkeypatch.setattr(loaded.family, "mask_image_side_inputs", lambda kwargs, positions: kwargs)
     assert scorer(masked)[0] != pytest.approx(probability, rel=1e-6)
+
+
+def test_a_tiled_images_set_is_reported_whole_across_its_views(models):
+    """LLaVA-NeXT: the chosen set may hold tokens of the base view besides the stitched map; the report names them
+    by view, so that the reported cells and text tokens are exactly the masked set; separators are never text."""
+    from lvlm_interpret import GenerationOptions, generate_with_capture
+    from lvlm_interpret.methods.cleann import Cleann, HeadResult, select_nodes
+    from tests.conftest import make_scene
+
+    loaded = models("llava_next")
+    trace = generate_with_capture(loaded, [make_scene(100, 60)], "Describe the image.",
+                                  GenerationOptions(max_new_tokens=2, min_new_tokens=2))
+    layout = trace.images[0]
+    tiles, base = layout.view("tiles"), layout.view("base")
+    text = next(p for p in range(trace.prompt_length) if p not in layout.token_positions)
+    chosen = [int(tiles.positions[1, 2]), int(base.positions[0, 3]), text]
+    result = HeadResult(head=0, nodes=sorted(chosen), edges=[], candidates=chosen)
+    details = Cleann._explanation(trace, 1, result, chosen, 0.5, 0.1, True, 0).details
+    assert details["image_cells"] == [[1, 2]] and details["view_cells"] == {"base": [[0, 3]]}
+    assert details["text_tokens"] == [text]
+    # a row of attention that favours the separators: they are not picked as text nodes
+    row = np.zeros(trace.input_ids.shape[0])
+    row[layout.separators] = 1.0
+    source = trace.source_position(1)
+    assert not set(select_nodes(trace, row, source, 0.005, 4)) & set(layout.separators.tolist())
+    # end to end: masking the reported set gives the reported probability
+    details = get_method("cleann").explain(trace, 1, model=loaded).details
+    positions = [int(layout.positions[r, c]) for r, c in details["image_cells"]]
+    positions += [int(layout.view(name).positions[r, c]) for name, cells in details["view_cells"].items()
+                  for r, c in cells]
+    probability, _ = _Scorer(loaded, trace, 1)(positions + details["text_tokens"])
+    assert probability == pytest.approx(details["prob_after"], rel=1e-5)

@@ -61,6 +61,11 @@ def split_by_image(trace: Trace, scores: np.ndarray) -> list[np.ndarray]:
     return [layout.gather(scores) for layout in trace.images]
 
 
+def image_token_positions(trace: Trace) -> set[int]:
+    """Every token the images contribute: their cells (all views) and the separators between them."""
+    return {int(p) for layout in trace.images for p in layout.token_positions}
+
+
 def text_only(trace: Trace, scores: np.ndarray) -> np.ndarray:
     """The same vector with image positions zeroed: what is left scores prompt and earlier answer text."""
     text = scores.astype(np.float32).copy()

@@ -23,7 +23,7 @@ from scipy.stats import norm
 from ..capture import AttentionGraph, replay_inputs, scoped_hook
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, register_method
+from .base import Explanation, ExplanationMethod, image_token_positions, register_method
 from .tam import image_positions
 
 
@@ -106,7 +106,7 @@ def select_nodes(trace: Trace, target_row: np.ndarray, source: int, threshold: f
     images = image_positions(trace)
     k = min(max(2, int((target_row[images] > threshold).sum())), max_image, len(images))
     chosen = set(images[np.argsort(-target_row[images], kind="stable")[:k]].tolist())
-    in_image = set(images.tolist())
+    in_image = image_token_positions(trace)  # separators are the image's too, never text
     special = set(trace.special_token_ids)
     chosen |= {j for j in range(source) if j not in in_image and target_row[j] > threshold
                and int(trace.input_ids[j]) not in special}
@@ -248,7 +248,7 @@ class Cleann(ExplanationMethod):
 
         scorer = _Scorer(model, trace, token_index)
         prob_before, _ = scorer([])
-        in_image = set(image_positions(trace).tolist())
+        in_image = image_token_positions(trace)
         allowed = {"all": lambda p: True, "image": lambda p: p in in_image, "text": lambda p: p not in in_image}[among]
         best = None
         for result in discovered:
@@ -269,21 +269,28 @@ class Cleann(ExplanationMethod):
 
     @staticmethod
     def _explanation(trace, token_index, result, chosen, prob_before, prob_after, reached, layer):
-        maps, cells = [], []
-        chosen_set = set(chosen)
+        """The chosen set as cells of each image's map (`image_cells`), cells of its other views (`view_cells`, by
+        view name, for tiled families) and text positions: together, exactly the set that was masked."""
+        maps, cells, view_cells = [], [], {}
+        chosen_list = list(set(chosen))
         for image_index, layout in enumerate(trace.images):
-            grid = np.isin(layout.positions, list(chosen_set)).astype(np.float32)
-            for row, col in np.argwhere(grid > 0).tolist():
-                cells.append([row, col] if len(trace.images) == 1 else [image_index, row, col])
-            maps.append(grid)
-        in_image = set(image_positions(trace).tolist())
-        text_tokens = sorted(p for p in chosen if p not in in_image)
+            for view_index, view in enumerate(layout.views):
+                grid = np.isin(view.positions, chosen_list).astype(np.float32)
+                found = [[row, col] if len(trace.images) == 1 else [image_index, row, col]
+                         for row, col in np.argwhere(grid > 0).tolist()]
+                if view_index == 0:
+                    cells += found
+                    maps.append(grid)
+                elif found:
+                    view_cells.setdefault(view.name, []).extend(found)
+        text_tokens = sorted(p for p in chosen if p not in image_token_positions(trace))
         text_scores = np.zeros(trace.source_position(token_index) + 1, dtype=np.float32)
         text_scores[text_tokens] = 1.0
         return Explanation(
             method="cleann", token_index=token_index, maps=maps, text_scores=text_scores,
             details={
                 "image_cells": cells,
+                "view_cells": view_cells,
                 "text_tokens": text_tokens,
                 "prob_before": prob_before,
                 "prob_after": prob_after,

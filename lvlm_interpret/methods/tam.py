@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, register_method, split_by_image, text_only
+from .base import Explanation, ExplanationMethod, image_token_positions, register_method, split_by_image, text_only
 
 RANK_OFFSETS = np.arange(-4, 5, dtype=np.float64)  # ranks of the 9 sorted values of a 3x3 window
 
@@ -60,13 +60,12 @@ def image_positions(trace: Trace) -> np.ndarray:
 def context_positions(trace: Trace, token_index: int) -> list[int]:
     """Earlier text tokens that may interfere: prompt text and earlier answer tokens, not image or special tokens,
     and not the same text as the explained token."""
-    in_image = np.zeros(trace.input_ids.shape[0], dtype=bool)
-    in_image[image_positions(trace)] = True
+    in_image = image_token_positions(trace)
     special = set(trace.special_token_ids)
     target_text = trace.answer_texts[token_index].strip()
     return [
         j for j in range(trace.prompt_length + token_index)
-        if not in_image[j] and int(trace.input_ids[j]) not in special and trace.token_texts[j].strip() != target_text
+        if j not in in_image and int(trace.input_ids[j]) not in special and trace.token_texts[j].strip() != target_text
         and trace.token_texts[j].strip()
     ]
 

@@ -40,6 +40,27 @@ def _parse_methods(spec: str, tokens_given: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _parse_method_options(specs: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """`--option METHOD.NAME=VALUE` (repeatable) as {method: {name: value}}; values read as JSON where they can be
+    (20, 1e-5, true, null), as text otherwise."""
+    options: dict[str, dict] = {}
+    for spec in specs or []:
+        key, equals, text = spec.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not (equals and dot and method and name.strip()):
+            raise UserInputError(f"--option must look like METHOD.NAME=VALUE (e.g. cleann.head=3), got {spec!r}")
+        if method not in methods:
+            raise UserInputError(f"--option {spec!r}: {method} is not among the methods run ({', '.join(methods)})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options.setdefault(method, {})[name.strip()] = value
+    for method, given in options.items():
+        get_method(method).check_options(given)
+    return options
+
+
 def _parse_tokens(spec: str) -> list[int] | None:
     if spec.strip() == "all":
         return None
@@ -71,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--layers", default="all", help="attention layers: all, 3, 2-5 or 1,4")
     explain.add_argument("--heads", default="all", help="attention heads: all, 3, 0-7 or 1,4")
     explain.add_argument("--aggregation", default="mean", choices=["mean", "max"])
+    explain.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                         help="a method's option, e.g. cleann.head=3, cleann.layer=-2, relevancy.vision=false, "
+                              "tam.denoise=false (repeatable)")
     explain.add_argument("--llr-threshold", type=float, default=1.0,
                          help="log-likelihood ratio (image vs blurred) above which a token is visually relevant")
     explain.add_argument("--device", default="auto")
@@ -93,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", default="attention,relevancy,tam")
     evaluate.add_argument("--model", default=DEFAULT_MODEL)
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                          help="a method's option, as for explain (repeatable)")
     evaluate.add_argument("--faithfulness", action="store_true",
                           help="also deletion / insertion AUC (one forward per 2%% of cells: slow)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -156,6 +182,7 @@ def run_evaluate(args) -> dict:
     if not 1 <= args.max_new_tokens <= 1024:
         raise UserInputError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
     methods = _parse_methods(args.methods, tokens_given=True)
+    method_options = _parse_method_options(args.option, methods)
     if args.dataset == "coco":
         from .evaluation.coco import DEFAULT_PROMPT, CocoDataset
 
@@ -182,9 +209,10 @@ def run_evaluate(args) -> dict:
         raise UserInputError(f"--out {out} exists and is not a folder")
     state = process_state()
     loaded = load_model(args.model, device=state.device if state.num_processes > 1 else args.device)
-    summary = run_benchmark(loaded, sample_at, n, methods, faithfulness=args.faithfulness,
+    summary = run_benchmark(loaded, sample_at, n, methods, method_options, faithfulness=args.faithfulness,
                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
-    result = {"model": args.model, "dataset": args.dataset, "n_samples": n, **about, **summary}
+    result = {"model": args.model, "dataset": args.dataset, "n_samples": n, **about, "method_options": method_options,
+              **summary}
     if not state.is_main_process:
         return result
     lines = ["method," + ",".join(COLUMNS)]
@@ -229,6 +257,8 @@ def run_explain(args) -> Path:
         trace.check_token_index(index)
 
     method_options = {"attention": {"layers": args.layers, "heads": args.heads, "aggregation": args.aggregation}}
+    for name, given in _parse_method_options(args.option, methods).items():
+        method_options[name] = {**method_options.get(name, {}), **given}
     explanations = {}
     for name in methods:
         t0 = time.perf_counter()

@@ -9,7 +9,6 @@ forgotten ("unknown or expired request").
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import threading
 import time
@@ -154,14 +153,7 @@ class ExplainService:
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         """The method's explanation of one answer token, computed on first use and cached."""
         explainer = get_method(method)
-        # the options are checked against whichever of explain / explain_many names them (not just **options)
-        signatures = [inspect.signature(function) for function in (explainer.explain, explainer.explain_many)]
-        named = next((s for s in signatures if all(p.kind is not p.VAR_KEYWORD for p in s.parameters.values())), None)
-        try:
-            if named is not None:
-                named.bind(None, token_index, **options)
-        except TypeError as error:
-            raise UserInputError(f"{method}: {error}") from None
+        explainer.check_options(options)
         key = ("explanation", request_id, method, token_index, json.dumps(options, sort_keys=True, default=str))
         return self._computed(key, request_id, lambda loaded, trace: explainer.explain(
             trace, token_index, model=loaded, **options), lambda result, trace: sum(m.nbytes for m in result.maps))

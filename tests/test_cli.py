@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lvlm_interpret import get_method, load_image
+from lvlm_interpret import get_method, load_image, load_model
 from lvlm_interpret.cli import main
 from tests.conftest import make_scene
 
@@ -73,6 +73,29 @@ def test_all_methods_write_every_array_and_cleann_for_chosen_tokens(tmp_path, sc
     assert "cleann" not in json.loads((tmp_path / "b" / "result.json").read_text())["methods"]
 
 
+def test_method_options_reach_the_methods_and_the_record(tmp_path, scene_path):
+    out = tmp_path / "options"
+    assert _explain("--model", "random:qwen2_vl", "--methods", "relevancy,cleann,tam", "--tokens", "1",
+                    "--option", "cleann.head=0", "--option", "cleann.layer=-2", "--option", "relevancy.vision=false",
+                    "--option", "tam.denoise=false", scene=scene_path, out=out) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method_options"]["cleann"] == {"head": 0, "layer": -2}
+    assert result["method_options"]["relevancy"] == {"vision": False}
+    n_layers = load_model("random:qwen2_vl").model.config.get_text_config().num_hidden_layers
+    assert result["cleann"]["1"]["head"] == 0 and result["cleann"]["1"]["layer"] == n_layers - 2
+    maps = np.load(out / "maps.npz")
+    assert "relevancy" in maps and "relevancy_vit" not in maps and "relevancy_all" not in maps
+    # unfiltered TAM: the main map is the interference-removed one
+    np.testing.assert_array_equal(maps["tam"], maps["tam_cleaned"])
+
+
+def test_unknown_option_names_the_methods_options(tmp_path, scene_path, capsys):
+    assert _explain("--methods", "cleann", "--tokens", "0", "--option", "cleann.heads=2", scene=scene_path,
+                    out=tmp_path / "x") == 2
+    message = capsys.readouterr().err
+    assert "cleann" in message and "layer, head, alpha" in message
+
+
 def test_selected_tokens_and_two_images(tmp_path, scene_path):
     second = tmp_path / "tall.png"
     make_scene(90, 200).save(second)
@@ -106,12 +129,19 @@ def _bad_inputs(tmp_path, scene_path):
         "bad token list": ["--image", str(scene_path), "--prompt", "hi", "--tokens", "first"],
         "bad layer": ["--image", str(scene_path), "--prompt", "hi", "--max-new-tokens", "2", "--layers", "40"],
         "bad max tokens": ["--image", str(scene_path), "--prompt", "hi", "--max-new-tokens", "0"],
+        "malformed option": ["--image", str(scene_path), "--prompt", "hi", "--option", "cleann"],
+        "option of a method not run": ["--image", str(scene_path), "--prompt", "hi", "--option", "tam.denoise=false"],
+        "unknown option": ["--image", str(scene_path), "--prompt", "hi", "--methods", "tam", "--option",
+                           "tam.smooth=1"],
+        "bad option value": ["--image", str(scene_path), "--prompt", "hi", "--methods", "relevancy", "--option",
+                             "relevancy.vision=maybe"],
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "not an image", "empty prompt", "unknown model",
                                   "unknown hub model", "unknown method", "token out of range", "bad token list",
-                                  "bad layer", "bad max tokens"])
+                                  "bad layer", "bad max tokens", "malformed option", "option of a method not run",
+                                  "unknown option", "bad option value"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, scene_path, capsys):
     out = tmp_path / "out"
     code = main(["explain", *_bad_inputs(tmp_path, scene_path)[case], "--out", str(out)])

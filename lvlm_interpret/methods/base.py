@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,6 +41,25 @@ class ExplanationMethod:
     def explain_many(self, trace: Trace, token_indices: list[int], model=None, **options) -> list[Explanation]:
         """Several tokens at once; methods that can batch their work override this."""
         return [self.explain(trace, t, model=model, **options) for t in token_indices]
+
+    def _options_signature(self) -> inspect.Signature | None:
+        """The signature that names the options: explain's, or explain_many's where explain passes **options on."""
+        signatures = [inspect.signature(function) for function in (self.explain, self.explain_many)]
+        return next((s for s in signatures if all(p.kind is not p.VAR_KEYWORD for p in s.parameters.values())), None)
+
+    def option_names(self) -> list[str]:
+        signature = self._options_signature()
+        return [] if signature is None else list(signature.parameters)[3:]  # after trace, token(s), model
+
+    def check_options(self, options: dict) -> None:
+        """One message when `options` holds a name the method does not take (their values it checks itself)."""
+        signature = self._options_signature()
+        try:
+            if signature is not None:
+                signature.bind(None, 0, **options)
+        except TypeError as error:
+            names = ", ".join(self.option_names()) or "none"
+            raise UserInputError(f"{self.name}: {error}; its options are {names}") from None
 
 
 METHODS: dict[str, ExplanationMethod] = {}

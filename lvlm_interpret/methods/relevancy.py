@@ -73,21 +73,24 @@ class Relevancy(ExplanationMethod):
     def explain(self, trace, token_index, model=None, **options):
         return self.explain_many(trace, [token_index], model=model, **options)[0]
 
-    def explain_many(self, trace, token_indices, model=None, chunk_size=None, memory_mb=1024):
+    def explain_many(self, trace, token_indices, model=None, chunk_size=None, memory_mb=1024, vision=True):
         """One forward for all tokens; batched backwards over chunks of `chunk_size` targets (default: as many
-        as fit their attention gradients in `memory_mb`)."""
+        as fit their attention gradients in `memory_mb`). `vision=False` leaves the tower out (no `vit` / `all`
+        variants): its attention then runs without being kept, which spares memory on towers that see many tiles."""
         if model is None:
             raise UserInputError("relevancy needs the model that generated the trace")
         if chunk_size is not None and chunk_size < 1:
             raise UserInputError(f"chunk size must be at least 1, got {chunk_size}")
         if memory_mb <= 0:
             raise UserInputError(f"memory_mb must be positive, got {memory_mb}")
+        if not isinstance(vision, bool):
+            raise UserInputError(f"relevancy: vision must be true or false, got {vision!r}")
         for t in token_indices:
             trace.check_token_index(t)
         token_indices = list(token_indices)
         family, model_module = model.family, model.model
         lm_modules = family.language_attentions(model_module)
-        vision_modules = family.vision_attentions(model_module)
+        vision_modules = family.vision_attentions(model_module) if vision else []
         results = []
         with torch.enable_grad(), AttentionGraph(lm_modules + vision_modules) as graph:
             logits = model_module(**replay_inputs(trace, model.device)).logits[0]
@@ -104,8 +107,8 @@ class Relevancy(ExplanationMethod):
                 chunk = slice(start, start + chunk_size)
                 grads = _gradients(targets[chunk], inputs, keep_graph=start + chunk_size < len(token_indices))
                 results.extend(self._explanations(trace, family, model_module, token_indices[chunk],
-                                                  sources[chunk], targets[chunk].detach(), lm_calls, vision_calls,
-                                                  grads))
+                                                  sources[chunk], targets[chunk].detach(), lm_calls,
+                                                  vision_calls if vision else None, grads))
         return results
 
     def _explanations(self, trace, family, model, token_indices, sources, targets, lm_calls, vision_calls, grads):
@@ -116,14 +119,15 @@ class Relevancy(ExplanationMethod):
         start_rows[range(len(sources)), sources] = 1.0
         rows = propagate_rows(abars, start_rows).cpu().numpy()
         lm_maps = [split_by_image(trace, row) for row in rows]
-        vit_maps, combined_maps = self._vision_maps(trace, family, model, vision_calls, vision_grads, lm_maps)
+        vision = None if vision_calls is None else \
+            self._vision_maps(trace, family, model, vision_calls, vision_grads, lm_maps)
         results = []
         for k, t in enumerate(token_indices):
             text = rows[k, : sources[k] + 1].copy()
             text[sources[k]] -= 1.0  # drop the identity: text relevance of earlier tokens, R - I
             results.append(Explanation(
                 method=self.name, token_index=t, maps=lm_maps[k], text_scores=text_only(trace, text),
-                variants={"vit": vit_maps[k], "all": combined_maps[k]},
+                variants={} if vision is None else {"vit": vision[0][k], "all": vision[1][k]},
                 details={"target_logit": float(targets[k])},
             ))
         return results

@@ -17,7 +17,9 @@ from components.attention_panel import (
 )
 from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
-from components.method_panel import MethodPanel, method_names, render_method
+from components.method_panel import (
+    MethodPanel, cleann_choice, cleann_controls, method_names, method_options, render_method,
+)
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
@@ -73,19 +75,25 @@ def build_app(service) -> gr.Blocks:
                                         "start `app.py` without `--backend` to use them.", elem_id="no-analyses")
                 export_panel = ExportPanel.build()
 
-        def render_token(state, layer, head, aggregation, ignore_top, method, map_name):
+        def render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head):
             trace = service.trace(state["request_id"])
+            cleann_layer, cleann_head = cleann_choice(trace, cleann_layer, cleann_head)
             relevant = service.visual_relevance(state["request_id"]).relevant
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
-            method_views = _method_views(state, method, map_name)
-            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"])
+            method_views = _method_views(state, method, map_name, cleann_layer, cleann_head)
+            tiles = comparison_panel.render_comparison(
+                service, state["request_id"], state["image"], state["token"],
+                options={"cleann": method_options("cleann", cleann_layer, cleann_head)})
             return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
 
-        def _method_views(state, method, map_name):
+        def _method_views(state, method, map_name, cleann_layer, cleann_head):
+            trace = service.trace(state["request_id"])
             picture, names, shown, summary, bars, graph = render_method(
-                service, state["request_id"], state["image"], state["token"], method, map_name)
-            return picture, gr.Dropdown(choices=names, value=shown), summary, bars, graph
+                service, state["request_id"], state["image"], state["token"], method, map_name,
+                method_options(method, *cleann_choice(trace, cleann_layer, cleann_head)))
+            return (picture, gr.Dropdown(choices=names, value=shown),
+                    *cleann_controls(trace, method, cleann_layer, cleann_head), summary, bars, graph)
 
         @gpu
         @_user_errors
@@ -95,16 +103,18 @@ def build_app(service) -> gr.Blocks:
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
             layer, head = control_choices(trace.n_layers, trace.n_heads)
             progress(0.6, desc="explaining the first token")
-            rendered = render_token(state, "all", "all", "mean", 0, method_names()[0], None)
+            rendered = render_token(state, "all", "all", "mean", 0, method_names()[0], None, None, None)
             return (state, trace.answer, layer, head, *rendered)
 
         @gpu
         @_user_errors
-        def on_select(state, layer, head, aggregation, ignore_top, method, map_name, event: gr.SelectData):
+        def on_select(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
+                      event: gr.SelectData):
             if not state:
                 raise UserInputError("generate an answer first")
             state = {**state, "token": int(event.index)}
-            return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name))
+            return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
+                                         cleann_head))
 
         @_user_errors
         def on_controls(state, layer, head, aggregation, ignore_top):
@@ -128,10 +138,11 @@ def build_app(service) -> gr.Blocks:
             return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation)
 
         @_user_errors
-        def on_method(state, method, map_name):
+        def on_method(state, method, map_name, cleann_layer, cleann_head):
             if not state:
-                return None, gr.Dropdown(), "", None, None
-            return _method_views(state, method, map_name)
+                return None, gr.Dropdown(), gr.Dropdown(visible=method == "cleann"), \
+                    gr.Dropdown(visible=method == "cleann"), "", None, None
+            return _method_views(state, method, map_name, cleann_layer, cleann_head)
 
         def exporter(kind):
             @_user_errors
@@ -148,16 +159,15 @@ def build_app(service) -> gr.Blocks:
             generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
                               [analysis.layer, analysis.lens, analysis.tokens])
             analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
-        tokens.select(on_select, [session, *attention.controls(), explanation.method, explanation.map_name],
-                      [session, *token_outputs])
+        tokens.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs])
         for control in attention.controls():
             control.change(on_controls, [session, *attention.controls()], attention.views())
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
         method_outputs = explanation.outputs()
-        explanation.method.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
-        explanation.map_name.input(on_method, [session, explanation.method, explanation.map_name], method_outputs)
+        for control in explanation.controls():
+            control.input(on_method, [session, *explanation.controls()], method_outputs)
         export_panel.pngs.click(exporter("png"), session, export_panel.files)
         export_panel.request.click(exporter("request"), session, export_panel.files)
         export_panel.report.click(exporter("report"), session, export_panel.files)

@@ -17,11 +17,14 @@ def build() -> gr.Gallery:
 
 
 def render_comparison(service: ExplainService, request_id: str, image: Image.Image, token_index: int,
-                      methods: list[str] | None = None) -> list[tuple[Image.Image, str]]:
+                      methods: list[str] | None = None, options: dict[str, dict] | None = None
+                      ) -> list[tuple[Image.Image, str]]:
+    """Every map of every method (`options`: per method, as the method panel set them)."""
     layout = service.trace(request_id).images[0]
     tiles = []
     for method in methods or sorted(METHODS):
-        for name, maps in service.explain(request_id, method, token_index).all_maps().items():
+        explanation = service.explain(request_id, method, token_index, **(options or {}).get(method, {}))
+        for name, maps in explanation.all_maps().items():
             picture = blend(image, overlay(maps[0], layout))
             picture.thumbnail((TILE, TILE))
             tiles.append((picture, name))

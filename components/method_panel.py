@@ -15,6 +15,7 @@ from .figures import cleann_graph_figure, text_scores_figure
 
 OWN_PANEL = {"attention"}  # methods with a dedicated panel
 FIRST = ("tam", "relevancy")  # quick ones first: the first is computed for every generation
+LAST_LAYER, ALL_HEADS = "last", "all"
 
 
 def method_names() -> list[str]:
@@ -26,6 +27,8 @@ def method_names() -> list[str]:
 class MethodPanel:
     method: gr.Radio
     map_name: gr.Dropdown
+    cleann_layer: gr.Dropdown
+    cleann_head: gr.Dropdown
     image: gr.Image
     summary: gr.Markdown
     text_scores: gr.Plot
@@ -38,15 +41,55 @@ class MethodPanel:
             with gr.Row():
                 method = gr.Radio(names, value=names[0], label="Method", elem_id="method")
                 map_name = gr.Dropdown([names[0]], value=names[0], label="Map", elem_id="map-name")
+                # CLEANN reads one layer's attention, each head or a chosen one: shown while CLEANN is
+                cleann_layer = gr.Dropdown([LAST_LAYER], value=LAST_LAYER, label="CLEANN layer", visible=False,
+                                           elem_id="cleann-layer")
+                cleann_head = gr.Dropdown([ALL_HEADS], value=ALL_HEADS, label="CLEANN head", visible=False,
+                                          elem_id="cleann-head")
             image = gr.Image(type="pil", label="Explanation", interactive=False, height=320, format="png",
                              elem_id="method-map")
             summary = gr.Markdown(elem_id="method-summary")
             text_scores = gr.Plot(label="Text scores", elem_id="method-text-scores")
             graph = gr.Plot(label="CLEANN graph", elem_id="cleann-graph")
-        return cls(method, map_name, image, summary, text_scores, graph)
+        return cls(method, map_name, cleann_layer, cleann_head, image, summary, text_scores, graph)
+
+    def controls(self) -> list:
+        """What a rendering reads: the method, the map and CLEANN's layer and head."""
+        return [self.method, self.map_name, self.cleann_layer, self.cleann_head]
 
     def outputs(self) -> list:
-        return [self.image, self.map_name, self.summary, self.text_scores, self.graph]
+        return [self.image, self.map_name, self.cleann_layer, self.cleann_head, self.summary, self.text_scores,
+                self.graph]
+
+
+def method_options(method: str, cleann_layer: str | None, cleann_head: str | None) -> dict:
+    """The options the panel's controls give a method (CLEANN's layer and head; the defaults for the others)."""
+    if method != "cleann":
+        return {}
+    layer = -1 if cleann_layer in (None, LAST_LAYER) else int(cleann_layer)
+    head = ALL_HEADS if cleann_head in (None, ALL_HEADS) else int(cleann_head)
+    return {"layer": layer, "head": head}
+
+
+def _cleann_choices(trace) -> tuple[list[str], list[str]]:
+    return [LAST_LAYER, *map(str, range(trace.n_layers))], [ALL_HEADS, *map(str, range(trace.n_heads))]
+
+
+def cleann_choice(trace, cleann_layer: str | None, cleann_head: str | None) -> tuple[str, str]:
+    """The chosen layer and head where the trace's model has them (choices left from another model fall back to
+    the defaults)."""
+    layers, heads = _cleann_choices(trace)
+    return (cleann_layer if cleann_layer in layers else LAST_LAYER,
+            cleann_head if cleann_head in heads else ALL_HEADS)
+
+
+def cleann_controls(trace, method: str, cleann_layer: str | None, cleann_head: str | None) -> tuple:
+    """CLEANN's layer and head dropdowns for the trace's model, shown while CLEANN is. (A component made in an
+    event has no readable value: take the values from `cleann_choice`.)"""
+    layers, heads = _cleann_choices(trace)
+    layer, head = cleann_choice(trace, cleann_layer, cleann_head)
+    return (gr.Dropdown(choices=layers, value=layer, visible=method == "cleann"),
+            gr.Dropdown(choices=heads, value=head, visible=method == "cleann"))
 
 
 def summarise(explanation) -> str:
@@ -61,9 +104,9 @@ def summarise(explanation) -> str:
 
 
 def render_method(service: ExplainService, request_id: str, image: Image.Image, token_index: int, method: str,
-                  map_name: str | None = None) -> tuple:
+                  map_name: str | None = None, options: dict | None = None) -> tuple:
     """(blended picture, the method's map names, the map shown, a summary, text-score bars, CLEANN graph)."""
-    explanation = service.explain(request_id, method, token_index)
+    explanation = service.explain(request_id, method, token_index, **(options or {}))
     maps = explanation.all_maps()
     shown = map_name if map_name in maps else method
     trace = service.trace(request_id)

@@ -100,6 +100,26 @@ def test_method_panel_shows_each_registered_method(service):
     assert sum(x is None for x in graph.data[0].x) == len(details["edges"])  # every edge drawn
 
 
+def test_cleann_layer_and_head_chosen_in_the_panel_reach_the_method(service):
+    from components.method_panel import cleann_choice, cleann_controls, method_options, render_method
+
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
+    layer_choice, head_choice = cleann_controls(trace, "cleann", "0", "1")
+    assert layer_choice.choices[0][0] == "last" and len(layer_choice.choices) == trace.n_layers + 1
+    assert len(head_choice.choices) == trace.n_heads + 1 and layer_choice.visible and head_choice.visible
+    assert (layer_choice.value, head_choice.value) == cleann_choice(trace, "0", "1") == ("0", "1")
+    options = method_options("cleann", *cleann_choice(trace, "0", "1"))
+    assert options == {"layer": 0, "head": 1}
+    _, _, _, summary, _, _ = render_method(service, request_id, image, 1, "cleann", None, options)
+    assert "(layer 0, head 1)" in summary
+    # choices another model's trace allowed fall back to the defaults; other methods hide the controls
+    layer_choice, head_choice = cleann_controls(trace, "tam", "99", "42")
+    assert cleann_choice(trace, "99", "42") == ("last", "all") and not layer_choice.visible
+    assert method_options("cleann", "last", "all") == {"layer": -1, "head": "all"}
+    assert method_options("tam", "0", "1") == {}
+
+
 def test_examples_ask_questions_their_scenes_can_answer():
     from components.generation import examples
 

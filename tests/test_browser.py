@@ -130,6 +130,19 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             page.screenshot(path=str(ARTIFACTS / f"method-view-token{index}.png"), full_page=True)
             page.get_by_role("tab", name="Attention").click()
         assert not np.array_equal(seen[0], seen[1])
+        # CLEANN with a chosen head: its controls appear with the method, and the map is that head's set
+        page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+        page.locator("#method label", has_text="cleann").click()
+        page.wait_for_function("document.querySelector('#method-summary').innerText.includes('CLEANN')",
+                               timeout=60_000)
+        page.locator("#cleann-head input").click()
+        page.get_by_role("option", name="0", exact=True).click()
+        page.wait_for_function("document.querySelector('#method-summary').innerText.includes('head 0)')",
+                               timeout=60_000)
+        cleann_picture = render_method(service, request_id, image, 3, "cleann", None, {"layer": -1, "head": 0})[0]
+        np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(cleann_picture))
+        page.screenshot(path=str(ARTIFACTS / "cleann-head.png"), full_page=True)
+        page.get_by_role("tab", name="Attention").click()
         # reverse view: clicking the middle of the attention picture scores every answer token
         page.locator("#attention-map img").click()
         page.wait_for_function(f"document.querySelectorAll('#reverse-view .token').length === {trace.n_answer}",

@@ -24,6 +24,7 @@ from lvlm_interpret.models.loading import CONFIGS_DIR, DTYPES
 from lvlm_interpret.rendering import map_on_image
 from lvlm_interpret.trace import Trace
 from tests.conftest import make_scene
+from tests.test_vision_relevancy import check_vision_tokens
 
 
 def _tiled_layout() -> ImageLayout:
@@ -63,7 +64,7 @@ def test_layout_json_round_trip_and_traces_saved_before_views():
 
 
 # --- LLaVA-NeXT and LLaVA-OneVision ------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
+@pytest.fixture(scope="module", params=["llava_next", "llava_onevision", "llava_onevision-siglip"])
 def anyres_model(request):
     return load_model(f"random:{request.param}", device="cpu")
 
@@ -137,9 +138,9 @@ def test_anyres_views_match_the_processor_and_the_models_packing(anyres_model, s
     # llava-hf/llava-v1.6-*: CLIP-L/14 at 336, the processor's default pinpoints
     ("llava_next", {"tile": 336, "patch": 14,
                     "pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}),
-    # llava-hf/llava-onevision-qwen2-*: SigLIP/14 at 384, anyres_max_9 over 1x1 .. 6x6 tiles
-    ("llava_onevision", {"tile": 384, "patch": 14, "max_tiles": 9,
-                         "pinpoints": [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]}),
+    # llava-hf/llava-onevision-qwen2-*: SigLIP/14 at 384 read whole ("full"), anyres_max_9 over 1x1 .. 6x6 tiles
+    ("llava_onevision-siglip", {"tile": 384, "patch": 14, "max_tiles": 9,
+                                "pinpoints": [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]}),
 ])
 @pytest.mark.parametrize("size", [(1000, 667), (480, 1200), (640, 640), (1500, 1400)])
 def test_anyres_layouts_at_the_real_checkpoints_geometry(family, geometry, size):
@@ -147,10 +148,11 @@ def test_anyres_layouts_at_the_real_checkpoints_geometry(family, geometry, size)
     preset = json.loads((CONFIGS_DIR / f"random-{family}.json").read_text())
     preset["image"] = {**preset["image"], **geometry}
     preset["text_config"]["max_position_embeddings"] = 16384
-    model, processor = FAMILIES[family].build_random(preset)
-    loaded = SimpleNamespace(model=model, processor=processor, family=FAMILIES[family])
+    model, processor = FAMILIES[preset["family"]].build_random(preset)
+    loaded = SimpleNamespace(model=model, processor=processor, family=FAMILIES[preset["family"]])
     # OneVision shrinks what exceeds 9 tiles' worth of cells: a 1500x1400 image gets 4x4 tiles
-    assert _check_anyres_layout(loaded, size) == (family == "llava_onevision" and size == (1500, 1400))
+    assert _check_anyres_layout(loaded, size) == (family.startswith("llava_onevision") and size == (1500, 1400))
+    check_vision_tokens(loaded, [make_scene(*size)], cells_per_image=30)
 
 
 def _mass_inside(grid_map, layout, box) -> float:
@@ -262,7 +264,9 @@ def test_split_layouts_at_the_real_checkpoints_geometry(family, geometry, size):
     preset["image"] = geometry
     preset["text_config"]["max_position_embeddings"] = 16384
     model, processor = FAMILIES[family].build_random(preset)
-    _check_split_layout(SimpleNamespace(model=model, processor=processor, family=FAMILIES[family]), size)
+    loaded = SimpleNamespace(model=model, processor=processor, family=FAMILIES[family])
+    _check_split_layout(loaded, size)
+    check_vision_tokens(loaded, [make_scene(*size)], cells_per_image=30)
 
 
 def test_split_tile_tokens_are_the_patch_grid_row_major(split_model):

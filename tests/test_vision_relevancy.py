@@ -14,8 +14,8 @@ from lvlm_interpret.methods.relevancy import propagate_block_rows, propagate_row
 from tests.conftest import make_scene
 from tests.references import tower_sources
 
-# every registered family, each by its tiny random preset
-FAMILY_NAMES = sorted(FAMILIES)
+# every registered family, each by its tiny random preset, and OneVision with the real checkpoints' SigLIP tower
+FAMILY_NAMES = sorted(FAMILIES) + ["llava_onevision-siglip"]
 PROMPT = "What color is the circle?"
 # a wide and a tall image: tiled families cut them into different tile arrangements
 IMAGES = [(200, 90), (70, 110)]

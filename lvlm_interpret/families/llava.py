@@ -86,11 +86,12 @@ class LlavaFamily(ModelFamily):
 
 
 def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, text_config: dict,
-                 vision_feature_layer: int = -2, config_class=LlavaConfig, **extra) -> LlavaConfig:
+                 vision_feature_layer: int = -2, config_class=LlavaConfig, vision_config_class=CLIPVisionConfig,
+                 select_strategy: str = "default", **extra) -> LlavaConfig:
     """A LLaVA-style config (CLIP tower + Llama decoder) whose token ids come from `tokenizer`; `config_class` and
-    `extra` give the LLaVA-NeXT variant."""
+    `extra` give the LLaVA-NeXT variants, `vision_config_class` another tower (SigLIP, kept whole: "full")."""
     return config_class(
-        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision_config),
+        vision_config=vision_config_class(image_size=image_size, patch_size=patch, **vision_config),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
@@ -100,7 +101,7 @@ def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, te
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         **extra,
     )
 

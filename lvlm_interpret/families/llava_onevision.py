@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import (
     LlavaOnevisionConfig,
+    SiglipVisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
@@ -73,15 +74,21 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         image = preset["image"]
         tile, patch, pinpoints = image["tile"], image["patch"], image["pinpoints"]
         aspect = f"anyres_max_{image['max_tiles']}"
+        # the real checkpoints' SigLIP tower (no CLS, every patch kept: "full", its last layer), or a CLIP one
+        # whose CLS the "default" strategy drops
+        siglip = preset.get("tower") == "siglip"
+        strategy = "full" if siglip else "default"
         config = llava_config(tokenizer, tile, patch, preset["vision_config"], preset["text_config"],
                               config_class=LlavaOnevisionConfig, image_grid_pinpoints=pinpoints,
-                              vision_aspect_ratio=aspect)
+                              vision_aspect_ratio=aspect, select_strategy=strategy,
+                              **({"vision_config_class": SiglipVisionConfig, "vision_feature_layer": -1}
+                                 if siglip else {}))
         processor = LlavaOnevisionImageOnlyProcessor(
             image_processor=LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
                                                             image_grid_pinpoints=pinpoints),
             tokenizer=tokenizer,
-            num_image_tokens=(tile // patch) ** 2 + 1,  # CLIP's CLS included, dropped by the "default" strategy
-            vision_feature_select_strategy="default",
+            num_image_tokens=(tile // patch) ** 2 + (not siglip),
+            vision_feature_select_strategy=strategy,
             vision_aspect_ratio=aspect,
             chat_template=CHAT_TEMPLATE,
         )

@@ -97,13 +97,16 @@ def build_app(service) -> gr.Blocks:
 
         @gpu
         @_user_errors
-        def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, progress=gr.Progress()):
+        def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, method=None, map_name=None,
+                        cleann_layer=None, cleann_head=None, progress=gr.Progress()):
             progress(0.1, desc="generating")
             request_id, trace = run_generation(service, image, prompt, model, max_new_tokens, temperature, top_p)
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
             layer, head = control_choices(trace.n_layers, trace.n_heads)
             progress(0.6, desc="explaining the first token")
-            rendered = render_token(state, "all", "all", "mean", 0, method_names()[0], None, None, None)
+            # the method panel keeps the method and map the user chose
+            rendered = render_token(state, "all", "all", "mean", 0, method or method_names()[0], map_name, cleann_layer,
+                                    cleann_head)
             return (state, trace.answer, layer, head, *rendered)
 
         @gpu
@@ -146,14 +149,16 @@ def build_app(service) -> gr.Blocks:
 
         def exporter(kind):
             @_user_errors
-            def on_export(state):
+            def on_export(state, cleann_layer, cleann_head):
                 if not state:
                     raise UserInputError("generate an answer first")
-                return export(service, state["request_id"], state["token"], kind)
+                chosen = cleann_choice(service.trace(state["request_id"]), cleann_layer, cleann_head)
+                return export(service, state["request_id"], state["token"], kind,
+                              {"cleann": method_options("cleann", *chosen)})
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
-        generated = generation.button.click(on_generate, generation.inputs(),
+        generated = generation.button.click(on_generate, [*generation.inputs(), *explanation.controls()],
                                             [session, answer, attention.layer, attention.head, *token_outputs])
         if analysis is not None:
             generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
@@ -168,9 +173,10 @@ def build_app(service) -> gr.Blocks:
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs)
-        export_panel.pngs.click(exporter("png"), session, export_panel.files)
-        export_panel.request.click(exporter("request"), session, export_panel.files)
-        export_panel.report.click(exporter("report"), session, export_panel.files)
+        export_inputs = [session, explanation.cleann_layer, explanation.cleann_head]
+        export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
+        export_panel.request.click(exporter("request"), export_inputs, export_panel.files)
+        export_panel.report.click(exporter("report"), export_inputs, export_panel.files)
     return demo
 
 

@@ -30,7 +30,8 @@ class ExportPanel:
         return cls(pngs, request, report, files)
 
 
-def export(service, request_id: str, token_index: int, kind: str) -> list[str]:
-    """The files of one export ("png", "request" or "report"), in this session's own export folder."""
+def export(service, request_id: str, token_index: int, kind: str, options: dict | None = None) -> list[str]:
+    """The files of one export ("png", "request" or "report"), in this session's own export folder, with the
+    methods' options as the page set them."""
     folder = EXPORT_ROOT / request_id / kind
-    return [str(path) for path in service.export(request_id, token_index, kind, folder)]
+    return [str(path) for path in service.export(request_id, token_index, kind, folder, options)]

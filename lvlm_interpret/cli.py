@@ -12,7 +12,7 @@ from pathlib import Path
 from .analysis import commands as analysis_commands
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
-from .export import request_record, staged_folder, write_request
+from .export import check_method_options, request_record, staged_folder, write_request
 from .images import load_image
 from .methods import METHODS, get_method
 from .methods.visual_relevance import visually_relevant_tokens
@@ -56,9 +56,7 @@ def _parse_method_options(specs: list[str] | None, methods: list[str]) -> dict[s
         except ValueError:
             value = text
         options.setdefault(method, {})[name.strip()] = value
-    for method, given in options.items():
-        get_method(method).check_options(given)
-    return options
+    return check_method_options(options)
 
 
 def _parse_tokens(spec: str) -> list[int] | None:
@@ -237,6 +235,7 @@ def run_explain(args) -> Path:
         raise UserInputError(f"--out {out} exists and is not a folder")
     tokens = _parse_tokens(args.tokens)
     methods = _parse_methods(args.methods, tokens_given=tokens is not None)
+    given_options = _parse_method_options(args.option, methods)  # before the model is loaded: typos fail fast
     if not args.prompt.strip():
         raise UserInputError("--prompt is empty: give a question about the image")
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
@@ -257,7 +256,7 @@ def run_explain(args) -> Path:
         trace.check_token_index(index)
 
     method_options = {"attention": {"layers": args.layers, "heads": args.heads, "aggregation": args.aggregation}}
-    for name, given in _parse_method_options(args.option, methods).items():
+    for name, given in given_options.items():
         method_options[name] = {**method_options.get(name, {}), **given}
     explanations = {}
     for name in methods:

@@ -7,6 +7,7 @@ regenerates the request from the inputs it kept and goes on, as the service does
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +151,10 @@ class RemoteService:
             "GET", f"/v1/visual-relevance/{backend_id}", params={"threshold": threshold}))
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
 
-    def export(self, request_id: str, token_index: int, kind: str, folder) -> list[Path]:
+    def export(self, request_id: str, token_index: int, kind: str, folder, options: dict | None = None) -> list[Path]:
         """Fetch an export from the backend and unpack it into `folder` (file names only, no paths)."""
         response = self._for_request(request_id, lambda backend_id: self._send(
-            "GET", f"/v1/export/{backend_id}/{token_index}/{kind}"))
+            "GET", f"/v1/export/{backend_id}/{token_index}/{kind}", params={"options": json.dumps(options or {})}))
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserInputError
-from .methods import METHODS, Explanation
+from .methods import METHODS, Explanation, get_method
 from .rendering import blend, overlay
 from .trace import Trace
 
@@ -155,31 +155,46 @@ EXPORT_KINDS = ("png", "request", "report")
 WHOLE_ANSWER_METHODS = ("attention", "relevancy", "tam")  # CLEANN is exported for the selected token only
 
 
-def export_files(service, request_id: str, token_index: int, kind: str, folder: Path) -> list[Path]:
+def check_method_options(options) -> dict[str, dict]:
+    """Options per method name ({"cleann": {"head": 0}}), checked: one message for anything else."""
+    if not isinstance(options, dict) or not all(isinstance(given, dict) for given in options.values()):
+        raise UserInputError('method options must map method names to their options, e.g. {"cleann": {"head": 0}}')
+    for method, given in options.items():
+        get_method(method).check_options(given)
+    return options
+
+
+def export_files(service, request_id: str, token_index: int, kind: str, folder: Path,
+                 options: dict[str, dict] | None = None) -> list[Path]:
     """Write one export of a request into `folder`: "png" (the token's maps from every method), "request"
-    (result.json + maps.npz, the CLI's contract) or "report" (a self-contained HTML page)."""
+    (result.json + maps.npz, the CLI's contract) or "report" (a self-contained HTML page); `options` per method,
+    as the page shows them."""
     if kind not in EXPORT_KINDS:
         raise UserInputError(f"unknown export {kind!r}: choose one of {', '.join(EXPORT_KINDS)}")
+    options = check_method_options(options or {})
     trace = service.trace(request_id)
     trace.check_token_index(token_index)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+
+    def explain(method, t):
+        return service.explain(request_id, method, t, **options.get(method, {}))
+
     if kind == "png":
         paths = []
         for method in sorted(METHODS):
-            for name, picture in overlay_images(trace, service.explain(request_id, method, token_index)).items():
+            for name, picture in overlay_images(trace, explain(method, token_index)).items():
                 picture.save(folder / f"{name}.png")
                 paths.append(folder / f"{name}.png")
         return paths
     if kind == "request":
         tokens = list(range(trace.n_answer))
-        explanations = {name: [service.explain(request_id, name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
-        record = request_record(trace, tokens, explanations, service.visual_relevance(request_id))
-        cleann = [service.explain(request_id, "cleann", token_index)]
-        record["cleann"] = request_record(trace, [token_index], {"cleann": cleann})["cleann"]
+        explanations = {name: [explain(name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
+        record = request_record(trace, tokens, explanations, service.visual_relevance(request_id), options)
+        record["cleann"] = request_record(trace, [token_index], {"cleann": [explain("cleann", token_index)]})["cleann"]
+        record["method_options"]["cleann"] = options.get("cleann", {})
         write_request(folder, trace, record, explanations)
         return [folder / "result.json", folder / "maps.npz"]
     path = folder / f"report-token{token_index}.html"
-    path.write_text(html_report(trace, token_index, [service.explain(request_id, m, token_index)
-                                                     for m in sorted(METHODS)]))
+    path.write_text(html_report(trace, token_index, [explain(m, token_index) for m in sorted(METHODS)]))
     return [path]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -211,10 +212,15 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
-    def export(request_id: str, token_index: int, kind: str) -> Response:
-        """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML)."""
+    def export(request_id: str, token_index: int, kind: str, options: str = "{}") -> Response:
+        """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML);
+        `options`: the methods' options as JSON, {"cleann": {"head": 0}}."""
+        try:
+            parsed = json.loads(options)
+        except ValueError:
+            raise UserInputError("options must be JSON, e.g. {\"cleann\": {\"head\": 0}}") from None
         with tempfile.TemporaryDirectory(prefix="lvlm-export-") as folder, admission.slot():
-            paths = service.export(request_id, token_index, kind, folder)
+            paths = service.export(request_id, token_index, kind, folder, parsed)
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in paths:

@@ -167,9 +167,10 @@ class ExplainService:
         """For chosen cells of the first image's grid, the attention every answer token pays them."""
         return reverse_attention(self.trace(request_id), cells, 0, layers, heads, aggregation)
 
-    def export(self, request_id: str, token_index: int, kind: str, folder) -> list:
-        """Write an export ("png", "request" or "report") of the request into `folder`; returns the paths."""
-        return export_files(self, request_id, token_index, kind, folder)
+    def export(self, request_id: str, token_index: int, kind: str, folder, options: dict | None = None) -> list:
+        """Write an export ("png", "request" or "report") of the request into `folder`, with the methods'
+        `options` ({method: {name: value}}); returns the paths."""
+        return export_files(self, request_id, token_index, kind, folder, options)
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0):
         """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""

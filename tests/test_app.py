@@ -79,6 +79,11 @@ def test_exports(service):
     (report,) = export(service, request_id, 2, "report")
     text = open(report).read()
     assert text.count("data:image/png;base64,") == 8 and "http" not in text.replace("http-equiv", "")
+    # CLEANN's layer and head as the page set them reach the export
+    result_path, _ = export(service, request_id, 2, "request", {"cleann": {"layer": 0, "head": 1}})
+    result = json.loads(open(result_path).read())
+    assert (result["cleann"]["2"]["layer"], result["cleann"]["2"]["head"]) == (0, 1)
+    assert result["method_options"]["cleann"] == {"layer": 0, "head": 1}
 
 
 def test_method_panel_shows_each_registered_method(service):
@@ -185,3 +190,15 @@ def test_dockerfile_runs_the_same_entry_with_the_same_requirements():
     assert "EXPOSE 7860" in lines
     entry = next(line for line in lines if line.startswith("ENTRYPOINT"))
     assert "app.py" in entry and "7860" in entry
+
+
+def test_a_new_generation_keeps_the_method_and_map_shown(service):
+    import gradio as gr
+
+    from app import build_app
+
+    on_generate = next(f.fn for f in build_app(service).fns.values() if f.name == "on_generate")
+    outputs = on_generate(make_scene(160, 96), "Describe the image.", "random:llava", 4, 0, 1, "relevancy",
+                          "relevancy_vit", None, None, progress=lambda *a, **k: None)
+    shown = [o.value for o in outputs if isinstance(o, gr.Dropdown) and o.value and str(o.value).startswith("rel")]
+    assert shown == ["relevancy_vit"]

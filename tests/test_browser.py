@@ -172,6 +172,9 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         exported = page.request.get(links["result.json"]).json()
         assert exported["answer"] == trace.answer and len(exported["tokens"]) == trace.n_answer
         assert {"image", "methods", "timings_s", "llr", "cleann"} <= set(exported)
+        # CLEANN as chosen in the page (head 0, token 3)
+        assert exported["method_options"]["cleann"] == {"layer": -1, "head": 0}
+        assert exported["cleann"]["3"]["head"] == 0
         browser.close()
 
 

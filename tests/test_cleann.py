@@ -99,7 +99,7 @@ def test_masking_a_qwen3_vl_image_token_replaces_its_deepstack_features_too(monk
     from tests.conftest import make_scene
 
     loaded = load_model("random:qwen3_vl", device="cpu")
-    trace = generate_with_capture(loaded, [make_scene(200, 90)], "Describe the image.",
+    trace = generate_with_capture(loaded, [make_scene(200, 90), make_scene(70, 110)], "Describe the images.",
                                   GenerationOptions(max_new_tokens=2, min_new_tokens=2))
     decoder = loaded.family.language_model(loaded.model)
     seen = []
@@ -111,18 +111,20 @@ def test_masking_a_qwen3_vl_image_token_replaces_its_deepstack_features_too(monk
 
     monkeypatch.setattr(decoder, "_deepstack_process", record)
     scorer = _Scorer(loaded, trace, 1)
-    cells = trace.images[0].cell_positions.tolist()
-    masked = [cells[0], cells[5]]
+    first, second = (layout.cell_positions.tolist() for layout in trace.images)
+    masked = [first[0], first[5], second[2]]
     scorer([])
     unmasked = seen.pop()
     probability, _ = scorer(masked)
     features = seen.pop()
-    rows = [0, 5]  # the image's cells are its DeepStack rows, in order
-    torch.testing.assert_close(features[rows], unmasked.mean(0).expand(2, -1))
+    # the images' cells are the DeepStack rows, in order; a masked row takes its own image's mean
+    rows = [0, 5, len(first) + 2]
+    own_means = [unmasked[: len(first)].mean(0)] * 2 + [unmasked[len(first):].mean(0)]
+    torch.testing.assert_close(features[rows], torch.stack(own_means))
     kept = [r for r in range(unmasked.shape[0]) if r not in rows]
     torch.testing.assert_close(features[kept], unmasked[kept])
     # the features matter: the same masking without them gives another probability
-    monkeypatch.setattr(loaded.family, "mask_image_side_inputs", lambda kwargs, positions: kwargs)
+    monkeypatch.setattr(loaded.family, "mask_image_side_inputs", lambda kwargs, positions, images: kwargs)
     assert scorer(masked)[0] != pytest.approx(probability, rel=1e-6)
 
 

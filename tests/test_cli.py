@@ -94,6 +94,8 @@ def test_unknown_option_names_the_methods_options(tmp_path, scene_path, capsys):
                     out=tmp_path / "x") == 2
     message = capsys.readouterr().err
     assert "cleann" in message and "layer, head, alpha" in message
+    assert _explain("--methods", "tam", "--option", "tam.denoise=no", scene=scene_path, out=tmp_path / "y") == 2
+    assert "tam: option denoise must be true or false, got 'no'" in capsys.readouterr().err
 
 
 def test_selected_tokens_and_two_images(tmp_path, scene_path):
@@ -135,13 +137,18 @@ def _bad_inputs(tmp_path, scene_path):
                            "tam.smooth=1"],
         "bad option value": ["--image", str(scene_path), "--prompt", "hi", "--methods", "relevancy", "--option",
                              "relevancy.vision=maybe"],
+        "option of another type": ["--image", str(scene_path), "--prompt", "hi", "--methods", "tam,cleann",
+                                   "--option", "tam.denoise=False"],
+        "option naming the model": ["--image", str(scene_path), "--prompt", "hi", "--methods", "relevancy",
+                                    "--option", "relevancy.model=x"],
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "not an image", "empty prompt", "unknown model",
                                   "unknown hub model", "unknown method", "token out of range", "bad token list",
                                   "bad layer", "bad max tokens", "malformed option", "option of a method not run",
-                                  "unknown option", "bad option value"])
+                                  "unknown option", "bad option value", "option of another type",
+                                  "option naming the model"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, scene_path, capsys):
     out = tmp_path / "out"
     code = main(["explain", *_bad_inputs(tmp_path, scene_path)[case], "--out", str(out)])

@@ -129,6 +129,15 @@ def test_exports_over_http_match_the_in_process_ones(http, service, tmp_path):
     assert json.loads(fetched[0].read_text())["cleann"].keys() == json.loads(local[0].read_text())["cleann"].keys()
     np.testing.assert_array_equal(np.load(fetched[1])["tam"], np.load(local[1])["tam"])
     assert len(remote.export(request_id, 1, "png", tmp_path / "png")) == 8
+    chosen = remote.export(request_id, 1, "request", tmp_path / "head1", {"cleann": {"head": 1}})
+    assert json.loads(chosen[0].read_text())["cleann"]["1"]["head"] == 1
+    for options, message in [({"cleann": {"heads": 1}}, "cleann has no option 'heads'"),
+                              ({"cleann": {"head": True}}, "option head must be"),
+                              ({"nope": {}}, "unknown method 'nope'"), ({"cleann": 3}, "must map method names")]:
+        with pytest.raises(UserInputError, match=message):
+            remote.export(request_id, 1, "request", tmp_path / "bad", options)
+    response = http.get(f"/v1/export/{request_id}/1/request", params={"options": "{not json"})
+    assert response.status_code == 400 and "options must be JSON" in response.json()["error"]
     with pytest.raises(UserInputError, match="unknown export"):
         remote.export(request_id, 1, "zip", tmp_path / "bad")
     with pytest.raises(UserInputError):  # a path in place of the kind never reaches the file system

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lvlm_interpret import get_method
+from lvlm_interpret.methods.base import image_cell_positions
 from lvlm_interpret.methods.tam import (
-    context_positions, image_positions, interference_scale, rank_gaussian_filter, remove_interference,
+    context_positions, interference_scale, rank_gaussian_filter, remove_interference,
 )
 from tests.references import eager_replay
 
@@ -72,7 +73,7 @@ def test_raw_map_is_the_models_logit_of_the_token_at_image_positions(llava, llav
 
 def test_context_is_earlier_text_only(llava_trace):
     trace = llava_trace
-    images = set(image_positions(trace).tolist())
+    images = set(image_cell_positions(trace).tolist())
     for t in range(trace.n_answer):
         context = context_positions(trace, t)
         assert all(j < trace.prompt_length + t and j not in images for j in context)

@@ -3,6 +3,8 @@ names for a map cell are the ones that cell's LM input is built from (found by g
 reasoning), whether the tower sees an image as one sequence, as tiles, as windows, or several images as one masked
 sequence; the block-by-block propagation equals the dense recursion; and the maps are reached through the tower."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -85,7 +87,23 @@ def test_vision_maps_are_reached_through_the_tower_and_batch_like_one_token(mode
                 assert grid.shape == (layout.rows, layout.cols) and np.isfinite(grid).all() and (grid >= 0).all()
                 np.testing.assert_allclose(grid, alone.variants[name][image], rtol=1e-4, atol=1e-9)
         for image in range(len(trace.images)):
-            assert explanation.variants["all"][image].any()
+            combined, lm = explanation.variants["all"][image], explanation.maps[image]
+            # the tower moves relevance between patches: the combined map is not the LM map
+            assert combined.any() and not np.array_equal(combined, lm)
             # the tiny LLaVA's feature layer is the output of its first layer, where the CLS row (the readout)
-            # gets no gradient; every other tower is reached
-            assert family == "llava" or explanation.variants["vit"][image].any()
+            # gets no gradient; every other tower is reached, and its map is not flat
+            vit = explanation.variants["vit"][image]
+            assert family == "llava" or vit.max() > vit.min() > -1e-12
+
+
+def test_a_tower_the_adapter_misdescribes_leaves_the_lm_map(models, monkeypatch):
+    loaded = models("qwen2_vl")
+    trace = generate_with_capture(loaded, [make_scene(200, 90)], PROMPT, GenerationOptions(max_new_tokens=2))
+    expected = get_method("relevancy").explain(trace, 1, model=loaded)
+    describe = loaded.family.vision_tokens
+    monkeypatch.setattr(loaded.family, "vision_tokens", lambda model, layout: dataclasses.replace(
+        describe(model, layout), count=describe(model, layout).count + 1))
+    with pytest.warns(UserWarning, match="attends over 84 tokens, but the adapter places the images on 85"):
+        explanation = get_method("relevancy").explain(trace, 1, model=loaded)
+    assert explanation.variants == {}
+    np.testing.assert_allclose(explanation.maps[0], expected.maps[0], rtol=1e-5)

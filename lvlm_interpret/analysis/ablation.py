@@ -135,8 +135,8 @@ def ablate(loaded, trace: Trace, positions: list[int], replacement: str = "mean"
         raise UserInputError(f"unknown replacement {replacement!r}: choose mean or zero")
     if replacement == "mean" and mean is None:
         raise UserInputError("mean ablation needs a mean embedding (mean-embedding command), or use zero ablation")
-    image_positions = {p for layout in trace.images for p in layout.cell_positions.tolist()}
-    if not positions or not set(positions) <= image_positions:
+    cells = {p for layout in trace.images for p in layout.cell_positions.tolist()}
+    if not positions or not set(positions) <= cells:
         raise UserInputError("ablation needs a non-empty set of image-token positions")
     size = loaded.model.config.get_text_config().hidden_size
     value = torch.zeros(size) if replacement == "zero" else mean

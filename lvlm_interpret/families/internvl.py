@@ -86,17 +86,18 @@ class InternVLFamily(ModelFamily):
 
     def vision_tokens(self, model, layout):
         # the tower encodes the tiles row by row, then the thumbnail, each as CLS + a patch grid; pixel shuffle
-        # merges 2 x 2 patches into each token
+        # merges merge x merge patches into each token (downsample_ratio 0.5: 2 x 2)
         vision = model.config.vision_config
         patches = vision.image_size[0] // vision.patch_size[0]
         per_crop = 1 + patches * patches
-        side = patches // 2
+        merge = round(1 / model.config.downsample_ratio)
+        side = patches // merge
         tile_rows, tile_cols = layout.rows // side, layout.cols // side
         n_crops = tile_rows * tile_cols + (tile_rows * tile_cols > 1)
         cell_rows, cell_cols = np.meshgrid(np.arange(layout.rows), np.arange(layout.cols), indexing="ij")
         tiles = ((cell_rows // side) * tile_cols + cell_cols // side).reshape(-1, 1)
-        in_tile = merged_patch_groups(side, side, 2, first=1)[((cell_rows % side) * side + cell_cols % side)
-                                                               .reshape(-1)]
+        in_tile = merged_patch_groups(side, side, merge, first=1)[((cell_rows % side) * side + cell_cols % side)
+                                                                   .reshape(-1)]
         return VisionTokens(count=n_crops * per_crop, groups=tiles * per_crop + in_tile,
                             readout=np.arange(tile_rows * tile_cols) * per_crop)  # the tiles' CLS rows
 

@@ -20,18 +20,25 @@ class Qwen3VLFamily(Qwen2VLFamily):
     model_class = Qwen3VLForConditionalGeneration
     processor_class = image_only_processor(Qwen3VLProcessor)
 
-    def mask_image_side_inputs(self, decoder_kwargs, positions):
+    def mask_image_side_inputs(self, decoder_kwargs, positions, images):
         features, visual = decoder_kwargs.get("deepstack_visual_embeds"), decoder_kwargs.get("visual_pos_masks")
         if not features or visual is None:
             return decoder_kwargs
         visual = visual[0]
         row_of = torch.cumsum(visual.long(), 0) - 1  # each image position's row in the DeepStack features
-        rows = [int(row_of[p]) for p in positions if p < visual.shape[0] and visual[p]]
-        if not rows:
+        masked = set(positions)
+        per_image = []  # (the image's rows, its masked rows)
+        for cells in images:
+            rows = [int(row_of[p]) for p in cells if p < visual.shape[0] and visual[p]]
+            chosen = [int(row_of[p]) for p in cells if p in masked and p < visual.shape[0] and visual[p]]
+            if chosen:
+                per_image.append((rows, chosen))
+        if not per_image:
             return decoder_kwargs
-        masked = []
+        edited = []
         for layer_features in features:
             layer_features = layer_features.clone()
-            layer_features[rows] = layer_features.mean(0)
-            masked.append(layer_features)
-        return {**decoder_kwargs, "deepstack_visual_embeds": masked}
+            for rows, chosen in per_image:
+                layer_features[chosen] = layer_features[rows].mean(0)
+            edited.append(layer_features)
+        return {**decoder_kwargs, "deepstack_visual_embeds": edited}

@@ -55,7 +55,8 @@ class RawAttention(ExplanationMethod):
     name = "attention"
     description = "Raw attention of the token's source position over the image tokens (layers/heads aggregated)."
 
-    def explain(self, trace, token_index, model=None, layers="all", heads="all", aggregation="mean"):
+    def explain(self, trace, token_index, model=None, layers: str | int | list = "all", heads: str | int | list = "all",
+                aggregation: str = "mean"):
         scores = attention_scores(trace, token_index, layers, heads, aggregation).numpy()
         return Explanation(
             method=self.name,

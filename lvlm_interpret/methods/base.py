@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -42,24 +44,52 @@ class ExplanationMethod:
         """Several tokens at once; methods that can batch their work override this."""
         return [self.explain(trace, t, model=model, **options) for t in token_indices]
 
-    def _options_signature(self) -> inspect.Signature | None:
-        """The signature that names the options: explain's, or explain_many's where explain passes **options on."""
-        signatures = [inspect.signature(function) for function in (self.explain, self.explain_many)]
-        return next((s for s in signatures if all(p.kind is not p.VAR_KEYWORD for p in s.parameters.values())), None)
+    def _options_function(self):
+        """The function whose signature names the options: explain, or explain_many where explain passes
+        **options on."""
+        return next((function for function in (self.explain, self.explain_many)
+                     if all(p.kind is not p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())),
+                    None)
 
     def option_names(self) -> list[str]:
-        signature = self._options_signature()
-        return [] if signature is None else list(signature.parameters)[3:]  # after trace, token(s), model
+        function = self._options_function()
+        # the parameters after trace, token index(es) and model
+        return [] if function is None else list(inspect.signature(function).parameters)[3:]
 
     def check_options(self, options: dict) -> None:
-        """One message when `options` holds a name the method does not take (their values it checks itself)."""
-        signature = self._options_signature()
-        try:
-            if signature is not None:
-                signature.bind(None, 0, **options)
-        except TypeError as error:
-            names = ", ".join(self.option_names()) or "none"
-            raise UserInputError(f"{self.name}: {error}; its options are {names}") from None
+        """One message for an option the method does not take, or a value of another type than its annotation
+        (true / false for bool, a whole number for int, ...); finer checks of values are the method's own."""
+        names = self.option_names()
+        hints = typing.get_type_hints(self._options_function()) if names else {}
+        for name, value in options.items():
+            if name not in names:
+                raise UserInputError(f"{self.name} has no option {name!r}; its options are "
+                                     f"{', '.join(names) or 'none'}")
+            if name in hints and not _accepts(value, hints[name]):
+                raise UserInputError(f"{self.name}: option {name} must be {_describe(hints[name])}, got {value!r}")
+
+
+def _accepts(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(value, member) for member in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(hint))
+    hint = typing.get_origin(hint) or hint
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 METHODS: dict[str, ExplanationMethod] = {}
@@ -79,6 +109,11 @@ def get_method(name: str) -> ExplanationMethod:
 def split_by_image(trace: Trace, scores: np.ndarray) -> list[np.ndarray]:
     """Cut a score-per-position vector into one [rows, cols] grid per image (the map's view)."""
     return [layout.gather(scores) for layout in trace.images]
+
+
+def image_cell_positions(trace: Trace) -> np.ndarray:
+    """Every image's grid cells (all views), in order."""
+    return np.concatenate([layout.cell_positions for layout in trace.images])
 
 
 def image_token_positions(trace: Trace) -> set[int]:

@@ -23,8 +23,7 @@ from scipy.stats import norm
 from ..capture import AttentionGraph, replay_inputs, scoped_hook
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, image_token_positions, register_method
-from .tam import image_positions
+from .base import Explanation, ExplanationMethod, image_cell_positions, image_token_positions, register_method
 
 
 def correlation_from_attention(rows: np.ndarray) -> np.ndarray:
@@ -103,7 +102,7 @@ class HeadResult:
 def select_nodes(trace: Trace, target_row: np.ndarray, source: int, threshold: float, max_image: int) -> list[int]:
     """Top-k image tokens by the target's attention (k = min(max(2, #above threshold), max_image)), the text
     tokens above the threshold, and the target itself."""
-    images = image_positions(trace)
+    images = image_cell_positions(trace)
     k = min(max(2, int((target_row[images] > threshold).sum())), max_image, len(images))
     chosen = set(images[np.argsort(-target_row[images], kind="stable")[:k]].tolist())
     in_image = image_token_positions(trace)  # separators are the image's too, never text
@@ -128,9 +127,9 @@ def discover(trace: Trace, attention: np.ndarray, head: int, source: int, *, thr
                       candidates=[nodes[k] for k in near])
 
 
-def _replace_embeddings(family, positions: list[int], replacement: dict[int, torch.Tensor]):
+def _replace_embeddings(family, positions: list[int], replacement: dict[int, torch.Tensor], images):
     """A decoder pre-hook that puts `replacement[p]` in place of the input embedding at each position p (and masks
-    the family's other image inputs there)."""
+    the family's other image inputs there; `images`: each image's cell positions)."""
     def hook(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or not positions:
@@ -138,7 +137,7 @@ def _replace_embeddings(family, positions: list[int], replacement: dict[int, tor
         embeds = embeds.clone()
         for position in positions:
             embeds[:, position] = replacement[position].to(embeds.dtype)
-        return args, family.mask_image_side_inputs({**kwargs, "inputs_embeds": embeds}, positions)
+        return args, family.mask_image_side_inputs({**kwargs, "inputs_embeds": embeds}, positions, images)
     return hook
 
 
@@ -152,8 +151,8 @@ class _Scorer:
         in_image = np.zeros(trace.input_ids.shape[0], dtype=bool)
         replacement = {}
         for layout in trace.images:
+            in_image[layout.token_positions] = True  # separators too: they are no text
             cells = layout.cell_positions
-            in_image[cells] = True
             mean = embeds[torch.from_numpy(cells)].mean(0)
             replacement.update({int(p): mean for p in cells})
         text_mean = embeds[: trace.prompt_length][~in_image[: trace.prompt_length]].mean(0)
@@ -173,7 +172,8 @@ class _Scorer:
     @torch.no_grad()
     def __call__(self, positions: list[int]) -> tuple[float, bool]:
         """(probability of the token, whether it is still the argmax) with `positions` masked."""
-        with scoped_hook(self.decoder, _replace_embeddings(self.loaded.family, positions, self.replacement),
+        images = [layout.cell_positions for layout in self.trace.images]
+        with scoped_hook(self.decoder, _replace_embeddings(self.loaded.family, positions, self.replacement, images),
                          pre=True):
             logits = self.loaded.model(**replay_inputs(self.trace, self.loaded.device)).logits[0]
         row = logits[self.trace.source_position(self.token_index)].float()
@@ -213,8 +213,9 @@ class Cleann(ExplanationMethod):
     description = "CLEANN: a minimal causal set of image patches and text tokens from one head's attention " \
                   "graph, verified by masking and re-scoring the token."
 
-    def explain(self, trace, token_index, model=None, layer=-1, head="all", alpha=1e-5, threshold=0.005,
-                radius=3, max_image_tokens=50, ordered=True, max_given=2, drop_to=0.5, among="all", samples=None):
+    def explain(self, trace, token_index, model=None, layer: int = -1, head: int | str = "all", alpha: float = 1e-5,
+                threshold: float = 0.005, radius: int = 3, max_image_tokens: int = 50, ordered: bool = True,
+                max_given: int = 2, drop_to: float = 0.5, among: str = "all", samples: int | None = None):
         """`among`: which tokens may form the explaining set: "all", "image" (patches only) or "text".
         `samples`: the CI tests' pseudo sample size (default: the head dimension, as in the paper)."""
         if model is None:

@@ -14,6 +14,8 @@ block-diagonal over the tower's token sequence, and the family adapter says whic
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -73,7 +75,8 @@ class Relevancy(ExplanationMethod):
     def explain(self, trace, token_index, model=None, **options):
         return self.explain_many(trace, [token_index], model=model, **options)[0]
 
-    def explain_many(self, trace, token_indices, model=None, chunk_size=None, memory_mb=1024, vision=True):
+    def explain_many(self, trace, token_indices, model=None, chunk_size: int | None = None, memory_mb: float = 1024,
+                     vision: bool = True):
         """One forward for all tokens; batched backwards over chunks of `chunk_size` targets (default: as many
         as fit their attention gradients in `memory_mb`). `vision=False` leaves the tower out (no `vit` / `all`
         variants): its attention then runs without being kept, which spares memory on towers that see many tiles."""
@@ -139,7 +142,8 @@ class Relevancy(ExplanationMethod):
         The tower's attention calls, in call then batch order, cover its token sequence in order (one call for all
         images, one per image, per tile or per window), so every layer is a block-diagonal matrix over that
         sequence; R is needed only through two rows per image (its summary rows, and its LM map spread over the
-        tower tokens of its cells), propagated block by block."""
+        tower tokens of its cells), propagated block by block. None where no gradient reaches the tower (nothing to
+        show) or the tower's sequence is not the one the adapter describes (then the LM map still stands)."""
         tokens = [family.vision_tokens(model, layout) for layout in trace.images]
         offsets = np.cumsum([0] + [part.count for part in tokens])
         size = int(offsets[-1])
@@ -155,9 +159,12 @@ class Relevancy(ExplanationMethod):
                         blocks.append((first, head_mean_relevance(gradient[:, b], call[b].detach()).cpu()))
                     first += call.shape[-1]
             if first != size:
-                raise RuntimeError(f"{family.name}: the vision tower attends over {first} tokens, but the adapter "
-                                   f"places the images on {size}")
+                warnings.warn(f"{family.name}: the vision tower attends over {first} tokens, but the adapter places "
+                              f"the images on {size}: relevancy gives the LM map only", stacklevel=2)
+                return None
             layers.append(blocks)
+        if not any(layers):
+            return None
         n_targets = len(lm_maps)
         # starting rows [targets, 2 * images, size]: image i's summary row, then its LM map spread over its tokens
         rows = torch.zeros(n_targets, 2 * len(tokens), size)
@@ -167,6 +174,7 @@ class Relevancy(ExplanationMethod):
                 spread = np.zeros(size, dtype=np.float32)
                 np.add.at(spread, offset + part.groups, lm_maps[target][i].reshape(-1, 1) * part.shares)
                 rows[target, 2 * i + 1] = torch.from_numpy(spread)
+        start = rows.numpy().copy()
         rows = propagate_block_rows(layers, rows).numpy()
         vit, combined = [], []
         for target in range(n_targets):
@@ -175,8 +183,10 @@ class Relevancy(ExplanationMethod):
             for i, (part, layout) in enumerate(zip(tokens, trace.images, strict=True)):
                 # a cell reads its tokens by their shares, scaled to a sum over k tokens
                 cells, scale = offsets[i] + part.groups, part.shares * part.groups.shape[1]
-                vit[-1].append((rows[target, 2 * i][cells] * scale).sum(-1).reshape(layout.rows, layout.cols)
-                               .astype(np.float32))
+                # vit reads R - I from the summary rows: with a CLS readout the identity sits on CLS, in no cell;
+                # with a mean readout it would add the same 1/N to every cell and drown what the attention moved
+                moved = rows[target, 2 * i] - start[target, 2 * i]
+                vit[-1].append((moved[cells] * scale).sum(-1).reshape(layout.rows, layout.cols).astype(np.float32))
                 combined[-1].append(np.maximum((rows[target, 2 * i + 1][cells] * scale).sum(-1), 0)
                                     .reshape(layout.rows, layout.cols).astype(np.float32))
         return vit, combined

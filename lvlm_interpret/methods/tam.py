@@ -14,7 +14,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, image_token_positions, register_method, split_by_image, text_only
+from .base import (
+    Explanation, ExplanationMethod, image_cell_positions, image_token_positions, register_method, split_by_image,
+    text_only,
+)
 
 RANK_OFFSETS = np.arange(-4, 5, dtype=np.float64)  # ranks of the 9 sorted values of a 3x3 window
 
@@ -52,11 +55,6 @@ def remove_interference(target_map: np.ndarray, earlier_maps: np.ndarray, earlie
     return np.maximum(target_map - interference_scale(target_map, interference) * interference, 0.0)
 
 
-def image_positions(trace: Trace) -> np.ndarray:
-    """Every image's grid cells (all views)."""
-    return np.concatenate([layout.cell_positions for layout in trace.images])
-
-
 def context_positions(trace: Trace, token_index: int) -> list[int]:
     """Earlier text tokens that may interfere: prompt text and earlier answer tokens, not image or special tokens,
     and not the same text as the explained token."""
@@ -76,7 +74,7 @@ class TokenActivationMap(ExplanationMethod):
     description = "Token Activation Map: class activation of the token's LM-head row on image states, with " \
                   "earlier-token interference removed and a rank Gaussian filter."
 
-    def explain(self, trace, token_index, model=None, remove_context=True, denoise=True):
+    def explain(self, trace, token_index, model=None, remove_context: bool = True, denoise: bool = True):
         if model is None:
             raise UserInputError("tam needs the model that generated the trace (its LM head)")
         trace.check_token_index(token_index)
@@ -92,7 +90,7 @@ class TokenActivationMap(ExplanationMethod):
             if getattr(lm_head, "bias", None) is not None:
                 logits += lm_head.bias[classes].float()
         activations = torch.relu(logits).cpu().numpy()
-        images = image_positions(trace)
+        images = image_cell_positions(trace)
         raw = activations[images, 0]
         cleaned = remove_interference(raw, activations[images, 1:].T, activations[context, 0]) if context else raw
         text_scores = text_only(trace, activations[:, 0])

@@ -18,7 +18,7 @@ from components.attention_panel import (
 from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import (
-    MethodPanel, cleann_choice, cleann_controls, method_names, method_options, render_method,
+    MethodPanel, method_controls, method_names, panel_options, render_method,
 )
 from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
@@ -75,30 +75,29 @@ def build_app(service) -> gr.Blocks:
                                         "start `app.py` without `--backend` to use them.", elem_id="no-analyses")
                 export_panel = ExportPanel.build()
 
-        def render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head):
+        def render_token(state, layer, head, aggregation, ignore_top, method, map_name, *own_controls):
             trace = service.trace(state["request_id"])
-            cleann_layer, cleann_head = cleann_choice(trace, cleann_layer, cleann_head)
             relevant = service.visual_relevance(state["request_id"]).relevant
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
-            method_views = _method_views(state, method, map_name, cleann_layer, cleann_head)
-            tiles = comparison_panel.render_comparison(
-                service, state["request_id"], state["image"], state["token"],
-                options={"cleann": method_options("cleann", cleann_layer, cleann_head)})
+            method_views = _method_views(state, method, map_name, *own_controls)
+            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
+                                                       options=panel_options(trace, *own_controls))
             return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
 
-        def _method_views(state, method, map_name, cleann_layer, cleann_head):
+        def _method_views(state, method, map_name, *own_controls):
+            """The method panel's outputs; `own_controls`: CLEANN's layer and head, relevancy's vision switch."""
             trace = service.trace(state["request_id"])
             picture, names, shown, summary, bars, graph = render_method(
                 service, state["request_id"], state["image"], state["token"], method, map_name,
-                method_options(method, *cleann_choice(trace, cleann_layer, cleann_head)))
-            return (picture, gr.Dropdown(choices=names, value=shown),
-                    *cleann_controls(trace, method, cleann_layer, cleann_head), summary, bars, graph)
+                panel_options(trace, *own_controls).get(method, {}))
+            return (picture, gr.Dropdown(choices=names, value=shown), *method_controls(trace, method, *own_controls),
+                    summary, bars, graph)
 
         @gpu
         @_user_errors
         def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, method=None, map_name=None,
-                        cleann_layer=None, cleann_head=None, progress=gr.Progress()):
+                        cleann_layer=None, cleann_head=None, relevancy_vision=None, progress=gr.Progress()):
             progress(0.1, desc="generating")
             request_id, trace = run_generation(service, image, prompt, model, max_new_tokens, temperature, top_p)
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
@@ -106,18 +105,18 @@ def build_app(service) -> gr.Blocks:
             progress(0.6, desc="explaining the first token")
             # the method panel keeps the method and map the user chose
             rendered = render_token(state, "all", "all", "mean", 0, method or method_names()[0], map_name, cleann_layer,
-                                    cleann_head)
+                                    cleann_head, relevancy_vision)
             return (state, trace.answer, layer, head, *rendered)
 
         @gpu
         @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
-                      event: gr.SelectData):
+                      relevancy_vision, event: gr.SelectData):
             if not state:
                 raise UserInputError("generate an answer first")
             state = {**state, "token": int(event.index)}
             return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
-                                         cleann_head))
+                                         cleann_head, relevancy_vision))
 
         @_user_errors
         def on_controls(state, layer, head, aggregation, ignore_top):
@@ -141,20 +140,21 @@ def build_app(service) -> gr.Blocks:
             return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation)
 
         @_user_errors
-        def on_method(state, method, map_name, cleann_layer, cleann_head):
+        def on_method(state, method, map_name, cleann_layer, cleann_head, relevancy_vision):
             if not state:
-                return None, gr.Dropdown(), gr.Dropdown(visible=method == "cleann"), \
-                    gr.Dropdown(visible=method == "cleann"), "", None, None
-            return _method_views(state, method, map_name, cleann_layer, cleann_head)
+                return (None, gr.Dropdown(), gr.Dropdown(visible=method == "cleann"),
+                        gr.Dropdown(visible=method == "cleann"), gr.Checkbox(visible=method == "relevancy"), "", None,
+                        None)
+            return _method_views(state, method, map_name, cleann_layer, cleann_head, relevancy_vision)
 
         def exporter(kind):
             @_user_errors
-            def on_export(state, cleann_layer, cleann_head):
+            def on_export(state, cleann_layer, cleann_head, relevancy_vision):
                 if not state:
                     raise UserInputError("generate an answer first")
-                chosen = cleann_choice(service.trace(state["request_id"]), cleann_layer, cleann_head)
                 return export(service, state["request_id"], state["token"], kind,
-                              {"cleann": method_options("cleann", *chosen)})
+                              panel_options(service.trace(state["request_id"]), cleann_layer, cleann_head,
+                                            relevancy_vision))
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
@@ -173,7 +173,7 @@ def build_app(service) -> gr.Blocks:
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs)
-        export_inputs = [session, explanation.cleann_layer, explanation.cleann_head]
+        export_inputs = [session, *explanation.own_controls()]
         export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
         export_panel.request.click(exporter("request"), export_inputs, export_panel.files)
         export_panel.report.click(exporter("report"), export_inputs, export_panel.files)

@@ -29,6 +29,7 @@ class MethodPanel:
     map_name: gr.Dropdown
     cleann_layer: gr.Dropdown
     cleann_head: gr.Dropdown
+    relevancy_vision: gr.Checkbox
     image: gr.Image
     summary: gr.Markdown
     text_scores: gr.Plot
@@ -41,34 +42,32 @@ class MethodPanel:
             with gr.Row():
                 method = gr.Radio(names, value=names[0], label="Method", elem_id="method")
                 map_name = gr.Dropdown([names[0]], value=names[0], label="Map", elem_id="map-name")
-                # CLEANN reads one layer's attention, each head or a chosen one: shown while CLEANN is
+                # each method's own controls, shown while it is: CLEANN reads one layer's attention, each head or
+                # a chosen one; relevancy may leave the vision tower out (its attention over many tiles is large)
                 cleann_layer = gr.Dropdown([LAST_LAYER], value=LAST_LAYER, label="CLEANN layer", visible=False,
                                            elem_id="cleann-layer")
                 cleann_head = gr.Dropdown([ALL_HEADS], value=ALL_HEADS, label="CLEANN head", visible=False,
                                           elem_id="cleann-head")
+                relevancy_vision = gr.Checkbox(True, label="through the vision tower (vit, all)",
+                                               visible=names[0] == "relevancy", elem_id="relevancy-vision")
             image = gr.Image(type="pil", label="Explanation", interactive=False, height=320, format="png",
                              elem_id="method-map")
             summary = gr.Markdown(elem_id="method-summary")
             text_scores = gr.Plot(label="Text scores", elem_id="method-text-scores")
             graph = gr.Plot(label="CLEANN graph", elem_id="cleann-graph")
-        return cls(method, map_name, cleann_layer, cleann_head, image, summary, text_scores, graph)
+        return cls(method, map_name, cleann_layer, cleann_head, relevancy_vision, image, summary, text_scores, graph)
+
+    def own_controls(self) -> list:
+        """The methods' own controls, in `panel_options`' order."""
+        return [self.cleann_layer, self.cleann_head, self.relevancy_vision]
 
     def controls(self) -> list:
-        """What a rendering reads: the method, the map and CLEANN's layer and head."""
-        return [self.method, self.map_name, self.cleann_layer, self.cleann_head]
+        """What a rendering reads: the method, the map and the methods' own controls."""
+        return [self.method, self.map_name, *self.own_controls()]
 
     def outputs(self) -> list:
-        return [self.image, self.map_name, self.cleann_layer, self.cleann_head, self.summary, self.text_scores,
-                self.graph]
-
-
-def method_options(method: str, cleann_layer: str | None, cleann_head: str | None) -> dict:
-    """The options the panel's controls give a method (CLEANN's layer and head; the defaults for the others)."""
-    if method != "cleann":
-        return {}
-    layer = -1 if cleann_layer in (None, LAST_LAYER) else int(cleann_layer)
-    head = ALL_HEADS if cleann_head in (None, ALL_HEADS) else int(cleann_head)
-    return {"layer": layer, "head": head}
+        return [self.image, self.map_name, self.cleann_layer, self.cleann_head, self.relevancy_vision, self.summary,
+                self.text_scores, self.graph]
 
 
 def _cleann_choices(trace) -> tuple[list[str], list[str]]:
@@ -83,13 +82,25 @@ def cleann_choice(trace, cleann_layer: str | None, cleann_head: str | None) -> t
             cleann_head if cleann_head in heads else ALL_HEADS)
 
 
-def cleann_controls(trace, method: str, cleann_layer: str | None, cleann_head: str | None) -> tuple:
-    """CLEANN's layer and head dropdowns for the trace's model, shown while CLEANN is. (A component made in an
-    event has no readable value: take the values from `cleann_choice`.)"""
+def panel_options(trace, cleann_layer: str | None = None, cleann_head: str | None = None,
+                  relevancy_vision: bool | None = None) -> dict[str, dict]:
+    """Every method's options as the panel's controls set them, for the method shown, the gallery and the exports;
+    only what differs from a method's defaults, so that the page shares cached maps with every other caller."""
+    layer, head = cleann_choice(trace, cleann_layer, cleann_head)
+    cleann = {**({} if layer == LAST_LAYER else {"layer": int(layer)}),
+              **({} if head == ALL_HEADS else {"head": int(head)})}
+    return {"cleann": cleann, "relevancy": {} if relevancy_vision is not False else {"vision": False}}
+
+
+def method_controls(trace, method: str, cleann_layer: str | None, cleann_head: str | None,
+                    relevancy_vision: bool | None) -> tuple:
+    """The methods' own controls for the trace's model, each shown while its method is. (A component made in an
+    event has no readable value: take the values from `cleann_choice` / `panel_options`.)"""
     layers, heads = _cleann_choices(trace)
     layer, head = cleann_choice(trace, cleann_layer, cleann_head)
     return (gr.Dropdown(choices=layers, value=layer, visible=method == "cleann"),
-            gr.Dropdown(choices=heads, value=head, visible=method == "cleann"))
+            gr.Dropdown(choices=heads, value=head, visible=method == "cleann"),
+            gr.Checkbox(value=relevancy_vision is not False, visible=method == "relevancy"))
 
 
 def summarise(explanation) -> str:

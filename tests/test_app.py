@@ -105,24 +105,26 @@ def test_method_panel_shows_each_registered_method(service):
     assert sum(x is None for x in graph.data[0].x) == len(details["edges"])  # every edge drawn
 
 
-def test_cleann_layer_and_head_chosen_in_the_panel_reach_the_method(service):
-    from components.method_panel import cleann_choice, cleann_controls, method_options, render_method
+def test_the_methods_own_controls_in_the_panel_reach_the_methods(service):
+    from components.method_panel import method_controls, panel_options, render_method
 
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
-    layer_choice, head_choice = cleann_controls(trace, "cleann", "0", "1")
-    assert layer_choice.choices[0][0] == "last" and len(layer_choice.choices) == trace.n_layers + 1
-    assert len(head_choice.choices) == trace.n_heads + 1 and layer_choice.visible and head_choice.visible
-    assert (layer_choice.value, head_choice.value) == cleann_choice(trace, "0", "1") == ("0", "1")
-    options = method_options("cleann", *cleann_choice(trace, "0", "1"))
-    assert options == {"layer": 0, "head": 1}
-    _, _, _, summary, _, _ = render_method(service, request_id, image, 1, "cleann", None, options)
+    layer, head, vision = method_controls(trace, "cleann", "0", "1", True)
+    assert layer.choices[0][0] == "last" and len(layer.choices) == trace.n_layers + 1
+    assert len(head.choices) == trace.n_heads + 1 and layer.visible and head.visible and not vision.visible
+    options = panel_options(trace, "0", "1", True)
+    assert options == {"cleann": {"layer": 0, "head": 1}, "relevancy": {}}
+    _, _, _, summary, _, _ = render_method(service, request_id, image, 1, "cleann", None, options["cleann"])
     assert "(layer 0, head 1)" in summary
-    # choices another model's trace allowed fall back to the defaults; other methods hide the controls
-    layer_choice, head_choice = cleann_controls(trace, "tam", "99", "42")
-    assert cleann_choice(trace, "99", "42") == ("last", "all") and not layer_choice.visible
-    assert method_options("cleann", "last", "all") == {"layer": -1, "head": "all"}
-    assert method_options("tam", "0", "1") == {}
+    # relevancy without the tower: the LM map and no vision variants
+    layer, head, vision = method_controls(trace, "relevancy", "0", "1", False)
+    assert vision.visible and not layer.visible
+    _, names, _, _, _, _ = render_method(service, request_id, image, 1, "relevancy", "relevancy_vit",
+                                         panel_options(trace, None, None, False)["relevancy"])
+    assert names == ["relevancy"]
+    # choices another model's trace allowed fall back to the defaults, which are left out of the options
+    assert panel_options(trace, "99", "42", None) == {"cleann": {}, "relevancy": {}}
 
 
 def test_examples_ask_questions_their_scenes_can_answer():

@@ -173,7 +173,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         assert exported["answer"] == trace.answer and len(exported["tokens"]) == trace.n_answer
         assert {"image", "methods", "timings_s", "llr", "cleann"} <= set(exported)
         # CLEANN as chosen in the page (head 0, token 3)
-        assert exported["method_options"]["cleann"] == {"layer": -1, "head": 0}
+        assert exported["method_options"]["cleann"] == {"head": 0}
         assert exported["cleann"]["3"]["head"] == 0
         browser.close()
 

@@ -89,19 +89,19 @@ def test_backend_restart_under_an_open_front_end(service):
         page = build_app(remote)  # the web app as `python app.py --backend URL` runs it
         state, answer, *_ = _handler(page, "on_generate")(image, "Describe the image.", "random:llava", 4, 0, 1,
                                                          progress=lambda *a, **k: None)
-        before = _handler(page, "on_method")(state, "tam", None, None, None)[0]
+        before = _handler(page, "on_method")(state, "tam", None, None, None, None)[0]
     with pytest.raises(gr.Error, match="cannot be reached .* retry in a moment"):
-        _handler(page, "on_method")(state, "relevancy", None, None, None)
+        _handler(page, "on_method")(state, "relevancy", None, None, None, None)
     # a restarted backend has a fresh service that knows none of the old request ids: the front end regenerates
     with BackgroundServer(ExplainService(default_model="random:llava", device="cpu"), port=port):
-        np.testing.assert_array_equal(np.asarray(_handler(page, "on_method")(state, "tam", None, None, None)[0]),
+        np.testing.assert_array_equal(np.asarray(_handler(page, "on_method")(state, "tam", None, None, None, None)[0]),
                                       np.asarray(before))
         assert remote.visual_relevance(state["request_id"]).llr is not None
         assert remote.trace(state["request_id"]).answer == answer
     # restarted with another model, the old answer cannot be reproduced: the front end says so
     with BackgroundServer(ExplainService(default_model="random:qwen2_vl", device="cpu"), port=port):
         with pytest.raises(gr.Error, match="answers differently: generate again"):
-            _handler(page, "on_method")(state, "tam", None, None, None)
+            _handler(page, "on_method")(state, "tam", None, None, None, None)
         assert remote.generate([image], "Describe the image.")[1].model_name == "random:qwen2_vl"
 
 

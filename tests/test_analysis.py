@@ -136,6 +136,33 @@ def test_ablation_regenerates_and_checks_its_inputs(llava, llava_trace):
         ablate(llava, llava_trace, [0], "zero")  # not an image token
 
 
+@pytest.mark.parametrize("replacement", ["zero", "mean"])
+def test_ablating_qwen3_vl_image_tokens_also_replaces_their_deepstack_features(models, monkeypatch, replacement):
+    from lvlm_interpret import GenerationOptions, generate_with_capture
+
+    loaded = models("qwen3_vl")
+    trace = generate_with_capture(loaded, [make_scene(200, 90)], "Describe the image.",
+                                  GenerationOptions(max_new_tokens=2, min_new_tokens=2))
+    decoder = loaded.family.language_model(loaded.model)
+    seen, original = [], decoder._deepstack_process
+
+    def record(hidden_states, visual_pos_masks, visual_embeds):
+        seen.append(visual_embeds.detach().clone())
+        return original(hidden_states, visual_pos_masks, visual_embeds)
+
+    monkeypatch.setattr(decoder, "_deepstack_process", record)
+    cells = trace.images[0].cell_positions.tolist()
+    mean = torch.zeros(loaded.model.config.get_text_config().hidden_size)
+    result = ablate(loaded, trace, [cells[1], cells[4]], replacement, mean, regenerate=True)
+    plain, ablated, regenerated = seen[0], seen[1], seen[2]  # before, after, the regeneration's prompt forward
+    expected = torch.zeros(2, plain.shape[1]) if replacement == "zero" else plain.mean(0).expand(2, -1)
+    for features in (ablated, regenerated):
+        torch.testing.assert_close(features[[1, 4]], expected)
+        kept = [r for r in range(plain.shape[0]) if r not in (1, 4)]
+        torch.testing.assert_close(features[kept], plain[kept])
+    assert result.prob_after != result.prob_before
+
+
 def test_mean_embedding_file_round_trip(tmp_path, llava):
     path = tmp_path / "mean.safetensors"
     save_mean_embedding(path, torch.ones(64), {"model": "random:llava"})

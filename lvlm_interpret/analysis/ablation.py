@@ -1,10 +1,13 @@
 """Mean ablation of image tokens at the language model's input (Neo et al., ICLR 2025).
 
 The chosen image-token embeddings are replaced by the mean visual embedding over many images (which keeps
-their norm in distribution) or by zeros; the answer is regenerated and the target token re-scored."""
+their norm in distribution) or by zeros; the answer is regenerated and the target token re-scored. Where a family
+feeds image tokens to the LM by another path too (Qwen3-VL's DeepStack features), that is replaced as well: by its
+mean over the image's tokens, or by zeros."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..capture import GenerationOptions, build_inputs, generate_with_capture
+from ..capture import GenerationOptions, build_inputs, generate_with_capture, scoped_hook
 from ..errors import UserInputError
 from ..images import load_image
 from ..trace import Trace
@@ -100,6 +103,20 @@ def replace_embeddings(positions: list[int], value: torch.Tensor):
     return hook
 
 
+@contextlib.contextmanager
+def side_inputs_masked(loaded, positions: list[int], images, zero: bool = False):
+    """While active, the family's other image inputs to the LM (Qwen3-VL's DeepStack features) are masked at
+    `positions` (see `ModelFamily.mask_image_side_inputs`); nothing for the other families."""
+    family = loaded.family
+
+    def hook(module, args, kwargs):
+        edited = family.mask_image_side_inputs(kwargs, positions, images, zero=zero)
+        return None if edited is kwargs else (args, edited)
+
+    with scoped_hook(family.language_model(loaded.model), hook, pre=True):
+        yield
+
+
 @dataclass
 class AblationResult:
     positions: list[int]
@@ -142,12 +159,15 @@ def ablate(loaded, trace: Trace, positions: list[int], replacement: str = "mean"
     value = torch.zeros(size) if replacement == "zero" else mean
     hook = ("lm.hook_embed", replace_embeddings(sorted(positions), value))
     prob_before, _ = _token_probability(run_with_hooks(loaded, trace, []).logits, trace, token_index)
-    prob_after, still_argmax = _token_probability(run_with_hooks(loaded, trace, [hook]).logits, trace, token_index)
-    answer_after = trace.answer
-    if regenerate:
-        options = GenerationOptions(**trace.generation)
-        with hooked(loaded, [hook]):
-            answer_after = generate_with_capture(loaded, [trace.image(k) for k in range(len(trace.images))],
-                                                 trace.prompt, options).answer
+    images = [layout.cell_positions for layout in trace.images]
+    with side_inputs_masked(loaded, sorted(positions), images, zero=replacement == "zero"):
+        prob_after, still_argmax = _token_probability(run_with_hooks(loaded, trace, [hook]).logits, trace,
+                                                      token_index)
+        answer_after = trace.answer
+        if regenerate:
+            options = GenerationOptions(**trace.generation)
+            with hooked(loaded, [hook]):
+                answer_after = generate_with_capture(loaded, [trace.image(k) for k in range(len(trace.images))],
+                                                     trace.prompt, options).answer
     return AblationResult(sorted(positions), replacement, token_index, trace.answer_texts[token_index], prob_before,
                           prob_after, still_argmax, trace.answer, answer_after)

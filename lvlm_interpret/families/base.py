@@ -256,11 +256,12 @@ class ModelFamily:
     # per-position model inputs whose value over the generated tokens differs from the prompt's text (replays keep it)
     answer_input_values: dict[str, int] = {}
 
-    def mask_image_side_inputs(self, decoder_kwargs: dict, positions: list[int], images: list[np.ndarray]) -> dict:
+    def mask_image_side_inputs(self, decoder_kwargs: dict, positions: list[int], images: list[np.ndarray],
+                               zero: bool = False) -> dict:
         """The decoder's keyword inputs with whatever besides the input embeddings carries the image tokens at
         `positions` into the LM (Qwen3-VL's DeepStack features) replaced by its mean over the tokens of the same
-        image (`images`: each image's token positions), so that masking a token removes it by every path. Most
-        families have nothing besides the embeddings."""
+        image (`images`: each image's token positions), or by zeros, so that masking a token removes it by every
+        path. Most families have nothing besides the embeddings."""
         return decoder_kwargs
 
     def vision_tokens(self, model: nn.Module, layout: ImageLayout) -> "VisionTokens":

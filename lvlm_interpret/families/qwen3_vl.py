@@ -20,7 +20,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     model_class = Qwen3VLForConditionalGeneration
     processor_class = image_only_processor(Qwen3VLProcessor)
 
-    def mask_image_side_inputs(self, decoder_kwargs, positions, images):
+    def mask_image_side_inputs(self, decoder_kwargs, positions, images, zero=False):
         features, visual = decoder_kwargs.get("deepstack_visual_embeds"), decoder_kwargs.get("visual_pos_masks")
         if not features or visual is None:
             return decoder_kwargs
@@ -39,6 +39,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
         for layer_features in features:
             layer_features = layer_features.clone()
             for rows, chosen in per_image:
-                layer_features[chosen] = layer_features[rows].mean(0)
+                layer_features[chosen] = 0.0 if zero else layer_features[rows].mean(0)
             edited.append(layer_features)
         return {**decoder_kwargs, "deepstack_visual_embeds": edited}

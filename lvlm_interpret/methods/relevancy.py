@@ -156,7 +156,7 @@ class Relevancy(ExplanationMethod):
                 cursor += 1
                 for b in range(call.shape[0]):
                     if gradient is not None:  # None: the block is frozen out of the graph
-                        blocks.append((first, head_mean_relevance(gradient[:, b], call[b].detach()).cpu()))
+                        blocks.append((first, head_mean_relevance(gradient[:, b], call[b].detach())))
                     first += call.shape[-1]
             if first != size:
                 warnings.warn(f"{family.name}: the vision tower attends over {first} tokens, but the adapter places "
@@ -167,15 +167,15 @@ class Relevancy(ExplanationMethod):
             return None
         n_targets = len(lm_maps)
         # starting rows [targets, 2 * images, size]: image i's summary row, then its LM map spread over its tokens
-        rows = torch.zeros(n_targets, 2 * len(tokens), size)
+        start = np.zeros((n_targets, 2 * len(tokens), size), dtype=np.float32)
         for i, (part, offset) in enumerate(zip(tokens, offsets, strict=False)):
-            rows[:, 2 * i, offset + part.readout] = 1.0 / len(part.readout)
+            start[:, 2 * i, offset + part.readout] = 1.0 / len(part.readout)
             for target in range(n_targets):
-                spread = np.zeros(size, dtype=np.float32)
-                np.add.at(spread, offset + part.groups, lm_maps[target][i].reshape(-1, 1) * part.shares)
-                rows[target, 2 * i + 1] = torch.from_numpy(spread)
-        start = rows.numpy().copy()
-        rows = propagate_block_rows(layers, rows).numpy()
+                np.add.at(start[target, 2 * i + 1], offset + part.groups,
+                          lm_maps[target][i].reshape(-1, 1) * part.shares)
+        # propagated where the gradients are (the accelerator), read back once
+        device = next(abar for blocks in layers for _, abar in blocks).device
+        rows = propagate_block_rows(layers, torch.from_numpy(start).to(device)).cpu().numpy()
         vit, combined = [], []
         for target in range(n_targets):
             vit.append([])

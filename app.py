@@ -67,12 +67,7 @@ def build_app(service) -> gr.Blocks:
                     with gr.Tab("Side by side"):
                         comparison = comparison_panel.build()
                     with gr.Tab("Analyses"):
-                        if service.runs_analyses:
-                            analysis = analysis_panel.AnalysisPanel.build()
-                        else:
-                            analysis = None
-                            gr.Markdown("The analyses (ablation, knockout, logit lens) run next to the model: "
-                                        "start `app.py` without `--backend` to use them.", elem_id="no-analyses")
+                        analysis = analysis_panel.AnalysisPanel.build()
                 export_panel = ExportPanel.build()
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name, *own_controls):
@@ -160,10 +155,9 @@ def build_app(service) -> gr.Blocks:
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
         generated = generation.button.click(on_generate, [*generation.inputs(), *explanation.controls()],
                                             [session, answer, attention.layer, attention.head, *token_outputs])
-        if analysis is not None:
-            generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
-                              [analysis.layer, analysis.lens, analysis.tokens])
-            analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
+        generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
+                          [analysis.layer, analysis.lens, analysis.tokens])
+        analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
         tokens.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs])
         for control in attention.controls():
             control.change(on_controls, [session, *attention.controls()], attention.views())

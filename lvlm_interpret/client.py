@@ -15,6 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from .analysis.ablation import AblationResult
+from .analysis.knockout import WINDOWS, KnockoutResult
+from .analysis.logit_lens import LogitLens
 from .capture import GenerationOptions
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .families.base import ImageLayout
@@ -66,8 +69,6 @@ class _RemoteRequest:
 
 
 class RemoteService:
-    runs_analyses = False  # the HTTP API serves explanations; the analyses run next to a model only
-
     def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0,
                  requests_bytes: int = 64 << 20):
         """Requests (answer and uploaded PNG) are kept, least recently used first out, within `requests_bytes`."""
@@ -150,6 +151,27 @@ class RemoteService:
         body = self._for_request(request_id, lambda backend_id: self._call(
             "GET", f"/v1/visual-relevance/{backend_id}", params={"threshold": threshold}))
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
+
+    # --- the analyses, run by the backend next to its model ---------------------------------------------------
+    def logit_lens(self, request_id: str, k: int = 5) -> LogitLens:
+        return LogitLens.from_json(self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/logit-lens", json={"request_id": backend_id, "k": k})))
+
+    def analysis_tokens(self, request_id: str, kind: str, token_index: int = 0, **selection) -> list[int]:
+        return self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/analysis-tokens", json={
+            "request_id": backend_id, "kind": kind, "token_index": token_index, **selection}))["positions"]
+
+    def ablate(self, request_id: str, positions: list[int], token_index: int = 0,
+               replacement: str = "mean") -> AblationResult:
+        return AblationResult.from_json(self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/ablate", json={"request_id": backend_id, "positions": list(positions),
+                                        "token_index": token_index, "replacement": replacement})))
+
+    def knockout(self, request_id: str, positions: list[int], token_index: int = 0,
+                 windows=tuple(WINDOWS)) -> KnockoutResult:
+        return KnockoutResult.from_json(self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/knockout", json={"request_id": backend_id, "positions": list(positions),
+                                          "token_index": token_index, "windows": list(windows)})))
 
     def export(self, request_id: str, token_index: int, kind: str, folder, options: dict | None = None) -> list[Path]:
         """Fetch an export from the backend and unpack it into `folder` (file names only, no paths)."""

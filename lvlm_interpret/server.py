@@ -20,9 +20,10 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .analysis.knockout import WINDOWS
 from .capture import GenerationOptions
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .images import decode_image
@@ -79,6 +80,38 @@ class ExplainRequest(BaseModel):
     method: str = "attention"
     token_index: int = Field(ge=0)
     options: dict = Field(default_factory=dict)
+
+
+class LogitLensRequest(BaseModel):
+    request_id: str
+    k: int = 5
+
+
+class TokenSetRequest(BaseModel):
+    """A token set of the first image (lvlm_interpret.analysis.token_sets.select_tokens, but a box, not a mask)."""
+    model_config = ConfigDict(extra="forbid")
+    request_id: str
+    kind: str
+    token_index: int = Field(0, ge=0)
+    box: list[float | str] | None = None
+    buffer: int = 0
+    k: int | None = None
+    seed: int = 0
+    method: str | None = None
+
+
+class AblationRequest(BaseModel):
+    request_id: str
+    positions: list[int]
+    token_index: int = Field(0, ge=0)
+    replacement: str = "mean"
+
+
+class KnockoutRequest(BaseModel):
+    request_id: str
+    positions: list[int]
+    token_index: int = Field(0, ge=0)
+    windows: list[str] = Field(default_factory=lambda: list(WINDOWS))
 
 
 def trace_summary(request_id: str, trace) -> dict:
@@ -232,6 +265,33 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         with admission.slot():
             explanation = service.explain(body.request_id, body.method, body.token_index, **body.options)
         return explanation_json(explanation)
+
+    # --- the analyses of Neo et al., next to the model --------------------------------------------------------
+    @api.post("/v1/logit-lens")
+    def lens(body: LogitLensRequest) -> dict:
+        """Top-k tokens of every patch of the first image after every LM layer."""
+        with admission.slot():
+            return service.logit_lens(body.request_id, body.k).to_json()
+
+    @api.post("/v1/analysis-tokens")
+    def analysis_tokens(body: TokenSetRequest) -> dict:
+        """Positions of a token set: object (a box x0,y0,x1,y1 with a cell buffer), register, random (k, seed) or
+        top (k, method)."""
+        selection = body.model_dump(exclude={"request_id", "kind", "token_index"}, exclude_none=True)
+        with admission.slot():
+            return {"positions": service.analysis_tokens(body.request_id, body.kind, body.token_index, **selection)}
+
+    @api.post("/v1/ablate")
+    def ablation(body: AblationRequest) -> dict:
+        """Mean (over the example scenes) or zero ablation of image tokens; the answer is regenerated."""
+        with admission.slot():
+            return service.ablate(body.request_id, body.positions, body.token_index, body.replacement).to_json()
+
+    @api.post("/v1/knockout")
+    def attention_knockout(body: KnockoutRequest) -> dict:
+        """Attention from the token's predicting position to the positions blocked per layer window."""
+        with admission.slot():
+            return service.knockout(body.request_id, body.positions, body.token_index, body.windows).to_json()
 
     return api
 

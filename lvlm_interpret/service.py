@@ -90,7 +90,6 @@ def request_nbytes(request: Request) -> int:
 
 
 class ExplainService:
-    runs_analyses = True  # ablation, knockout and logit lens need the model in this process
 
     def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30,
                  allowed_models: list[str] | None = None, max_new_tokens: int | None = None,

@@ -201,8 +201,19 @@ def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
         np.testing.assert_array_equal(_shown_image(page, "#attention-map"),
                                       np.asarray(render_attention(service, request_id, image, 2)))
         page.screenshot(path=str(ARTIFACTS / "backend-mode.png"), full_page=True)
-        page.get_by_role("tab", name="Analyses").click()  # says where the analyses run instead of failing
-        assert "without --backend" in page.locator("#no-analyses").inner_text()
+        # the analyses run on the backend too: the lens at the last layer, then an ablation and a knockout of the
+        # tokens under a box
+        page.get_by_role("tab", name="Analyses").click()
+        page.wait_for_function("document.querySelector('#analysis-lens .js-plotly-plot') !== null", timeout=30_000)
+        assert page.locator("#analysis-lens-layer input[type=number]").input_value() == str(trace.n_layers - 1)
+        page.locator("#analysis-box textarea, #analysis-box input").first.fill("0,0,80,96")
+        page.locator("#analysis-ablate").click()
+        page.wait_for_function("document.querySelector('#analysis-summary').innerText.includes('ablation of')",
+                               timeout=60_000)
+        page.locator("#analysis-knockout").click()
+        page.wait_for_function("document.querySelector('#analysis-summary').innerText.includes('Knockout')",
+                               timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "backend-analyses.png"), full_page=True)
         browser.close()
 
 

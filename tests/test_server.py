@@ -145,3 +145,38 @@ def test_exports_over_http_match_the_in_process_ones(http, service, tmp_path):
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
     with pytest.raises(UserInputError, match="out of range"):
         remote.export(request_id, 99, "png", tmp_path / "bad")
+
+
+def test_analyses_over_http_match_the_in_process_ones(http, service):
+    remote = RemoteService(client=http)
+    request_id, trace = remote.generate([make_scene()], "Describe the image.", options=None)
+    lens, local_lens = remote.logit_lens(request_id, 3), service.logit_lens(request_id, 3)
+    assert lens.layers == local_lens.layers and (lens.rows, lens.cols) == (local_lens.rows, local_lens.cols)
+    np.testing.assert_array_equal(lens.token_ids, local_lens.token_ids)
+    np.testing.assert_allclose(lens.probs, local_lens.probs, atol=1e-6)
+    assert lens.cell(0, 1, 2)[0][0] == local_lens.cell(0, 1, 2)[0][0]
+    selection = {"box": [40, 0, 120, 96], "buffer": 1}
+    positions = remote.analysis_tokens(request_id, "object", 1, **selection)
+    assert positions == service.analysis_tokens(request_id, "object", 1, **selection) and positions
+    assert remote.analysis_tokens(request_id, "random", 0, k=5, seed=3) == service.analysis_tokens(
+        request_id, "random", 0, k=5, seed=3)
+    ablated, local = remote.ablate(request_id, positions, 1, "zero"), service.ablate(request_id, positions, 1, "zero")
+    assert ablated == local
+    knocked = remote.knockout(request_id, positions, 1, ["early", "late"])
+    assert knocked == service.knockout(request_id, positions, 1, ["early", "late"])
+    assert [w.window for w in knocked.windows] == ["early", "late"]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/analysis-tokens", {"kind": "object", "mask": [[1]]}, "mask: Extra inputs are not permitted"),
+    ("/v1/analysis-tokens", {"kind": "blob"}, "unknown token set 'blob'"),
+    ("/v1/ablate", {"positions": [0], "replacement": "zero"}, "image-token positions"),
+    ("/v1/ablate", {"positions": [40], "replacement": "noise"}, "unknown replacement"),
+    ("/v1/knockout", {"positions": [40], "windows": ["sideways"]}, "sideways"),
+    ("/v1/logit-lens", {"k": 0}, "k must be between"),
+])
+def test_bad_analysis_requests_get_one_message(http, path, body, message):
+    request_id = http.post("/v1/generate", files={"image": ("s.png", _png(make_scene()), "image/png")},
+                           data={"prompt": "hi", "max_new_tokens": "2"}).json()["request_id"]
+    response = http.post(path, json={"request_id": request_id, **body})
+    assert response.status_code == 400 and message in response.json()["error"]

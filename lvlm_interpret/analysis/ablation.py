@@ -136,6 +136,10 @@ class AblationResult:
     def to_json(self) -> dict:
         return {**asdict(self), "answer_changed": self.answer_changed, "n_tokens": len(self.positions)}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "AblationResult":
+        return cls(**{k: v for k, v in data.items() if k not in ("answer_changed", "n_tokens")})
+
 
 def _token_probability(logits: torch.Tensor, trace: Trace, token_index: int) -> tuple[float, bool]:
     row = logits[0, trace.source_position(token_index)].float()

@@ -87,6 +87,11 @@ class KnockoutResult:
     def to_json(self) -> dict:
         return {**asdict(self), "relative_drop": [round(d, 6) for d in self.drops()]}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "KnockoutResult":
+        fields = {k: v for k, v in data.items() if k != "relative_drop"}
+        return cls(**{**fields, "windows": [WindowResult(**w) for w in data["windows"]]})
+
 
 def _probability(loaded, trace: Trace, token_index: int, hooks) -> tuple[float, bool]:
     row = run_with_hooks(loaded, trace, hooks).logits[0, trace.source_position(token_index)].float()

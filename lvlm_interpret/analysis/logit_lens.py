@@ -33,6 +33,16 @@ class LogitLens:
                            for texts, ids, probs in zip(layer_texts, layer_ids, layer_probs)]
                           for layer_texts, layer_ids, layer_probs in zip(self.texts, self.token_ids, self.probs)]}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "LogitLens":
+        top_k = data["top_k"]
+        return cls(layers=list(data["layers"]), rows=data["grid"][0], cols=data["grid"][1],
+                   token_ids=np.asarray([[[e["id"] for e in cell] for cell in layer] for layer in top_k],
+                                        dtype=np.int64).reshape(len(top_k), -1, len(top_k[0][0])),
+                   probs=np.asarray([[[e["prob"] for e in cell] for cell in layer] for layer in top_k],
+                                    dtype=np.float32).reshape(len(top_k), -1, len(top_k[0][0])),
+                   texts=[[[e["token"] for e in cell] for cell in layer] for layer in top_k])
+
 
 @torch.no_grad()
 def logit_lens(loaded, trace: Trace, k: int = 5, layers: list[int] | None = None, image_index: int = 0) -> LogitLens:

@@ -111,3 +111,23 @@ def test_http_explain_and_view_parameters(http_and_request, method, token_index,
         client.get(f"/v1/visual-relevance/{request_id}", params={"threshold": str(token_index)}),
     ):
         _answered_or_refused_in_one_line(response)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.one_of(st.sampled_from(["object", "register", "random", "top"]), st.text(max_size=8)),
+       selection=st.dictionaries(st.sampled_from(["box", "buffer", "k", "seed", "method", "mask"]), ANY_VALUE,
+                                 max_size=3),
+       positions=ANY_VALUE, token_index=ANY_VALUE, replacement=st.one_of(st.sampled_from(["mean", "zero"]), ANY_VALUE),
+       windows=st.one_of(st.lists(st.sampled_from(["early", "late", "nowhere"]), max_size=2), ANY_VALUE),
+       k=ANY_VALUE, known=st.booleans())
+def test_http_analysis_parameters(http_and_request, kind, selection, positions, token_index, replacement, windows, k,
+                                  known):
+    client, request_id = http_and_request
+    request_id = request_id if known else "../" + request_id
+    for path, body in (
+        ("/v1/analysis-tokens", {"kind": kind, "token_index": token_index, **selection}),
+        ("/v1/ablate", {"positions": positions, "token_index": token_index, "replacement": replacement}),
+        ("/v1/knockout", {"positions": positions, "token_index": token_index, "windows": windows}),
+        ("/v1/logit-lens", {"k": k}),
+    ):
+        _answered_or_refused_in_one_line(client.post(path, json={"request_id": request_id, **body}))

@@ -153,20 +153,25 @@ def build_app(service) -> gr.Blocks:
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
+        # the events that render the selected token's views run one at a time, in the order they came: a token
+        # click still computing must not overwrite the method chosen after it
+        views = "views"
         generated = generation.button.click(on_generate, [*generation.inputs(), *explanation.controls()],
-                                            [session, answer, attention.layer, attention.head, *token_outputs])
+                                            [session, answer, attention.layer, attention.head, *token_outputs],
+                                            concurrency_id=views)
         generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
                           [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
-        tokens.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs])
+        tokens.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs],
+                      concurrency_id=views)
         for control in attention.controls():
-            control.change(on_controls, [session, *attention.controls()], attention.views())
+            control.change(on_controls, [session, *attention.controls()], attention.views(), concurrency_id=views)
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
         method_outputs = explanation.outputs()
         for control in explanation.controls():
-            control.input(on_method, [session, *explanation.controls()], method_outputs)
+            control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
         export_inputs = [session, *explanation.own_controls()]
         export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
         export_panel.request.click(exporter("request"), export_inputs, export_panel.files)

@@ -204,3 +204,14 @@ def test_a_new_generation_keeps_the_method_and_map_shown(service):
                           "relevancy_vit", None, None, progress=lambda *a, **k: None)
     shown = [o.value for o in outputs if isinstance(o, gr.Dropdown) and o.value and str(o.value).startswith("rel")]
     assert shown == ["relevancy_vit"]
+
+
+def test_events_that_render_the_token_views_run_one_at_a_time_in_order(service):
+    """A token click still computing (its gallery computes every method) must not overwrite a method chosen after
+    it: those events share one concurrency group, so the queue runs them in the order they came."""
+    from app import build_app
+
+    groups = {f.name: f.concurrency_id for f in build_app(service).fns.values()
+              if f.name in ("on_generate", "on_select", "on_controls", "on_method")}
+    assert set(groups) == {"on_generate", "on_select", "on_controls", "on_method"}
+    assert len(set(groups.values())) == 1

@@ -12,9 +12,10 @@ from pathlib import Path
 from .analysis import commands as analysis_commands
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
-from .export import check_method_options, request_record, staged_folder, write_request
+from .export import request_record, staged_folder, write_request
 from .images import load_image
 from .methods import METHODS, get_method
+from .methods.base import check_method_options
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, load_model
 

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserInputError
-from .methods import METHODS, Explanation, get_method
+from .methods import METHODS, Explanation
+from .methods.base import check_method_options
 from .rendering import blend, overlay
 from .trace import Trace
 
@@ -153,15 +154,6 @@ def html_report(trace: Trace, token_index: int, explanations: list[Explanation])
 
 EXPORT_KINDS = ("png", "request", "report")
 WHOLE_ANSWER_METHODS = ("attention", "relevancy", "tam")  # CLEANN is exported for the selected token only
-
-
-def check_method_options(options) -> dict[str, dict]:
-    """Options per method name ({"cleann": {"head": 0}}), checked: one message for anything else."""
-    if not isinstance(options, dict) or not all(isinstance(given, dict) for given in options.values()):
-        raise UserInputError('method options must map method names to their options, e.g. {"cleann": {"head": 0}}')
-    for method, given in options.items():
-        get_method(method).check_options(given)
-    return options
 
 
 def export_files(service, request_id: str, token_index: int, kind: str, folder: Path,

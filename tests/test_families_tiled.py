@@ -108,8 +108,8 @@ def _check_anyres_layout(loaded, size) -> bool:
     n_tiles_high, n_tiles_wide = get_anyres_image_grid_shape(inputs["image_sizes"][0].tolist(),
                                                              config.image_grid_pinpoints, tile_px)
     assert inputs["pixel_values"].shape[1] == 1 + n_tiles_high * n_tiles_wide
-    unshrunk_rows, unshrunk_cols = stitched_grid(size[1], size[0], config.image_grid_pinpoints, tile_px, side)[:2]
-    shrunk = (layout.rows, layout.cols) != (unshrunk_rows, unshrunk_cols)
+    unshrunk = stitched_grid(size[1], size[0], config.image_grid_pinpoints, tile_px, side)
+    shrunk = (layout.rows, layout.cols) != (unshrunk.rows, unshrunk.cols)
     if not shrunk:
         # stitched cell (r, c) holds tile (r // side, c // side)'s cell, shifted by the rows / cols unpadding cut
         tile, cell = tags[layout.positions, 0].astype(int) - 1, tags[layout.positions, 1].astype(int)

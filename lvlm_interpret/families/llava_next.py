@@ -86,13 +86,13 @@ class LlavaNextFamily(LlavaFamily):
                                  f"{config.vision_feature_select_strategy!r} are not supported; use one with "
                                  f"{' or '.join(map(repr, self.feature_strategies))}")
         side = config.vision_config.image_size // config.vision_config.patch_size
-        grids = [self.high_resolution_grid(config, height, width, side)[:3]
+        grids = [self.high_resolution_grid(config, height, width, side)
                  for height, width in inputs["image_sizes"].tolist()]
-        starts = self.image_token_runs(model, inputs, [side * side + rows * (cols + 1) for rows, cols, _ in grids])
+        starts = self.image_token_runs(model, inputs, [side * side + grid.rows * (grid.cols + 1) for grid in grids])
         return [
-            base_then_rows_with_newlines(start, side, rows, cols, (0.0, 0.0, float(image.width), float(image.height)),
-                                         box, image.size)
-            for start, (rows, cols, box), image in zip(starts, grids, images, strict=True)
+            base_then_rows_with_newlines(start, side, grid.rows, grid.cols,
+                                         (0.0, 0.0, float(image.width), float(image.height)), grid.box, image.size)
+            for start, grid, image in zip(starts, grids, images, strict=True)
         ]
 
     def high_resolution_grid(self, config, height: int, width: int, side: int) -> StitchedGrid:

@@ -106,6 +106,15 @@ def get_method(name: str) -> ExplanationMethod:
     return METHODS[name]
 
 
+def check_method_options(options) -> dict[str, dict]:
+    """Options per method name ({"cleann": {"head": 0}}), checked: one message for anything else."""
+    if not isinstance(options, dict) or not all(isinstance(given, dict) for given in options.values()):
+        raise UserInputError('method options must map method names to their options, e.g. {"cleann": {"head": 0}}')
+    for method, given in options.items():
+        get_method(method).check_options(given)
+    return options
+
+
 def split_by_image(trace: Trace, scores: np.ndarray) -> list[np.ndarray]:
     """Cut a score-per-position vector into one [rows, cols] grid per image (the map's view)."""
     return [layout.gather(scores) for layout in trace.images]

@@ -284,7 +284,8 @@ class Cleann(ExplanationMethod):
                     maps.append(grid)
                 elif found:
                     view_cells.setdefault(view.name, []).extend(found)
-        text_tokens = sorted(p for p in chosen if p not in image_token_positions(trace))
+        in_image = image_token_positions(trace)
+        text_tokens = sorted(p for p in chosen if p not in in_image)
         text_scores = np.zeros(trace.source_position(token_index) + 1, dtype=np.float32)
         text_scores[text_tokens] = 1.0
         return Explanation(

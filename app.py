@@ -20,9 +20,10 @@ from components.generation import GenerationPanel, run_generation
 from components.method_panel import (
     MethodPanel, method_controls, method_names, panel_options, render_method,
 )
-from lvlm_interpret import DEFAULT_MODEL, ExplainService, UserInputError
+from lvlm_interpret import DEFAULT_MODEL, ExplainBackend, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
+from lvlm_interpret.models.loading import quiet_loading_logs
 from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
@@ -47,15 +48,15 @@ def _user_errors(handler):
     return wrapped
 
 
-def build_app(service) -> gr.Blocks:
+def build_app(service: ExplainBackend) -> gr.Blocks:
     with gr.Blocks(title="lvlm_interpret") as demo:
         gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
                     "answer token: every panel shows where the model looked for that token.")
         session = gr.State({})  # per browser session: request id, image, selected token
         with gr.Row():
             with gr.Column(scale=2):
-                generation = GenerationPanel.build(service.default_model, getattr(service, "allowed_models", None),
-                                                   getattr(service, "max_new_tokens", None) or 128)
+                generation = GenerationPanel.build(service.default_model, service.allowed_models,
+                                                   service.max_new_tokens or 128)
             with gr.Column(scale=3):
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 tokens = token_strip.build()
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                                                               "allowed models, answer length, upload size, "
                                                               "queue, time limit")
     args = parser.parse_args(argv)
+    quiet_loading_logs()
     limits = hosted_limits() if args.hosted else {}
     if args.backend:
         service = RemoteService(args.backend)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     launch(service, limits, args.host, args.port, args.share, args.concurrency, args.queue)
 
 
-def launch(service, limits: dict, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+def launch(service: ExplainBackend, limits: dict, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            concurrency: int = 1, queue: int = 64, block: bool = True) -> gr.Blocks:
     """Serve the page; hosted `limits` (empty: none) set concurrency, queue size and upload size."""
     demo = build_app(service).queue(default_concurrency_limit=limits.get("concurrency", concurrency),

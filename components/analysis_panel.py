@@ -10,7 +10,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from lvlm_interpret import ExplainService, UserInputError
+from lvlm_interpret import ExplainBackend, UserInputError
 from lvlm_interpret.analysis.knockout import WINDOWS, knockout_figure
 from lvlm_interpret.analysis.token_sets import positions_to_cells
 from lvlm_interpret.rendering import blend, overlay, plotly_heatmap
@@ -74,16 +74,14 @@ class AnalysisPanel:
         return [self.token_set, self.box, self.buffer, self.k, self.seed, self.method]
 
 
-def _check(service, state):
+def _check(state):
     if not state:
         raise UserInputError("generate an answer first")
-    if not hasattr(service, "logit_lens"):
-        raise UserInputError("the analyses need the model in this process: run the app without --backend")
 
 
-def choose_tokens(service: ExplainService, state: dict, token_set: str, box: str, buffer, k, seed, method):
+def choose_tokens(service: ExplainBackend, state: dict, token_set: str, box: str, buffer, k, seed, method):
     """(positions, picture of the chosen cells) for the panel's selection."""
-    _check(service, state)
+    _check(state)
     kind = SETS.get(token_set)
     if kind is None:
         raise UserInputError(f"unknown token set {token_set!r}")
@@ -101,7 +99,7 @@ def choose_tokens(service: ExplainService, state: dict, token_set: str, box: str
     return positions, blend(state["image"], overlay(cells, trace.images[0]))
 
 
-def run_ablation(service: ExplainService, state: dict, replacement: str, *selection) -> tuple[Image.Image, str]:
+def run_ablation(service: ExplainBackend, state: dict, replacement: str, *selection) -> tuple[Image.Image, str]:
     positions, picture = choose_tokens(service, state, *selection)
     result = service.ablate(state["request_id"], positions, state["token"], replacement)
     summary = (f"**{replacement.capitalize()} ablation of {len(positions)} image tokens**: p({result.target.strip()!r})"
@@ -111,7 +109,7 @@ def run_ablation(service: ExplainService, state: dict, replacement: str, *select
     return picture, summary
 
 
-def run_knockout(service: ExplainService, state: dict, windows: list[str], *selection):
+def run_knockout(service: ExplainBackend, state: dict, windows: list[str], *selection):
     if not windows:
         raise UserInputError("tick at least one layer window")
     positions, picture = choose_tokens(service, state, *selection)
@@ -123,9 +121,9 @@ def run_knockout(service: ExplainService, state: dict, windows: list[str], *sele
     return picture, summary, knockout_figure(result)
 
 
-def lens_figure(service: ExplainService, state: dict, layer: int):
+def lens_figure(service: ExplainBackend, state: dict, layer: int):
     """The image with each patch coloured by its top token's probability at `layer`; hover lists the top k."""
-    _check(service, state)
+    _check(state)
     lens = service.logit_lens(state["request_id"], LENS_TOP_K)
     trace = service.trace(state["request_id"])
     slot = int(np.clip(layer, 0, len(lens.layers) - 1))

@@ -9,7 +9,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from lvlm_interpret import ExplainService, UserInputError
+from lvlm_interpret import ExplainBackend, UserInputError
 from lvlm_interpret.rendering import blend, cell_at, grid_picture, overlay, plotly_heatmap
 
 ALL = "all"
@@ -59,7 +59,7 @@ def control_choices(n_layers: int, n_heads: int) -> tuple[gr.Dropdown, gr.Dropdo
             gr.Dropdown(choices=[ALL, *map(str, range(n_heads))], value=ALL))
 
 
-def render_attention(service: ExplainService, request_id: str, image: Image.Image, token_index: int,
+def render_attention(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
                      layer: str = ALL, head: str = ALL, aggregation: str = "mean", ignore_top: int = 0) -> Image.Image:
     """The token's attention blended over the original image (first image of the request)."""
     explanation = service.explain(request_id, "attention", token_index, layers=layer, heads=head,
@@ -68,7 +68,7 @@ def render_attention(service: ExplainService, request_id: str, image: Image.Imag
     return blend(image, overlay(explanation.maps[0], layout, ignore_top=int(ignore_top)))
 
 
-def render_views(service: ExplainService, request_id: str, image: Image.Image, token_index: int, layer=ALL, head=ALL,
+def render_views(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, layer=ALL, head=ALL,
                  aggregation="mean", ignore_top=0) -> tuple:
     """(overlay picture, interactive heatmap, layer x head overview picture) for one token."""
     picture = render_attention(service, request_id, image, token_index, layer, head, aggregation, ignore_top)
@@ -88,7 +88,7 @@ def overview_selection(x: int, y: int, n_layers: int, n_heads: int) -> tuple[str
     return str(layer), str(head)
 
 
-def reverse_view(service: ExplainService, request_id: str, x: float, y: float, layer=ALL, head=ALL,
+def reverse_view(service: ExplainBackend, request_id: str, x: float, y: float, layer=ALL, head=ALL,
                  aggregation="mean") -> list[tuple[str, float]]:
     """Answer tokens scored by their attention to the image cell under pixel (x, y), scaled to [0, 1]."""
     trace = service.trace(request_id)

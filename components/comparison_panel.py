@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from lvlm_interpret import METHODS, ExplainService
+from lvlm_interpret import METHODS, ExplainBackend
 from lvlm_interpret.rendering import blend, overlay
 
 TILE = 256
@@ -16,7 +16,7 @@ def build() -> gr.Gallery:
                       elem_id="comparison")
 
 
-def render_comparison(service: ExplainService, request_id: str, image: Image.Image, token_index: int,
+def render_comparison(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
                       methods: list[str] | None = None, options: dict[str, dict] | None = None
                       ) -> list[tuple[Image.Image, str]]:
     """Every map of every method (`options`: per method, as the method panel set them)."""

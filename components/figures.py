@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from lvlm_interpret import Explanation, TraceView
 from lvlm_interpret.methods.base import image_token_positions
 
 
-def text_scores_figure(trace, explanation) -> go.Figure | None:
+def text_scores_figure(trace: TraceView, explanation: Explanation) -> go.Figure | None:
     """Bars over the prompt's text tokens and earlier answer tokens (image positions left out)."""
     scores = explanation.text_scores
     if scores is None:
@@ -22,7 +23,7 @@ def text_scores_figure(trace, explanation) -> go.Figure | None:
     return figure
 
 
-def cleann_graph_figure(trace, explanation) -> go.Figure | None:
+def cleann_graph_figure(trace: TraceView, explanation: Explanation) -> go.Figure | None:
     """CLEANN's learned graph: image nodes at their grid cells, text nodes in a row under the image; the target
     and the explaining set are highlighted."""
     if explanation.method != "cleann":

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from lvlm_interpret import ExplainService, GenerationOptions, UserInputError
+from lvlm_interpret import ExplainBackend, GenerationOptions, UserInputError
 from lvlm_interpret.images import decode_image, prepare_image
-from lvlm_interpret.models.loading import BUILTIN_MODELS, RANDOM_PREFIX, REPO_ROOT, random_presets
+from lvlm_interpret.models.loading import BUILTIN_MODELS, RANDOM_PREFIX, random_presets
+from lvlm_interpret.resources import EXAMPLES_DIR
 
-EXAMPLES_FILE = REPO_ROOT / "assets" / "examples" / "examples.json"
+EXAMPLES_FILE = EXAMPLES_DIR / "examples.json"
 DEFAULT_PROMPT = "Describe the image."
 
 
@@ -80,11 +81,10 @@ class GenerationPanel:
         return [self.image, self.prompt, self.model, self.max_new_tokens, self.temperature, self.top_p]
 
 
-def run_generation(service: ExplainService, image, prompt: str, model: str | None = None, max_new_tokens: int = 32,
+def run_generation(service: ExplainBackend, image, prompt: str, model: str | None = None, max_new_tokens: int = 32,
                    temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, object]:
     """Generate for one uploaded image; returns the request id and its Trace. Raises UserInputError."""
     if image is None:
         raise UserInputError("upload an image first (or pick an example scene)")
-    options = GenerationOptions(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
-                                temperature=float(temperature) if temperature > 0 else 1.0, top_p=float(top_p))
+    options = GenerationOptions.from_temperature(int(max_new_tokens), float(temperature), float(top_p))
     return service.generate([prepare_image(image)], prompt, model=model or None, options=options)

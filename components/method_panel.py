@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image
 
-from lvlm_interpret import METHODS, ExplainService
+from lvlm_interpret import METHODS, ExplainBackend, TraceView
 from lvlm_interpret.rendering import blend, overlay
 
 from .figures import cleann_graph_figure, text_scores_figure
@@ -70,11 +70,11 @@ class MethodPanel:
                 self.text_scores, self.graph]
 
 
-def _cleann_choices(trace) -> tuple[list[str], list[str]]:
+def _cleann_choices(trace: TraceView) -> tuple[list[str], list[str]]:
     return [LAST_LAYER, *map(str, range(trace.n_layers))], [ALL_HEADS, *map(str, range(trace.n_heads))]
 
 
-def cleann_choice(trace, cleann_layer: str | None, cleann_head: str | None) -> tuple[str, str]:
+def cleann_choice(trace: TraceView, cleann_layer: str | None, cleann_head: str | None) -> tuple[str, str]:
     """The chosen layer and head where the trace's model has them (choices left from another model fall back to
     the defaults)."""
     layers, heads = _cleann_choices(trace)
@@ -82,7 +82,7 @@ def cleann_choice(trace, cleann_layer: str | None, cleann_head: str | None) -> t
             cleann_head if cleann_head in heads else ALL_HEADS)
 
 
-def panel_options(trace, cleann_layer: str | None = None, cleann_head: str | None = None,
+def panel_options(trace: TraceView, cleann_layer: str | None = None, cleann_head: str | None = None,
                   relevancy_vision: bool | None = None) -> dict[str, dict]:
     """Every method's options as the panel's controls set them, for the method shown, the gallery and the exports;
     only what differs from a method's defaults, so that the page shares cached maps with every other caller."""
@@ -92,7 +92,7 @@ def panel_options(trace, cleann_layer: str | None = None, cleann_head: str | Non
     return {"cleann": cleann, "relevancy": {} if relevancy_vision is not False else {"vision": False}}
 
 
-def method_controls(trace, method: str, cleann_layer: str | None, cleann_head: str | None,
+def method_controls(trace: TraceView, method: str, cleann_layer: str | None, cleann_head: str | None,
                     relevancy_vision: bool | None) -> tuple:
     """The methods' own controls for the trace's model, each shown while its method is. (A component made in an
     event has no readable value: take the values from `cleann_choice` / `panel_options`.)"""
@@ -114,7 +114,7 @@ def summarise(explanation) -> str:
             f"{details['prob_after']:.3f} when masked ({verdict}); {len(details['edges'])} graph edges.")
 
 
-def render_method(service: ExplainService, request_id: str, image: Image.Image, token_index: int, method: str,
+def render_method(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, method: str,
                   map_name: str | None = None, options: dict | None = None) -> tuple:
     """(blended picture, the method's map names, the map shown, a summary, text-score bars, CLEANN graph)."""
     explanation = service.explain(request_id, method, token_index, **(options or {}))

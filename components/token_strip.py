@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lvlm_interpret import TraceView
+
 SELECTED = "selected"
 VISUAL = "looks at image"
 
@@ -14,7 +16,7 @@ def build() -> gr.HighlightedText:
                               show_inline_category=False, interactive=False, elem_id="answer-tokens")
 
 
-def strip_value(trace, selected: int | None, relevant: list[bool] | None = None) -> list[tuple[str, str | None]]:
+def strip_value(trace: TraceView, selected: int | None, relevant: list[bool] | None = None) -> list[tuple[str, str | None]]:
     """One entry per answer token, by position (repeated words stay distinct)."""
     relevant = relevant or [False] * len(trace.answer_texts)
     return [(text if text.strip() else repr(text),

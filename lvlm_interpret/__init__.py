@@ -7,6 +7,7 @@ Python API:
     explanation = get_method("attention").explain(trace, token_index=0)
 """
 
+from .backend import ExplainBackend, TraceView
 from .capture import GenerationOptions, generate_with_capture
 from .errors import UserInputError
 from .families import FAMILIES, ImageLayout
@@ -17,6 +18,7 @@ from .service import ExplainService
 from .trace import Trace
 
 __all__ = [
-    "DEFAULT_MODEL", "FAMILIES", "METHODS", "ExplainService", "Explanation", "GenerationOptions", "ImageLayout",
-    "LoadedModel", "Trace", "UserInputError", "generate_with_capture", "get_method", "load_image", "load_model",
+    "DEFAULT_MODEL", "FAMILIES", "METHODS", "ExplainBackend", "ExplainService", "Explanation", "GenerationOptions",
+    "ImageLayout", "LoadedModel", "Trace", "TraceView", "UserInputError", "generate_with_capture", "get_method",
+    "load_image", "load_model",
 ]

@@ -24,11 +24,12 @@ from .families.base import ImageLayout
 from .methods.base import Explanation
 from .methods.visual_relevance import VisualRelevance
 from .service import ByteBoundedCache
+from .trace import AnswerPositions
 
 
 @dataclass
-class RemoteTrace:
-    """The parts of a Trace a front end shows."""
+class RemoteTrace(AnswerPositions):
+    """The parts of a Trace a front end shows (a TraceView)."""
 
     request_id: str
     model_name: str
@@ -74,7 +75,10 @@ class RemoteService:
         """Requests (answer and uploaded PNG) are kept, least recently used first out, within `requests_bytes`."""
         self._client = client or httpx.Client(base_url=url, timeout=timeout_s)
         self._requests = ByteBoundedCache(requests_bytes)
-        self.default_model = self._call("GET", "/v1/health")["default_model"]
+        health = self._call("GET", "/v1/health")
+        self.default_model = health["default_model"]
+        self.allowed_models: list[str] | None = health.get("models")
+        self.max_new_tokens: int | None = health.get("max_new_tokens")
 
     def _send(self, verb: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -107,9 +111,6 @@ class RemoteService:
         if request is None:
             raise UnknownRequestError("unknown or expired request: generate an answer first")
         return request
-
-    def model(self, name: str | None = None):
-        return None  # models live on the backend
 
     def generate(self, images, prompt: str, model: str | None = None, options: GenerationOptions | None = None):
         if len(images) != 1:

@@ -20,6 +20,7 @@ from .errors import UserInputError
 from .methods import METHODS, Explanation
 from .methods.base import check_method_options
 from .rendering import blend, overlay
+from .backend import TraceView
 from .trace import Trace
 
 CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head",
@@ -40,18 +41,26 @@ def image_info(trace: Trace) -> dict:
     return {key: [info[key] for info in infos] for key in infos[0]}
 
 
-def request_record(trace: Trace, indices: list[int], explanations: dict[str, list[Explanation]], relevance=None,
-                   method_options: dict | None = None, timings: dict | None = None) -> dict:
-    def token(i):
-        return {"index": i, "id": trace.answer_ids[i], "text": trace.answer_texts[i]}
-
-    record = {
+def answer_record(trace: TraceView) -> dict:
+    """The request's inputs and answer: the start of result.json and of the HTTP generate response."""
+    return {
         "model": trace.model_name,
         "prompt": trace.prompt,
         "answer": trace.answer,
-        "tokens": [token(i) for i in indices],
-        "answer_tokens": [token(i) for i in range(trace.n_answer)],
+        "answer_tokens": [{"index": i, "id": trace.answer_ids[i], "text": trace.answer_texts[i]}
+                          for i in range(trace.n_answer)],
         "answer_logprobs": [round(float(v), 6) for v in trace.answer_logprobs],
+    }
+
+
+def request_record(trace: Trace, indices: list[int], explanations: dict[str, list[Explanation]], relevance=None,
+                   method_options: dict | None = None, timings: dict | None = None) -> dict:
+    """result.json, the one record of a request for the CLI, the exports and HTTP: `indices`, the tokens whose
+    maps are written; CLEANN's sets for the tokens it explained (it may explain fewer)."""
+    record = answer_record(trace)
+    record = {
+        **record,
+        "tokens": [record["answer_tokens"][i] for i in indices],
         "image": image_info(trace),
         "methods": list(explanations),
         "method_options": {name: (method_options or {}).get(name, {}) for name in explanations},
@@ -181,11 +190,10 @@ def export_files(service, request_id: str, token_index: int, kind: str, folder: 
         return paths
     if kind == "request":
         tokens = list(range(trace.n_answer))
-        explanations = {name: [explain(name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
-        record = request_record(trace, tokens, explanations, service.visual_relevance(request_id), options)
-        record["cleann"] = request_record(trace, [token_index], {"cleann": [explain("cleann", token_index)]})["cleann"]
-        record["method_options"]["cleann"] = options.get("cleann", {})
-        write_request(folder, trace, record, explanations)
+        maps = {name: [explain(name, t) for t in tokens] for name in WHOLE_ANSWER_METHODS}
+        record = request_record(trace, tokens, {**maps, "cleann": [explain("cleann", token_index)]},
+                                service.visual_relevance(request_id), options)
+        write_request(folder, trace, record, maps)
         return [folder / "result.json", folder / "maps.npz"]
     path = folder / f"report-token{token_index}.html"
     path.write_text(html_report(trace, token_index, [explain(m, token_index) for m in sorted(METHODS)]))

@@ -1,7 +1,8 @@
 """Load test on localhost: many concurrent sessions against the HTTP backend and the web app.
 
-`python -m lvlm_interpret.loadtest --model demo --sessions 32 --rounds 2` starts both in this process (bounded
-concurrency and queue, a cache bound), runs every session once alone to learn its answer and maps, then all at
+`python -m lvlm_interpret.loadtest --model demo --sessions 32 --rounds 2` starts the backend in this process
+(bounded concurrency and queue, a cache bound); `--targets backend,app --page-url URL` also loads a page started
+apart (`python app.py`). It runs every session once alone to learn its answer and maps, then all at
 once, and prints sessions, requests, "busy, retry" refusals, errors, p50 / p95 latency, peak memory, the cache
 against its bound and the threads and open files before and after. A session that sees anything but its own
 answer and maps counts as an error. Sessions honour Retry-After (capped) and retry a refused request.
@@ -261,32 +262,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--queue", type=int, default=8, help="waiting requests beyond which the busy are refused")
     parser.add_argument("--cache-mb", type=float, default=4, help="small, so that eviction and recompute happen")
-    parser.add_argument("--targets", default="backend,app")
+    parser.add_argument("--targets", default="backend", help="backend, app or backend,app")
+    parser.add_argument("--page-url", default=None, help="the app target: a page started apart, e.g. `python "
+                                                         "app.py --model demo` at http://127.0.0.1:7860/")
     parser.add_argument("--max-wait-s", type=float, default=1.0, help="cap of a refused session's wait")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    service = ExplainService(default_model=args.model, device="cpu", cache_bytes=int(args.cache_mb * 2 ** 20))
-    service.model()
+    targets = args.targets.split(",")
+    if not set(targets) <= {"backend", "app"}:
+        parser.error(f"--targets lists backend and/or app, got {args.targets!r}")
+    if "app" in targets and not args.page_url:
+        parser.error("--targets app needs --page-url of a running page (start one with `python app.py`)")
     sessions = make_sessions(args.sessions)
     results = {"model": args.model, "rounds": args.rounds, "before": process_figures()}
-    targets = args.targets.split(",")
     if "backend" in targets:
+        service = ExplainService(default_model=args.model, device="cpu", cache_bytes=int(args.cache_mb * 2 ** 20))
+        service.model()
         with BackgroundServer(service, admission=Admission(args.concurrency, args.queue)) as backend:
             results["backend"] = run_load("backend", backend.url, sessions, args.rounds, args.max_wait_s).figures()
         results["backend"]["memory"] = service.memory()
         results["after_backend"] = process_figures()
     if "app" in targets:
-        from app import launch  # the web app lives at the repository root
-
-        port = free_port()
-        demo = launch(service, {}, port=port, concurrency=args.concurrency, queue=args.queue, block=False)
-        try:
-            fresh = [Session(s.png, s.prompt) for s in sessions]  # the app's maps are pictures
-            results["app"] = run_load("app", f"http://127.0.0.1:{port}/", fresh, args.rounds, args.max_wait_s).figures()
-        finally:
-            demo.close()
-        results["app"]["memory"] = service.memory()
-        results["after_app"] = process_figures()
+        fresh = [Session(s.png, s.prompt) for s in sessions]  # the app's maps are pictures
+        results["app"] = run_load("app", args.page_url, fresh, args.rounds, args.max_wait_s).figures()
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as file:

@@ -49,6 +49,7 @@ class Request:
     images: tuple[Image.Image, ...]
     prompt: str
     options: GenerationOptions
+    answer_ids: tuple[int, ...] = ()  # what the first generation answered: a regenerated trace must match it
 
 
 class ByteBoundedCache:
@@ -130,6 +131,7 @@ class ExplainService:
             raise UserInputError(f"answers are limited to {self.max_new_tokens} new tokens here")
         request = Request(model, tuple(images), prompt, options)
         trace = self._run(request)
+        request = replace(request, answer_ids=tuple(trace.answer_ids))
         request_id = uuid.uuid4().hex
         self._requests.put(request_id, request, request_nbytes(request))
         self._cache.put(("trace", request_id), trace, trace.nbytes)
@@ -139,7 +141,11 @@ class ExplainService:
         cached = self._cache.get(("trace", request_id))
         if cached is not None:
             return cached
-        trace = self._run(self.request(request_id))
+        request = self.request(request_id)
+        trace = self._run(request)
+        if tuple(trace.answer_ids) != request.answer_ids:
+            raise UnknownRequestError("this answer could not be reproduced to explain it (the model now answers "
+                                      "differently): generate the answer again")
         self._cache.put(("trace", request_id), trace, trace.nbytes)
         return trace
 

@@ -26,8 +26,27 @@ _INPUT_PREFIX = "inputs."
 _PIXELS_PREFIX = "pixels."
 
 
+class AnswerPositions:
+    """Where the answer's tokens sit in the sequence: shared by a Trace and a front end's view of one."""
+
+    prompt_length: int
+    n_answer: int
+
+    def source_position(self, token_index: int) -> int:
+        """The position whose logits predict answer token `token_index`."""
+        self.check_token_index(token_index)
+        return self.prompt_length - 1 + token_index
+
+    def check_token_index(self, token_index: int) -> None:
+        if not 0 <= token_index < self.n_answer:
+            raise UserInputError(
+                f"answer token index {token_index} is out of range: the answer has {self.n_answer} tokens "
+                f"(valid indices 0..{self.n_answer - 1})"
+            )
+
+
 @dataclass
-class Trace:
+class Trace(AnswerPositions):
     model_name: str
     prompt: str
     answer: str  # the decoded answer, special tokens removed
@@ -64,18 +83,6 @@ class Trace:
     @property
     def n_heads(self) -> int:
         return int(self.attention.shape[2])
-
-    def source_position(self, token_index: int) -> int:
-        """The position whose logits predict answer token `token_index`."""
-        self.check_token_index(token_index)
-        return self.prompt_length - 1 + token_index
-
-    def check_token_index(self, token_index: int) -> None:
-        if not 0 <= token_index < self.n_answer:
-            raise UserInputError(
-                f"answer token index {token_index} is out of range: the answer has {self.n_answer} tokens "
-                f"(valid indices 0..{self.n_answer - 1})"
-            )
 
     def image(self, index: int = 0) -> Image.Image:
         """The original image `index` as the model saw it before processing."""

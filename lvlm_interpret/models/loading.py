@@ -16,18 +16,21 @@ from transformers.utils import logging as hf_logging
 from ..capture import CAPTURE_ATTENTION
 from ..errors import UserInputError
 from ..families import ModelFamily, family_for_model_type
+from ..resources import ASSETS_DIR, CONFIGS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS_DIR = REPO_ROOT / "configs"
 RANDOM_PREFIX = "random:"
 # Models that ship with the product, by name; "demo" is trained by lvlm_interpret/demo/train.py.
-BUILTIN_MODELS = {"demo": REPO_ROOT / "assets" / "demo-model"}
+BUILTIN_MODELS = {"demo": ASSETS_DIR / "demo-model"}
 DEFAULT_MODEL = "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-logging.getLogger("transformers.image_processing_utils").setLevel(logging.ERROR)
-hf_logging.disable_progress_bar()  # stderr carries one line per error, not loading bars
-hf_logging.set_verbosity_error()
+
+def quiet_loading_logs() -> None:
+    """For the command line and the page (not at import: a library leaves its user's logging alone): stderr
+    carries one line per error, not transformers' loading bars and notices."""
+    logging.getLogger("transformers.image_processing_utils").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 @dataclass

@@ -49,7 +49,8 @@ def _user_errors(handler):
 
 
 def build_app(service: ExplainBackend) -> gr.Blocks:
-    with gr.Blocks(title="lvlm_interpret") as demo:
+    # uploads and shown files are copied into Gradio's cache: a long-running page clears what is an hour old
+    with gr.Blocks(title="lvlm_interpret", delete_cache=(600, 3600)) as demo:
         gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
                     "answer token: every panel shows where the model looked for that token.")
         session = gr.State({})  # per browser session: request id, image, selected token

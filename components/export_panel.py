@@ -3,13 +3,19 @@ self-contained HTML report. Files are made by the service (in process or over HT
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
+from lvlm_interpret import ExplainBackend
+
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "lvlm_interpret_exports"
+# a hosted page exports for strangers all day: a request's files go once the page has had time to serve them
+EXPORT_MAX_AGE_S = 3600
 
 
 @dataclass
@@ -30,8 +36,20 @@ class ExportPanel:
         return cls(pngs, request, report, files)
 
 
-def export(service, request_id: str, token_index: int, kind: str, options: dict | None = None) -> list[str]:
+def prune_exports(max_age_s: float = EXPORT_MAX_AGE_S) -> None:
+    """Remove the export folders of requests last written more than `max_age_s` ago."""
+    if not EXPORT_ROOT.is_dir():
+        return
+    oldest = time.time() - max_age_s
+    for folder in EXPORT_ROOT.iterdir():
+        if folder.stat().st_mtime < oldest:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def export(service: ExplainBackend, request_id: str, token_index: int, kind: str,
+           options: dict | None = None) -> list[str]:
     """The files of one export ("png", "request" or "report"), in this session's own export folder, with the
     methods' options as the page set them."""
+    prune_exports()
     folder = EXPORT_ROOT / request_id / kind
     return [str(path) for path in service.export(request_id, token_index, kind, folder, options)]

@@ -215,3 +215,19 @@ def test_events_that_render_the_token_views_run_one_at_a_time_in_order(service):
               if f.name in ("on_generate", "on_select", "on_controls", "on_method")}
     assert set(groups) == {"on_generate", "on_select", "on_controls", "on_method"}
     assert len(set(groups.values())) == 1
+
+
+def test_a_long_running_page_clears_its_temporary_files(service, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from components import export_panel
+
+    monkeypatch.setattr(export_panel, "EXPORT_ROOT", tmp_path)
+    stale = tmp_path / "an-old-request"
+    (stale / "png").mkdir(parents=True)
+    os.utime(stale, (time.time() - 2 * export_panel.EXPORT_MAX_AGE_S,) * 2)
+    request_id, _ = run_generation(service, make_scene(160, 96), "Describe the image.", max_new_tokens=2)
+    paths = export_panel.export(service, request_id, 0, "report")
+    assert not stale.exists() and all(os.path.exists(p) for p in paths)
+    assert build_app(service).delete_cache == (600, 3600)  # Gradio's copies of uploads and shown files

@@ -82,7 +82,10 @@ class LlavaFamily(ModelFamily):
         config = llava_config(tokenizer, image["crop"], image["patch"], preset["vision_config"],
                               preset["text_config"])
         processor = llava_processor(tokenizer, image["crop"], image["patch"], centre_crop=True)
-        return seeded_model(LlavaForConditionalGeneration, config, preset.get("seed", 0)), processor
+        model = seeded_model(LlavaForConditionalGeneration, config, preset.get("seed", 0))
+        # an untrained model could write <image>, which would break the replay of its answer
+        model.generation_config.suppress_tokens = [config.image_token_id]
+        return model, processor
 
 
 def llava_config(tokenizer, image_size: int, patch: int, vision_config: dict, text_config: dict,

@@ -104,4 +104,8 @@ class Qwen2VLFamily(ModelFamily):
             tokenizer=tokenizer,
             chat_template=CHAT_TEMPLATE,
         )
-        return seeded_model(self.model_class, config, preset.get("seed", 0)), processor
+        model = seeded_model(self.model_class, config, preset.get("seed", 0))
+        # an untrained model could write image-layout tokens, which would break the replay of its answer
+        model.generation_config.suppress_tokens = ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                       "<|vision_end|>"])
+        return model, processor

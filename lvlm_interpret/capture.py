@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
+from transformers import (
+    AttentionInterface, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -148,6 +152,9 @@ def _recording(attention_modules, final_norm):
         _ACTIVE_RECORDER.reset(token)
 
 
+MAX_SEED = 2 ** 64 - 1  # torch seeds its generators with an unsigned 64-bit integer
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 32
@@ -157,21 +164,59 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def from_temperature(cls, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                         seed: int = 0) -> "GenerationOptions":
+        """The options a user asks for: greedy at temperature 0, else sampled with `top_p` and `seed`."""
+        return cls(max_new_tokens, do_sample=temperature != 0, temperature=temperature, top_p=top_p, seed=seed)
+
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= 1024:
             raise UserInputError(f"max new tokens must be between 1 and 1024, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserInputError(f"min new tokens must be between 0 and max new tokens, got {self.min_new_tokens}")
-        if not 0.01 <= self.temperature <= 10:  # below, logits / temperature overflow to inf and sampling fails
-            raise UserInputError(f"temperature must be in [0.01, 10], got {self.temperature}")
+        if self.do_sample and self.temperature == 0:
+            raise UserInputError("sampling needs a temperature between 0.01 and 10 (temperature 0 means greedy)")
+        # below 0.01, logits / temperature overflow to inf and sampling fails; NaN and infinities fail both tests
+        if not (self.temperature == 0 or 0.01 <= self.temperature <= 10):
+            raise UserInputError(f"temperature must be 0 (greedy) or between 0.01 and 10 (sampling), "
+                                 f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"seed must be an integer between 0 and {MAX_SEED} (64 bits), got {self.seed}")
+
+
+# processor, tokenizer and config attributes naming the tokens that stand for an image or a video in the text
+# (image_token, boi_token, global_image_tag, vision_start_token_id, video_token_index, ...)
+_PLACEHOLDER_NAME = re.compile(r"(image|video|vision|boi|eoi)\w*_(token|tag|token_id|token_index)$")
+
+
+def image_placeholders(loaded) -> set[str]:
+    """The special tokens (text) by which the model's processor places images and videos, found through the
+    processor's, the tokenizer's and the config's own names for them."""
+    tokenizer = loaded.processor.tokenizer
+    found = set()
+    for named in (vars(loaded.model.config), vars(loaded.processor), tokenizer.special_tokens_map):
+        for name, value in named.items():
+            if not _PLACEHOLDER_NAME.search(name):
+                continue
+            if type(value) is int and 0 <= value < len(tokenizer):
+                found.add(tokenizer.convert_ids_to_tokens(value))
+            elif isinstance(value, str):
+                found.add(value)
+    unknown = (None, tokenizer.unk_token_id)
+    return {text for text in found if text and tokenizer.convert_tokens_to_ids(text) not in unknown}
 
 
 def build_inputs(loaded, images, prompt: str):
     """The processor's model inputs for a single-turn chat: the images first, then the prompt."""
     if not prompt or not prompt.strip():
         raise UserInputError("the prompt is empty: type a question about the image")
+    placeholders = sorted(text for text in image_placeholders(loaded) if text in prompt)
+    if placeholders:
+        raise UserInputError(f"the prompt holds {', '.join(placeholders)}, which {loaded.name} reads as the place of "
+                             "an image or video: remove it from the prompt (the image is placed for you)")
     if not images:
         raise UserInputError("no image given: provide at least one image")
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt.strip()}]
@@ -222,6 +267,26 @@ def _recorded_inputs(inputs, answer_values: dict[str, int], n_answer: int) -> di
     return recorded
 
 
+class SeededSampler(LogitsProcessor):
+    """Draws the next token by temperature, top-k and nucleus (top-p) sampling from the request's own generator,
+    and leaves only that token possible; `generate` then picks it greedily."""
+
+    def __init__(self, options: GenerationOptions, top_k: int | None = None):
+        self.warpers = [TemperatureLogitsWarper(options.temperature), TopPLogitsWarper(options.top_p)]
+        if top_k:
+            self.warpers.insert(1, TopKLogitsWarper(top_k))
+        self.seed = options.seed
+        self.generator = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generator is None:
+            self.generator = torch.Generator(scores.device).manual_seed(self.seed)
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        drawn = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
 @torch.no_grad()
 def generate_with_capture(loaded, images, prompt: str, options: GenerationOptions | None = None) -> Trace:
     """Generate an answer to `prompt` about `images` and return the Trace of that generation."""
@@ -232,10 +297,9 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
     layouts = family.image_layouts(model, loaded.processor, inputs, list(images))
     prompt_length = int(inputs["input_ids"].shape[1])
 
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
-        if options.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if options.do_sample:
-        torch.manual_seed(options.seed)
+    # greedy decoding over logits that a seeded sampler has reduced to its draw: the request owns its generator,
+    # so concurrent requests with the same seed give the same answer
+    sampler = [SeededSampler(options, model.generation_config.top_k)] if options.do_sample else []
     with _recording(family.language_attentions(model), family.final_norm(model)) as recorder:
         output = model.generate(
             **inputs.to(loaded.device),
@@ -244,7 +308,8 @@ def generate_with_capture(loaded, images, prompt: str, options: GenerationOption
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            do_sample=False, temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList(sampler),
         )
 
     sequence = output.sequences[0].cpu()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .images import load_image
 from .methods import METHODS, get_method
 from .methods.base import check_method_options
 from .methods.visual_relevance import visually_relevant_tokens
-from .models.loading import DEFAULT_MODEL, load_model
+from .models.loading import DEFAULT_MODEL, load_model, quiet_loading_logs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +74,8 @@ def _parse_tokens(spec: str) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lvlm_interpret", description="Explain what a vision-language model looked at.")
+    program = "lvlm-interpret" if Path(sys.argv[0]).name == "lvlm-interpret" else "python -m lvlm_interpret"
+    parser = _Parser(prog=program, description="Explain what a vision-language model looked at.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     explain = commands.add_parser("explain", help="generate an answer and write maps for its tokens")
     explain.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
@@ -83,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--methods", default="attention",
                          help=f"comma list of {', '.join(sorted(METHODS))}, or all (cleann only with --tokens)")
     explain.add_argument("--max-new-tokens", type=int, default=32)
-    explain.add_argument("--temperature", type=float, default=None, help="sample with this temperature "
-                                                                         "(default: greedy)")
+    explain.add_argument("--temperature", type=float, default=0.0, help="sample with this temperature "
+                                                                        "(default 0: greedy)")
     explain.add_argument("--top-p", type=float, default=1.0)
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--tokens", default="all", help="answer tokens to explain: all, or indices like 0,2")
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--image-size", type=int, default=192, help="side of the benchmark scene in pixels")
     bench.add_argument("--out", required=True, help="JSON file for the figures")
+    bench_report = commands.add_parser("bench-report", help="write the figures of bench runs as one markdown page")
+    bench_report.add_argument("figures", nargs="+", help="JSON files written by bench --out, one column each")
+    bench_report.add_argument("--written-by", default="python -m lvlm_interpret bench-report",
+                              help="the command that ran the benches, named on the page (e.g. make gpu-check)")
+    bench_report.add_argument("--out", required=True, help="markdown file, e.g. docs/results-gpu.md")
 
     serve = commands.add_parser("serve", help="run the service over HTTP (OpenAPI schema at /docs)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -164,12 +171,25 @@ def run_bench_command(args) -> dict:
         raise UserInputError(f"--image-size must be between 32 and 4096 pixels, got {args.image_size}")
     methods = _parse_methods(args.methods, tokens_given=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    figures = run_bench(loaded, args.answer_tokens, methods, repeats=max(1, args.repeats),
-                        image_size=args.image_size)
+    figures = {"command": _command_line(args), **run_bench(loaded, args.answer_tokens, methods,
+                                                           repeats=max(1, args.repeats), image_size=args.image_size)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
     return figures
+
+
+def _command_line(args) -> str:
+    """The command that reproduces `args` (of a command whose options all take a value), every option spelled out."""
+    options = [word for name, value in vars(args).items() if name != "command"
+               for word in (f"--{name.replace('_', '-')}", str(value))]
+    return shlex.join(["python", "-m", "lvlm_interpret", args.command, *options])
+
+
+def run_bench_report(args) -> Path:
+    from .bench import write_report
+
+    return write_report(args.figures, args.written_by, args.out)
 
 
 def run_evaluate(args) -> dict:
@@ -239,8 +259,7 @@ def run_explain(args) -> Path:
     given_options = _parse_method_options(args.option, methods)  # before the model is loaded: typos fail fast
     if not args.prompt.strip():
         raise UserInputError("--prompt is empty: give a question about the image")
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
-                                temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+    options = GenerationOptions.from_temperature(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     options.validate()
     images = [load_image(path) for path in args.image]
     timings = {}
@@ -274,6 +293,7 @@ def run_explain(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_loading_logs()
     try:
         args = build_parser().parse_args(argv)
         if args.command == "explain":
@@ -283,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             run_evaluate(args)
         elif args.command == "bench":
             run_bench_command(args)
+        elif args.command == "bench-report":
+            print(f"wrote {run_bench_report(args)}")
         elif args.command == "serve":
             run_serve(args)
         elif args.command in analysis_commands.COMMANDS:
@@ -293,5 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `lvlm-interpret` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

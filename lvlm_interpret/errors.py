@@ -10,5 +10,9 @@ class ServiceBusyError(UserInputError):
     for less may succeed. HTTP 503 with Retry-After."""
 
 
+class TooLargeError(UserInputError):
+    """An input over a size limit (an upload's bytes, an image's pixels): asking for less succeeds. HTTP 413."""
+
+
 class UnknownRequestError(UserInputError):
     """A request id the service does not hold (never issued, forgotten, or issued before a restart). HTTP 404."""

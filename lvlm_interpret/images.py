@@ -6,7 +6,7 @@ import os
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserInputError
+from .errors import TooLargeError, UserInputError
 
 MAX_PIXELS = 64_000_000  # beyond this, refuse instead of risking a decompression bomb
 
@@ -35,16 +35,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def decode_image(source, name: str) -> Image.Image:
     """Open a path or binary file as an RGB picture (`prepare_image`), or refuse it in one line that ends with
     `name`; the declared size is checked before any pixel is decoded."""
+    too_large = f"use one of at most {MAX_PIXELS:,} pixels: {name}"
     try:
         with Image.open(source) as opened:
             if opened.width * opened.height > MAX_PIXELS:
-                raise UserInputError(f"image is too large ({opened.width}x{opened.height}); use one under "
-                                     f"{MAX_PIXELS // 1_000_000} megapixels: {name}")
+                raise TooLargeError(f"image is too large ({opened.width}x{opened.height} = "
+                                    f"{opened.width * opened.height:,} pixels); {too_large}")
             opened.load()
             return prepare_image(opened)
     except UserInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL refuses to open it (its limit is above MAX_PIXELS)
+        raise TooLargeError(f"image is too large; {too_large}") from error
+    except UnidentifiedImageError as error:
         raise UserInputError(f"not a readable image (PNG, JPEG, WebP, ...): {name}") from error
     except PermissionError as error:
         raise UserInputError(f"image file cannot be read (permission denied): {name}") from error

@@ -35,7 +35,8 @@ def test_generation_options(max_new_tokens, temperature, top_p, min_new_tokens):
         options.validate()
     except UserInputError:
         return
-    assert 1 <= options.max_new_tokens <= 1024 and 0 < options.temperature <= 10 and 0 < options.top_p <= 1
+    greedy_or_sampled = options.temperature == 0 and not options.do_sample or 0.01 <= options.temperature <= 10
+    assert 1 <= options.max_new_tokens <= 1024 and greedy_or_sampled and 0 < options.top_p <= 1
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..capture import GenerationOptions, build_inputs, generate_with_capture, scoped_hook
 from ..errors import UserInputError
 from ..images import load_image
+from ..resources import EXAMPLES_DIR
 from ..trace import Trace
 from .hooks import hooked, run_with_cache, run_with_hooks
 
@@ -59,7 +60,6 @@ def mean_embedding_from_folder(loaded, folder) -> tuple[torch.Tensor, dict]:
     return mean, {"model": loaded.name, "n_images": str(len(files)), "n_tokens": str(count)}
 
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 _EXAMPLE_MEANS: dict[str, torch.Tensor] = {}
 _EXAMPLE_MEANS_LOCK = threading.Lock()
 
@@ -156,9 +156,15 @@ def ablate(loaded, trace: Trace, positions: list[int], replacement: str = "mean"
         raise UserInputError(f"unknown replacement {replacement!r}: choose mean or zero")
     if replacement == "mean" and mean is None:
         raise UserInputError("mean ablation needs a mean embedding (mean-embedding command), or use zero ablation")
-    cells = {p for layout in trace.images for p in layout.cell_positions.tolist()}
-    if not positions or not set(positions) <= cells:
+    if not positions:
         raise UserInputError("ablation needs a non-empty set of image-token positions")
+    cells = {p for layout in trace.images for p in layout.cell_positions.tolist()}
+    outside = sorted(set(positions) - cells)
+    if outside:
+        spans = ", ".join(f"{int(layout.cell_positions.min())}..{int(layout.cell_positions.max())}"
+                          for layout in trace.images)
+        raise UserInputError(f"ablation positions must be image-token positions (the image grid's cells, in "
+                             f"{spans}); {outside[0]} is not one")
     size = loaded.model.config.get_text_config().hidden_size
     value = torch.zeros(size) if replacement == "zero" else mean
     hook = ("lm.hook_embed", replace_embeddings(sorted(positions), value))

@@ -107,8 +107,17 @@ def knockout(loaded, trace: Trace, keys: list[int], token_index: int = 0, querie
     queries = [source] if queries is None else sorted(set(queries))
     if not keys:
         raise UserInputError("knockout needs a non-empty set of tokens to block")
+    keys = sorted(set(keys))
     if not queries or any(not 0 <= q <= source for q in queries):
         raise UserInputError(f"query positions must lie in 0..{source} (up to the position predicting the token)")
+    # a query attends only to itself and earlier positions: later ones are blocked already, and negative ones
+    # would count from the end of the sequence
+    last = max(queries)
+    outside = [k for k in keys if not 0 <= k < last]
+    if outside:
+        before = f"the position predicting answer token {token_index}" if queries == [source] else "the last query"
+        raise UserInputError(f"knockout positions must lie in 0..{last - 1}, before {before} ({last}); "
+                             f"{outside[0]} does not")
     if set(queries) & set(keys):
         raise UserInputError("a query position may not block attention to itself")
     if not windows:
@@ -118,9 +127,9 @@ def knockout(loaded, trace: Trace, keys: list[int], token_index: int = 0, querie
     results = []
     for window in windows:
         layers = window_layers(window, n_layers)
-        prob, still_argmax = _probability(loaded, trace, token_index, knockout_hooks(layers, queries, sorted(keys)))
+        prob, still_argmax = _probability(loaded, trace, token_index, knockout_hooks(layers, queries, keys))
         results.append(WindowResult(window, layers, prob, still_argmax))
-    return KnockoutResult(token_index, trace.answer_texts[token_index], queries, sorted(keys), prob_before, results)
+    return KnockoutResult(token_index, trace.answer_texts[token_index], queries, keys, prob_before, results)
 
 
 def knockout_figure(result: KnockoutResult, title: str = "") -> go.Figure:

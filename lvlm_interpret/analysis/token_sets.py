@@ -96,6 +96,8 @@ def random_tokens(trace: Trace, k: int, seed: int = 0, image_index: int = 0, exc
     """k tokens drawn without replacement (reproducible by `seed`), avoiding `exclude` when it leaves enough."""
     layout = _layout(trace, image_index)
     k = _check_k(k, layout.n_cells)
+    if seed < 0:
+        raise UserInputError(f"the seed of the random set must be 0 or more, got {seed}")
     every = layout.positions.ravel()
     pool = every[~np.isin(every, list(exclude))]
     if len(pool) < k:

@@ -14,26 +14,46 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .analysis.ablation import REPLACEMENTS
 from .analysis.knockout import WINDOWS
-from .capture import GenerationOptions
-from .errors import ServiceBusyError, UnknownRequestError, UserInputError
-from .images import decode_image
+from .analysis.token_sets import KINDS as TOKEN_SETS
+from .capture import MAX_SEED, GenerationOptions
+from .errors import ServiceBusyError, TooLargeError, UnknownRequestError, UserInputError
+from .export import EXPORT_KINDS
+from .images import MAX_PIXELS, decode_image
 from .methods import METHODS
+from .methods.attention import AGGREGATIONS
+from .ratelimit import RateLimiter
 from .service import ExplainService, hosted_limits, hosted_service
 
 MAX_UPLOAD_BYTES = 20 * 2 ** 20
 RETRY_AFTER_S = 5
 FORM_OVERHEAD_BYTES = 64 * 2 ** 10  # the prompt and options around the image
+# memory an upload takes per pixel while it is decoded and answered: the decoded RGB plus the copies made turning it
+# upright, converting it and in the model's processor (about 14 measured on a 16-megapixel PNG)
+DECODE_BYTES_PER_PIXEL = 16
+UNLIMITED_PATHS = ("/v1/health",)  # liveness answers whatever a client's rate
 log = logging.getLogger(__name__)
+
+# the fixed lists the server accepts, from the registries (enums in the schema)
+MethodName = Literal[tuple(sorted(METHODS))]
+ExportKind = Literal[EXPORT_KINDS]
+TokenSet = Literal[TOKEN_SETS]
+Replacement = Literal[REPLACEMENTS]
+Aggregation = Literal[AGGREGATIONS]
+TokenIndex = Annotated[int, PathParameter(ge=0)]
 
 
 class Admission:
@@ -67,17 +87,137 @@ class Admission:
                 self.admitted -= 1
 
 
+class ImageBudget:
+    """Uploads are decoded within a pixel budget (each) and a memory budget (all at once): the size an image
+    declares in its header is checked before any pixel is decoded, and an image waits (at most `wait_s`) until
+    the images in flight leave room for it, estimated at DECODE_BYTES_PER_PIXEL."""
+
+    def __init__(self, max_pixels: int = MAX_PIXELS, memory_bytes: int | None = None, wait_s: float = 60.0):
+        self.max_pixels = max_pixels if memory_bytes is None else min(max_pixels,
+                                                                      memory_bytes // DECODE_BYTES_PER_PIXEL)
+        self.memory_bytes = memory_bytes
+        self.wait_s = wait_s
+        self.in_use = 0
+        self._freed = threading.Condition()
+
+    @contextlib.contextmanager
+    def decoded(self, data: bytes, name: str):
+        """The upload `data` as an RGB picture, its memory reserved until the block ends."""
+        width, height = self._declared_size(data, name)
+        if width * height > self.max_pixels:
+            raise TooLargeError(f"the image is too large ({width}x{height} pixels): {self._limit()}")
+        reserved = width * height * DECODE_BYTES_PER_PIXEL
+        if self.memory_bytes is not None:
+            with self._freed:
+                if not self._freed.wait_for(lambda: self.in_use + reserved <= self.memory_bytes, self.wait_s):
+                    raise ServiceBusyError("the server is busy decoding other images: retry in a few seconds")
+                self.in_use += reserved
+        try:
+            yield decode_image(io.BytesIO(data), name)
+        finally:
+            if self.memory_bytes is not None:
+                with self._freed:
+                    self.in_use -= reserved
+                    self._freed.notify_all()
+
+    def _limit(self) -> str:
+        return f"upload one of at most {self.max_pixels / 1e6:g} megapixels"
+
+    def _declared_size(self, data: bytes, name: str) -> tuple[int, int]:
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                return header.size
+        except Image.DecompressionBombError:
+            raise TooLargeError(f"the image is too large: {self._limit()}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            decode_image(io.BytesIO(data), name)  # raises the message saying what is wrong with the file
+            raise
+
+
+class LimitBodySize:
+    """ASGI middleware: a request body over `max_bytes` gets 413, from its declared length before any of it is
+    received, else (a chunked body, no Content-Length) as soon as the bytes received pass the cap, so no more than
+    the cap is ever read, held or spooled to disk."""
+
+    def __init__(self, app, max_bytes: int, message: str):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(self.message)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413)  # the endpoint's exception handler answers it
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class LimitRate:
+    """ASGI middleware: a client (by address) over the limiter's rate gets 429 with Retry-After."""
+
+    def __init__(self, app, limiter: RateLimiter):
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in UNLIMITED_PATHS:
+            wait_s = self.limiter.retry_after(scope["client"][0] if scope.get("client") else "unknown")
+            if wait_s is not None:
+                return await JSONResponse(status_code=429, content={"error": self.limiter.message(wait_s)},
+                                          headers={"Retry-After": str(wait_s)})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def too_large(message: str) -> JSONResponse:
+    # closing the connection stops the rest of the body being received only to be thrown away
+    return JSONResponse(status_code=413, content={"error": message}, headers={"Connection": "close"})
+
+
+class ErrorBody(BaseModel):
+    """Every refusal and failure: one line saying what went wrong and what to change."""
+    error: str
+
+
+REFUSALS = {
+    400: "bad input (a field, the image or an option): the message says what to change",
+    404: "unknown or expired request id: generate the answer again",
+    413: "the upload is over the size limit, in bytes or in pixels",
+    429: "too many requests from this address: retry after Retry-After seconds",
+    500: "internal error (logged on the server)",
+    503: "busy, out of memory or over the time limit: retry after Retry-After seconds",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
+                               "schema": {"type": "integer"}}}
+
+
+def refusals(*codes: int) -> dict:
+    """OpenAPI responses for these error statuses: their body is ErrorBody."""
+    return {code: {"model": ErrorBody, "description": REFUSALS[code], **(
+        {"headers": RETRY_AFTER} if code in (429, 503) else {})} for code in codes}
+
+
 class ReverseRequest(BaseModel):
     request_id: str
     cells: list[tuple[int, int]]
     layers: str = "all"
     heads: str = "all"
-    aggregation: str = "mean"
+    aggregation: Aggregation = "mean"
 
 
 class ExplainRequest(BaseModel):
     request_id: str
-    method: str = "attention"
+    method: MethodName = "attention"
     token_index: int = Field(ge=0)
     options: dict = Field(default_factory=dict)
 
@@ -91,27 +231,28 @@ class TokenSetRequest(BaseModel):
     """A token set of the first image (lvlm_interpret.analysis.token_sets.select_tokens, but a box, not a mask)."""
     model_config = ConfigDict(extra="forbid")
     request_id: str
-    kind: str
+    kind: TokenSet
     token_index: int = Field(0, ge=0)
     box: list[float | str] | None = None
     buffer: int = 0
     k: int | None = None
     seed: int = 0
-    method: str | None = None
+    method: MethodName | None = None
 
 
 class AblationRequest(BaseModel):
     request_id: str
     positions: list[int]
     token_index: int = Field(0, ge=0)
-    replacement: str = "mean"
+    replacement: Replacement = "mean"
 
 
 class KnockoutRequest(BaseModel):
     request_id: str
     positions: list[int]
     token_index: int = Field(0, ge=0)
-    windows: list[str] = Field(default_factory=lambda: list(WINDOWS))
+    windows: list[str] = Field(default_factory=lambda: list(WINDOWS), description=(
+        f"layer windows: {', '.join(WINDOWS)} (fractions of the depth) or a layer range like 2-5"))
 
 
 def trace_summary(request_id: str, trace) -> dict:
@@ -155,27 +296,43 @@ def _plain(value):
     return value
 
 
-def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Image.Image:
+def upload_message(max_bytes: int) -> str:
+    return f"the upload is larger than {max_bytes / 2 ** 20:g} MB: upload a smaller file"
+
+
+def read_upload(file, max_bytes: int = MAX_UPLOAD_BYTES) -> bytes:
+    data = file.read(max_bytes + 1)
     if not data:
         raise UserInputError("the uploaded image is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise UserInputError(f"the uploaded image is larger than {max_bytes / 2 ** 20:g} MB: upload a smaller file")
-    return decode_image(io.BytesIO(data), "the uploaded file")
+        raise TooLargeError(upload_message(max_bytes))
+    return data
 
 
 def create_api(service: ExplainService, admission: Admission | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, images: ImageBudget | None = None,
+               rate_limiter: RateLimiter | None = None) -> FastAPI:
     """Errors are JSON `{"error": one line}`: 400 bad input, 404 unknown request id or endpoint, 413 upload too
-    large, 503 busy (with Retry-After), 500 anything else (logged here; the client sees no trace or path)."""
+    large (bytes or pixels), 429 too many requests from one address (with `rate_limiter`; with Retry-After), 503
+    busy (with Retry-After), 500 anything else (logged here; the client sees no trace or path). Uploads are read
+    and decoded only once admitted, within `images`' pixel and memory budget."""
     admission = admission or Admission()
-    api = FastAPI(title="lvlm_interpret", version="1",
+    images = images or ImageBudget(wait_s=admission.wait_s)
+    everywhere = (413, 429, 500) if rate_limiter else (413, 500)
+    api = FastAPI(title="lvlm_interpret", version="1", responses=refusals(*everywhere),
                   description="Generate with capture, then explain any answer token with any registered method.")
+    api.add_middleware(LimitBodySize, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       message=upload_message(max_upload_bytes))
+    if rate_limiter:
+        api.add_middleware(LimitRate, limiter=rate_limiter)  # added last, so it runs first
 
     @api.exception_handler(UserInputError)
     async def user_error(request, error: UserInputError):
         if isinstance(error, ServiceBusyError):
             return JSONResponse(status_code=503, content={"error": str(error)},
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
+        if isinstance(error, TooLargeError):
+            return too_large(str(error))
         return JSONResponse(status_code=404 if isinstance(error, UnknownRequestError) else 400,
                             content={"error": str(error)})
 
@@ -183,10 +340,16 @@ def create_api(service: ExplainService, admission: Admission | None = None,
     async def invalid_fields(request, error: RequestValidationError):
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path"))
-        return JSONResponse(status_code=400, content={"error": f"{field or 'request'}: {first['msg']}"})
+        if first["type"] == "literal_error":  # a value outside a fixed list
+            message = f"unknown {field} {first['input']!r}: choose one of {first['ctx']['expected']}"
+        else:
+            message = f"{field or 'request'}: {first['msg']}"
+        return JSONResponse(status_code=400, content={"error": message})
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):
+        if error.status_code == 413:
+            return too_large(upload_message(max_upload_bytes))
         message = "no such endpoint: see /docs for the API" if error.status_code == 404 else str(error.detail)
         return JSONResponse(status_code=error.status_code, content={"error": message}, headers=error.headers)
 
@@ -195,14 +358,18 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         log.exception("request %s failed", request.url.path)
         return JSONResponse(status_code=500, content={"error": "internal error (logged on the server); try again"})
 
-    @api.middleware("http")
-    async def refuse_large_bodies(request, call_next):
-        """Refuse an oversized upload from its declared length, before it is received."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD_BYTES:
-            return JSONResponse(status_code=413, content={
-                "error": f"the upload is larger than {max_upload_bytes / 2 ** 20:g} MB: upload a smaller file"})
-        return await call_next(request)
+    def openapi() -> dict:
+        """FastAPI's schema without its 422 responses: a request that fails validation gets 400 here."""
+        if api.openapi_schema is None:
+            schema = FastAPI.openapi(api)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return api.openapi_schema
+
+    api.openapi = openapi
 
     @api.get("/v1/health")
     def health() -> dict:
@@ -214,38 +381,46 @@ def create_api(service: ExplainService, admission: Admission | None = None,
     def methods() -> dict:
         return {name: method.description for name, method in sorted(METHODS.items())}
 
-    @api.post("/v1/generate")
-    def generate(image: UploadFile = File(...), prompt: str = Form(...), max_new_tokens: int = Form(32),
-                 temperature: float = Form(0.0), top_p: float = Form(1.0), seed: int = Form(0)) -> dict:
-        """Greedy when temperature is 0, else sampled with `top_p` and `seed`."""
-        picture = read_upload(image.file.read(max_upload_bytes + 1), max_upload_bytes)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed) if temperature > 0 else {}
-        with admission.slot():
-            request_id, trace = service.generate([picture], prompt,
-                                                 options=GenerationOptions(max_new_tokens, **sampling))
+    @api.post("/v1/generate", responses=refusals(400, 503))
+    def generate(image: UploadFile = File(...), prompt: str = Form(...),
+                 max_new_tokens: int = Form(32, json_schema_extra={"minimum": 1,
+                                                                   "maximum": service.max_new_tokens or 1024}),
+                 temperature: float = Form(0.0, json_schema_extra={"anyOf": [{"const": 0}, {"minimum": 0.01,
+                                                                                             "maximum": 10}]}),
+                 top_p: float = Form(1.0, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1}),
+                 seed: int = Form(0, json_schema_extra={"minimum": 0, "maximum": MAX_SEED})) -> dict:
+        """Greedy when temperature is 0, else sampled with `top_p` and `seed`. (The ranges in the schema are checked
+        by GenerationOptions and the service, which word the messages.)"""
+        options = GenerationOptions.from_temperature(max_new_tokens, temperature, top_p, seed)
+        options.validate()  # before the request waits for a slot
+        with admission.slot():  # nothing is read or decoded before: waiting requests hold only the spooled file
+            data = read_upload(image.file, max_upload_bytes)
+            with images.decoded(data, "the uploaded file") as picture:
+                request_id, trace = service.generate([picture], prompt, options=options)
         return trace_summary(request_id, trace)
 
-    @api.get("/v1/visual-relevance/{request_id}")
+    @api.get("/v1/visual-relevance/{request_id}", responses=refusals(400, 404, 503))
     def visual_relevance(request_id: str, threshold: float = 1.0) -> dict:
         with admission.slot():
             relevance = service.visual_relevance(request_id, threshold)
         return {"llr": relevance.llr, "relevant": relevance.relevant}
 
-    @api.get("/v1/attention-overview/{request_id}/{token_index}")
-    def overview(request_id: str, token_index: int) -> dict:
+    @api.get("/v1/attention-overview/{request_id}/{token_index}", responses=refusals(400, 404, 503))
+    def overview(request_id: str, token_index: TokenIndex) -> dict:
         with admission.slot():
             masses = service.attention_overview(request_id, token_index)
         return {name: values.tolist() for name, values in masses.items()}
 
-    @api.post("/v1/reverse-attention")
+    @api.post("/v1/reverse-attention", responses=refusals(400, 404, 503))
     def reverse(body: ReverseRequest) -> dict:
         with admission.slot():
             scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
         return {"scores": scores.tolist()}
 
-    @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response,
-             responses={200: {"content": {"application/zip": {}}}})
-    def export(request_id: str, token_index: int, kind: str, options: str = "{}") -> Response:
+    @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response, responses={
+        200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+        **refusals(400, 404, 503)})
+    def export(request_id: str, token_index: TokenIndex, kind: ExportKind, options: str = "{}") -> Response:
         """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML);
         `options`: the methods' options as JSON, {"cleann": {"head": 0}}."""
         try:
@@ -260,20 +435,20 @@ def create_api(service: ExplainService, admission: Admission | None = None,
                     archive.write(path, arcname=Path(path).name)
         return Response(buffer.getvalue(), media_type="application/zip")
 
-    @api.post("/v1/explain")
+    @api.post("/v1/explain", responses=refusals(400, 404, 503))
     def explain(body: ExplainRequest) -> dict:
         with admission.slot():
             explanation = service.explain(body.request_id, body.method, body.token_index, **body.options)
         return explanation_json(explanation)
 
     # --- the analyses of Neo et al., next to the model --------------------------------------------------------
-    @api.post("/v1/logit-lens")
+    @api.post("/v1/logit-lens", responses=refusals(400, 404, 503))
     def lens(body: LogitLensRequest) -> dict:
         """Top-k tokens of every patch of the first image after every LM layer."""
         with admission.slot():
             return service.logit_lens(body.request_id, body.k).to_json()
 
-    @api.post("/v1/analysis-tokens")
+    @api.post("/v1/analysis-tokens", responses=refusals(400, 404, 503))
     def analysis_tokens(body: TokenSetRequest) -> dict:
         """Positions of a token set: object (a box x0,y0,x1,y1 with a cell buffer), register, random (k, seed) or
         top (k, method)."""
@@ -281,13 +456,13 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         with admission.slot():
             return {"positions": service.analysis_tokens(body.request_id, body.kind, body.token_index, **selection)}
 
-    @api.post("/v1/ablate")
+    @api.post("/v1/ablate", responses=refusals(400, 404, 503))
     def ablation(body: AblationRequest) -> dict:
         """Mean (over the example scenes) or zero ablation of image tokens; the answer is regenerated."""
         with admission.slot():
             return service.ablate(body.request_id, body.positions, body.token_index, body.replacement).to_json()
 
-    @api.post("/v1/knockout")
+    @api.post("/v1/knockout", responses=refusals(400, 404, 503))
     def attention_knockout(body: KnockoutRequest) -> dict:
         """Attention from the token's predicting position to the positions blocked per layer window."""
         with admission.slot():
@@ -299,10 +474,16 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 def serving_api(model: str, device: str = "auto", hosted: bool = False, cache_mb: int = 1024, concurrency: int = 1,
                 queue: int = 16) -> FastAPI:
     """The backend as `python -m lvlm_interpret serve` runs it, its model loaded (a bad one fails here); `hosted`
-    applies configs/hosted.json (allowed models, answer length, upload size, concurrency, queue, time limit)."""
+    applies configs/hosted.json (allowed models, answer length, upload size and image pixels, memory for images in
+    flight, concurrency, queue, time limit, requests per minute per client)."""
     limits = hosted_limits() if hosted else {}
     service = hosted_service(model, limits, device=device) if hosted else ExplainService(
         default_model=model, cache_bytes=cache_mb * 2 ** 20, device=device)
     service.model()
-    return create_api(service, Admission(limits.get("concurrency", concurrency), limits.get("queue", queue)),
-                      max_upload_bytes=int(limits["max_upload_mb"] * 2 ** 20) if hosted else MAX_UPLOAD_BYTES)
+    admission = Admission(limits.get("concurrency", concurrency), limits.get("queue", queue))
+    if not hosted:
+        return create_api(service, admission)
+    return create_api(service, admission, max_upload_bytes=int(limits["max_upload_mb"] * 2 ** 20),
+                      images=ImageBudget(limits["max_image_pixels"], limits["image_memory_mb"] * 2 ** 20,
+                                         admission.wait_s),
+                      rate_limiter=RateLimiter(limits["rate_limit_per_minute"]))

@@ -38,8 +38,8 @@ HOSTED_CONFIG = CONFIGS_DIR / "hosted.json"
 
 
 def hosted_limits() -> dict:
-    """The hosted mode's limits (configs/hosted.json): models, max_new_tokens, max_upload_mb, concurrency, queue,
-    timeout_s, cache_mb."""
+    """The hosted mode's limits (configs/hosted.json): models, max_new_tokens, max_upload_mb, max_image_pixels,
+    image_memory_mb, rate_limit_per_minute, concurrency, queue, timeout_s, cache_mb."""
     return json.loads(HOSTED_CONFIG.read_text())
 
 

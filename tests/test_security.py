@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from gradio_client import Client, handle_file
 
+import lvlm_interpret.server as server_module
 import lvlm_interpret.service as service_module
 from app import launch
 from lvlm_interpret import ExplainService, GenerationOptions, UserInputError, load_model
@@ -68,8 +69,10 @@ def hosted_app(hosted):
 
 
 @pytest.fixture(scope="module")
-def hosted_http(loads):
-    """The HTTP backend as `python -m lvlm_interpret serve --hosted` serves it."""
+def hosted_http(loads, monkeypatch_module):
+    """The HTTP backend as `python -m lvlm_interpret serve --hosted` serves it, but for its rate limit (the probes
+    below are hundreds of requests; tests/test_server_limits.py tests the limit)."""
+    monkeypatch_module.setattr(server_module, "hosted_limits", lambda: {**LIMITS, "rate_limit_per_minute": 10 ** 6})
     return TestClient(serving_api("any/hub-id-asked-for", device="cpu", hosted=True))
 
 
@@ -174,7 +177,7 @@ def test_uploads_and_answers_are_capped(hosted_app, hosted_http):
     assert response.json()["error"] == f"the upload is larger than {LIMITS['max_upload_mb']} MB: upload a smaller file"
     just_over = hosted_http.post("/v1/generate", files={"image": ("big.png", too_big[:limit + 1], "image/png")},
                                  data={"prompt": "Describe the image."})
-    assert just_over.status_code == 400
+    assert just_over.status_code == 413
     assert f"larger than {LIMITS['max_upload_mb']} MB: upload a smaller file" in just_over.json()["error"]
     refused = httpx.post(hosted_app + "/gradio_api/upload", files={"files": ("big.png", too_big, "image/png")},
                          timeout=60)

@@ -138,7 +138,7 @@ def test_exports_over_http_match_the_in_process_ones(http, service, tmp_path):
             remote.export(request_id, 1, "request", tmp_path / "bad", options)
     response = http.get(f"/v1/export/{request_id}/1/request", params={"options": "{not json"})
     assert response.status_code == 400 and "options must be JSON" in response.json()["error"]
-    with pytest.raises(UserInputError, match="unknown export"):
+    with pytest.raises(UserInputError, match="unknown kind 'zip': choose one of 'png', 'request' or 'report'"):
         remote.export(request_id, 1, "zip", tmp_path / "bad")
     with pytest.raises(UserInputError):  # a path in place of the kind never reaches the file system
         remote.export(request_id, 1, "../../etc", tmp_path / "bad")
@@ -169,7 +169,7 @@ def test_analyses_over_http_match_the_in_process_ones(http, service):
 
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/analysis-tokens", {"kind": "object", "mask": [[1]]}, "mask: Extra inputs are not permitted"),
-    ("/v1/analysis-tokens", {"kind": "blob"}, "unknown token set 'blob'"),
+    ("/v1/analysis-tokens", {"kind": "blob"}, "unknown kind 'blob': choose one of 'object', 'register'"),
     ("/v1/ablate", {"positions": [0], "replacement": "zero"}, "image-token positions"),
     ("/v1/ablate", {"positions": [40], "replacement": "noise"}, "unknown replacement"),
     ("/v1/knockout", {"positions": [40], "windows": ["sideways"]}, "sideways"),

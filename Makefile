@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 7860
 
-.PHONY: run test browser clean gpu-check
+.PHONY: run test browser clean gpu-check soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ gpu-check: $(VENV)/.dev
 		--out test-artifacts/gpu-check/qwen2_vl-2b.json
 	$(BIN)/python -m lvlm_interpret bench-report test-artifacts/gpu-check/llava-7b.json \
 		test-artifacts/gpu-check/qwen2_vl-2b.json --written-by "make gpu-check" --out docs/results-gpu.md
+
+# Not in `make test`: 10 minutes of mixed requests from 4 clients against the HTTP backend in hosted-like bounds;
+# errors, latency percentiles and RSS over time go to docs/soak/ (README.md, rss.html, soak.json).
+soak: $(VENV)/.dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lvlm_interpret.soak --minutes 10 --clients 4 --out docs/soak
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -24,6 +24,7 @@ from lvlm_interpret import DEFAULT_MODEL, ExplainBackend, ExplainService, UserIn
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
 from lvlm_interpret.models.loading import quiet_loading_logs
+from lvlm_interpret.ratelimit import RateLimiter
 from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
@@ -48,7 +49,17 @@ def _user_errors(handler):
     return wrapped
 
 
-def build_app(service: ExplainBackend) -> gr.Blocks:
+def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) -> gr.Blocks:
+    """The page on `service`; `rate_limiter` (hosted mode) bounds each client address's generations, token clicks
+    and method choices per minute."""
+
+    def check_rate(request: gr.Request | None) -> None:
+        if rate_limiter is None or request is None or request.client is None:
+            return
+        wait = rate_limiter.retry_after(request.client.host)
+        if wait is not None:
+            raise UserInputError(rate_limiter.message(wait))
+
     # uploads and shown files are copied into Gradio's cache: a long-running page clears what is an hour old
     with gr.Blocks(title="lvlm_interpret", delete_cache=(600, 3600)) as demo:
         gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
@@ -94,7 +105,9 @@ def build_app(service: ExplainBackend) -> gr.Blocks:
         @gpu
         @_user_errors
         def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, method=None, map_name=None,
-                        cleann_layer=None, cleann_head=None, relevancy_vision=None, progress=gr.Progress()):
+                        cleann_layer=None, cleann_head=None, relevancy_vision=None, progress=gr.Progress(),
+                        request: gr.Request = None):
+            check_rate(request)
             progress(0.1, desc="generating")
             request_id, trace = run_generation(service, image, prompt, model, max_new_tokens, temperature, top_p)
             state = {"request_id": request_id, "image": prepare_image(image), "token": 0}
@@ -108,9 +121,10 @@ def build_app(service: ExplainBackend) -> gr.Blocks:
         @gpu
         @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
-                      relevancy_vision, event: gr.SelectData):
+                      relevancy_vision, event: gr.SelectData, request: gr.Request = None):
             if not state:
                 raise UserInputError("generate an answer first")
+            check_rate(request)
             state = {**state, "token": int(event.index)}
             return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
                                          cleann_head, relevancy_vision))
@@ -137,7 +151,9 @@ def build_app(service: ExplainBackend) -> gr.Blocks:
             return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation)
 
         @_user_errors
-        def on_method(state, method, map_name, cleann_layer, cleann_head, relevancy_vision):
+        def on_method(state, method, map_name, cleann_layer, cleann_head, relevancy_vision,
+                      request: gr.Request = None):
+            check_rate(request)
             if not state:
                 return (None, gr.Dropdown(), gr.Dropdown(visible=method == "cleann"),
                         gr.Dropdown(visible=method == "cleann"), gr.Checkbox(visible=method == "relevancy"), "", None,
@@ -211,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 def launch(service: ExplainBackend, limits: dict, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            concurrency: int = 1, queue: int = 64, block: bool = True) -> gr.Blocks:
     """Serve the page; hosted `limits` (empty: none) set concurrency, queue size and upload size."""
-    demo = build_app(service).queue(default_concurrency_limit=limits.get("concurrency", concurrency),
+    limiter = RateLimiter(limits["rate_limit_per_minute"]) if limits.get("rate_limit_per_minute") else None
+    demo = build_app(service, limiter).queue(default_concurrency_limit=limits.get("concurrency", concurrency),
                                     max_size=limits.get("queue", queue))
     demo.launch(server_name=host, server_port=port, share=share, css=CSS, prevent_thread_lock=not block,
                 max_file_size=f"{limits['max_upload_mb']}mb" if limits else None, quiet=not block)

@@ -77,7 +77,7 @@ class RemoteService:
         self._requests = ByteBoundedCache(requests_bytes)
         health = self._call("GET", "/v1/health")
         self.default_model = health["default_model"]
-        self.allowed_models: list[str] | None = health.get("models")
+        self.allowed_models: list[str] = health["models"]  # the backend answers with these and no other
         self.max_new_tokens: int | None = health.get("max_new_tokens")
 
     def _send(self, verb: str, path: str, **kwargs) -> httpx.Response:
@@ -115,12 +115,15 @@ class RemoteService:
     def generate(self, images, prompt: str, model: str | None = None, options: GenerationOptions | None = None):
         if len(images) != 1:
             raise UserInputError("the HTTP backend takes one image per request")
+        if model is not None and model not in self.allowed_models:
+            raise UserInputError(f"model {model!r} is not offered by the backend; choose one of "
+                                 f"{', '.join(self.allowed_models)}")
         options = options or GenerationOptions()
         buffer = io.BytesIO()
         images[0].save(buffer, format="PNG")
         form = {"prompt": prompt, "max_new_tokens": str(options.max_new_tokens),
                 "temperature": str(options.temperature if options.do_sample else 0), "top_p": str(options.top_p),
-                "seed": str(options.seed)}
+                "seed": str(options.seed), "model": model or self.default_model}
         inputs = {"files": {"image": ("image.png", buffer.getvalue(), "image/png")}, "data": form}
         summary = self._call("POST", "/v1/generate", **inputs)
         trace = RemoteTrace(

@@ -31,7 +31,7 @@ from .analysis.knockout import WINDOWS
 from .analysis.token_sets import KINDS as TOKEN_SETS
 from .capture import MAX_SEED, GenerationOptions
 from .errors import ServiceBusyError, TooLargeError, UnknownRequestError, UserInputError
-from .export import EXPORT_KINDS
+from .export import EXPORT_KINDS, answer_record
 from .images import MAX_PIXELS, decode_image
 from .methods import METHODS
 from .methods.attention import AGGREGATIONS
@@ -256,17 +256,15 @@ class KnockoutRequest(BaseModel):
 
 
 def trace_summary(request_id: str, trace) -> dict:
-    """What a front end needs about a generation (no tensors)."""
+    """What a front end needs about a generation (no tensors): result.json's answer record, and what a TraceView
+    reads."""
     return {
         "request_id": request_id,
-        "model": trace.model_name,
-        "prompt": trace.prompt,
-        "answer": trace.answer,
+        **answer_record(trace),
         "answer_texts": trace.answer_texts,
         "token_texts": trace.token_texts,
         "prompt_length": trace.prompt_length,
         "answer_ids": trace.answer_ids,
-        "answer_logprobs": trace.answer_logprobs.tolist(),
         "images": [layout.to_json() for layout in trace.images],
         "n_layers": trace.n_layers,
         "n_heads": trace.n_heads,
@@ -371,10 +369,14 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     api.openapi = openapi
 
+    # a request names one of these (over the network, never an arbitrary hub id or local folder)
+    offered_models = service.allowed_models or [service.default_model]
+
     @api.get("/v1/health")
     def health() -> dict:
         """Liveness, plus the figures an operator watches: bytes held for requests and requests in progress."""
-        return {"status": "ok", "default_model": service.default_model, "memory": service.memory(),
+        return {"status": "ok", "default_model": service.default_model, "models": offered_models,
+                "max_new_tokens": service.max_new_tokens, "memory": service.memory(),
                 "in_progress": admission.admitted}
 
     @api.get("/v1/methods")
@@ -388,15 +390,19 @@ def create_api(service: ExplainService, admission: Admission | None = None,
                  temperature: float = Form(0.0, json_schema_extra={"anyOf": [{"const": 0}, {"minimum": 0.01,
                                                                                              "maximum": 10}]}),
                  top_p: float = Form(1.0, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1}),
-                 seed: int = Form(0, json_schema_extra={"minimum": 0, "maximum": MAX_SEED})) -> dict:
-        """Greedy when temperature is 0, else sampled with `top_p` and `seed`. (The ranges in the schema are checked
-        by GenerationOptions and the service, which word the messages.)"""
+                 seed: int = Form(0, json_schema_extra={"minimum": 0, "maximum": MAX_SEED}),
+                 model: str | None = Form(None, json_schema_extra={"enum": offered_models})) -> dict:
+        """Greedy when temperature is 0, else sampled with `top_p` and `seed`; `model`: one of /v1/health's
+        `models` (default: its `default_model`). (The ranges in the schema are checked by GenerationOptions and the
+        service, which word the messages.)"""
         options = GenerationOptions.from_temperature(max_new_tokens, temperature, top_p, seed)
         options.validate()  # before the request waits for a slot
+        if model is not None and model not in offered_models:
+            raise UserInputError(f"model {model!r} is not offered here; choose one of {', '.join(offered_models)}")
         with admission.slot():  # nothing is read or decoded before: waiting requests hold only the spooled file
             data = read_upload(image.file, max_upload_bytes)
             with images.decoded(data, "the uploaded file") as picture:
-                request_id, trace = service.generate([picture], prompt, options=options)
+                request_id, trace = service.generate([picture], prompt, model=model, options=options)
         return trace_summary(request_id, trace)
 
     @api.get("/v1/visual-relevance/{request_id}", responses=refusals(400, 404, 503))

@@ -113,3 +113,37 @@ def test_every_page_handler_shows_the_same_on_both_backends(backends):
                 np.testing.assert_array_equal(x, y, err_msg=key)
         else:
             assert a == b, key
+
+
+def test_the_page_on_a_backend_offers_only_the_backends_models(backends):
+    remote = backends["http"]
+    assert remote.allowed_models == ["random:llava"]
+    page = build_app(remote)
+    (dropdown,) = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "model"]
+    assert [value for _, value in dropdown.choices] == ["random:llava"]
+    (on_generate,) = _handlers(page, "on_generate")
+    with pytest.raises(gr.Error, match="'random:qwen2_vl' is not offered by the backend; choose one of random:llava"):
+        on_generate(make_scene(), "Describe the image.", "random:qwen2_vl", 4, 0, 1, progress=NO_PROGRESS)
+    over_http = remote._client.post("/v1/generate", files={"image": ("s.png", b"x", "image/png")},
+                                    data={"prompt": "Describe the image.", "model": "/etc"})
+    assert over_http.status_code == 400 and "not offered here" in over_http.json()["error"]
+
+
+def test_the_hosted_page_limits_each_client_address(backends):
+    from types import SimpleNamespace
+
+    from lvlm_interpret.ratelimit import RateLimiter
+
+    page = build_app(backends["in-process"], RateLimiter(2))
+    (on_generate,) = _handlers(page, "on_generate")
+
+    def generate(address):
+        client = SimpleNamespace(client=SimpleNamespace(host=address))
+        return on_generate(make_scene(), "Describe the image.", "random:llava", 2, 0, 1, progress=NO_PROGRESS,
+                           request=client)
+
+    generate("10.0.0.1")
+    generate("10.0.0.1")
+    with pytest.raises(gr.Error, match="[Tt]oo many requests"):
+        generate("10.0.0.1")
+    assert generate("10.0.0.2")[1]  # another address is served

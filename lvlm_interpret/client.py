@@ -99,7 +99,13 @@ class RemoteService:
         try:
             return send(request.backend_id)
         except UnknownRequestError:
-            summary = self._call("POST", "/v1/generate", **request.inputs)
+            try:
+                summary = self._call("POST", "/v1/generate", **request.inputs)
+            except ServiceBusyError:
+                raise
+            except UserInputError as error:  # e.g. restarted with other models
+                raise UserInputError(f"the backend was restarted and no longer takes this request ({error}): "
+                                     "generate again") from None
             if summary["answer_ids"] != request.trace.answer_ids:
                 raise UserInputError("the backend was restarted and now answers differently: generate again") \
                     from None
@@ -123,7 +129,7 @@ class RemoteService:
         images[0].save(buffer, format="PNG")
         form = {"prompt": prompt, "max_new_tokens": str(options.max_new_tokens),
                 "temperature": str(options.temperature if options.do_sample else 0), "top_p": str(options.top_p),
-                "seed": str(options.seed), "model": model or self.default_model}
+                "seed": str(options.seed), **({"model": model} if model else {})}
         inputs = {"files": {"image": ("image.png", buffer.getvalue(), "image/png")}, "data": form}
         summary = self._call("POST", "/v1/generate", **inputs)
         trace = RemoteTrace(

@@ -79,12 +79,19 @@ def backend_app_url():
 
 
 def _shown_image(page, selector) -> np.ndarray:
-    src = page.locator(f"{selector} img").get_attribute("src")
-    data = page.request.get(src).body() if not src.startswith("data:") else None
-    if data is None:
-        import base64
-        data = base64.b64decode(src.split(",", 1)[1])
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    from playwright.sync_api import Error as PlaywrightError
+
+    for attempt in range(3):  # a picture replaced while it is fetched aborts the fetch: read the new one
+        src = page.locator(f"{selector} img").get_attribute("src")
+        if src.startswith("data:"):
+            import base64
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+        try:
+            return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+        except PlaywrightError:
+            if attempt == 2:
+                raise
+            page.wait_for_timeout(500)
 
 
 def test_upload_generate_and_click_tokens(app_url, tmp_path):

@@ -103,11 +103,15 @@ def test_the_http_backend_serves_only_its_model(hosted_http, loads):
     form = {"prompt": "What color is the circle?", "max_new_tokens": "4", "model": "nobody/arbitrary-hub-model"}
     response = hosted_http.post("/v1/generate", files={"image": ("s.png", _png(make_scene()), "image/png")},
                                 data=form)
-    assert response.status_code == 200 and response.json()["model"] == "demo"  # no model field: never another
+    assert response.status_code == 400 and "not offered here; choose one of demo" in response.json()["error"]
+    form["model"] = "demo"
+    response = hosted_http.post("/v1/generate", files={"image": ("s.png", _png(make_scene()), "image/png")},
+                                data=form)
+    assert response.status_code == 200 and response.json()["model"] == "demo"
     generate = hosted_http.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]
     schema_ref = generate["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
     fields = hosted_http.get("/openapi.json").json()["components"]["schemas"][schema_ref]["properties"]
-    assert "model" not in fields
+    assert "demo" in str(fields["model"]) and "arbitrary" not in str(fields["model"])  # the schema lists the offer
     assert set(loads) <= {"demo"}
 
 

@@ -52,7 +52,7 @@ def test_unknown_models_name_what_was_looked_for(tmp_path):
 
 
 def test_bad_generation_options_are_user_errors():
-    for options in (GenerationOptions(max_new_tokens=0), GenerationOptions(temperature=0),
+    for options in (GenerationOptions(max_new_tokens=0), GenerationOptions(do_sample=True, temperature=0),
                     GenerationOptions(top_p=1.5)):
         with pytest.raises(UserInputError):
             options.validate()

@@ -11,7 +11,7 @@ import functools
 
 import gradio as gr
 
-from components import analysis_panel, comparison_panel, token_strip
+from components import analysis_panel, comparison_panel, linked_views, request_status, token_strip
 from components.attention_panel import (
     AttentionPanel, control_choices, overview_selection, render_views, reverse_view,
 )
@@ -20,6 +20,8 @@ from components.generation import GenerationPanel, run_generation
 from components.method_panel import (
     MethodPanel, method_controls, method_names, panel_options, render_method,
 )
+from components.trust_panel import TrustPanel, render_trust
+from components.trust_panel import cleared as trust_cleared
 from lvlm_interpret import DEFAULT_MODEL, ExplainBackend, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
@@ -72,16 +74,21 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             with gr.Column(scale=3):
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 tokens = token_strip.build()
+                status = request_status.build()
+                export_panel = ExportPanel.build()
                 with gr.Tabs():
                     with gr.Tab("Attention"):
                         attention = AttentionPanel.build()
+                    with gr.Tab("Linked views"):
+                        linked = linked_views.build()
                     with gr.Tab("Relevancy / TAM / CLEANN"):
                         explanation = MethodPanel.build()
                     with gr.Tab("Side by side"):
                         comparison = comparison_panel.build()
                     with gr.Tab("Analyses"):
                         analysis = analysis_panel.AnalysisPanel.build()
-                export_panel = ExportPanel.build()
+                    with gr.Tab("Which map to trust"):
+                        trust = TrustPanel.build()
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name, *own_controls):
             trace = service.trace(state["request_id"])
@@ -90,7 +97,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                                  aggregation, ignore_top)
             method_views = _method_views(state, method, map_name, *own_controls)
             tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
-                                                       options=panel_options(trace, *own_controls))
+                                                       options=panel_options(trace, *own_controls), layer=layer,
+                                                       head=head, aggregation=aggregation, ignore_top=ignore_top)
             return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
 
         def _method_views(state, method, map_name, *own_controls):
@@ -99,8 +107,9 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             picture, names, shown, summary, bars, graph = render_method(
                 service, state["request_id"], state["image"], state["token"], method, map_name,
                 panel_options(trace, *own_controls).get(method, {}))
+            # the text scores and CLEANN's graph only where the method has them
             return (picture, gr.Dropdown(choices=names, value=shown), *method_controls(trace, method, *own_controls),
-                    summary, bars, graph)
+                    summary, gr.Plot(bars, visible=bars is not None), gr.Plot(graph, visible=graph is not None))
 
         @gpu
         @_user_errors
@@ -180,13 +189,30 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
                           [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
-        tokens.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs],
-                      concurrency_id=views)
+        clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls()],
+                                [session, *token_outputs], concurrency_id=views)
         for control in attention.controls():
             control.change(on_controls, [session, *attention.controls()], attention.views(), concurrency_id=views)
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
+
+        @gpu
+        @_user_errors
+        def on_linked_views(state, layer, head, aggregation):
+            if not state:
+                return None
+            return linked_views.payload(service, state["request_id"], state["image"], layer, head, aggregation)
+
+        # the cheap maps of every token go to the page once per request and per attention setting; a click there
+        # pins the token like a click in the answer strip
+        linked_inputs = [session, attention.layer, attention.head, attention.aggregation]
+        generated.success(on_linked_views, linked_inputs, linked)
+        for control in linked_inputs[1:]:
+            control.change(on_linked_views, linked_inputs, linked, concurrency_id=views)
+        linked.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs],
+                      concurrency_id=views)
+        generation.image.change(lambda: None, None, linked)
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
@@ -194,6 +220,38 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
         export_panel.request.click(exporter("request"), export_inputs, export_panel.files)
         export_panel.report.click(exporter("report"), export_inputs, export_panel.files)
+
+        # what the views show, and what no longer applies: a new answer clears the last one's reverse view,
+        # exports and analyses; a new image clears every view; an edited prompt marks them stale
+        def on_new_answer(state):
+            return request_status.describe(service, state), None, None, "", None, ""
+
+        generated.success(_user_errors(on_new_answer), session, [status, attention.reverse, export_panel.files,
+                                                                 analysis.summary, analysis.drops, analysis.box])
+        clicked.success(_user_errors(lambda state: request_status.describe(service, state)), session, status)
+
+        def on_new_image():
+            return ({}, "", None, request_status.NOTHING_YET, None, None, None, None, None, "", None, None, [], None,
+                    None, "", None, None, *trust_cleared())
+
+        generation.image.change(on_new_image, None, [
+            session, answer, tokens, status, *attention.views(), attention.reverse, explanation.image,
+            explanation.summary, explanation.text_scores, explanation.graph, comparison, export_panel.files,
+            analysis.tokens, analysis.summary, analysis.drops, analysis.lens, *trust.outputs()], concurrency_id=views)
+        @gpu
+        @_user_errors
+        def on_trust(state, cleann_layer, cleann_head, relevancy_vision, progress=gr.Progress()):
+            if not state:
+                raise UserInputError("generate an answer first")
+            progress(0.1, desc="replaying the model on masked images")
+            trace = service.trace(state["request_id"])
+            return render_trust(service, state, panel_options(trace, cleann_layer, cleann_head, relevancy_vision))
+
+        trust.button.click(on_trust, [session, *explanation.own_controls()], trust.outputs(), concurrency_id=views)
+        for event in (generated, clicked):  # another token's judgement is not this one's
+            event.success(trust_cleared, None, trust.outputs())
+        generation.prompt.input(_user_errors(lambda state, prompt: request_status.stale(state, service, prompt)),
+                                [session, generation.prompt], status)
     return demo
 
 

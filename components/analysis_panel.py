@@ -13,11 +13,11 @@ from PIL import Image
 from lvlm_interpret import ExplainBackend, UserInputError
 from lvlm_interpret.analysis.knockout import WINDOWS, knockout_figure
 from lvlm_interpret.analysis.token_sets import positions_to_cells
-from lvlm_interpret.rendering import blend, overlay, plotly_heatmap
+from lvlm_interpret.rendering import blend, overlay, plotly_heatmap, token_word
 
 from .method_panel import method_names
 
-SETS = {"object (box)": "object", "register-like (high norm)": "register", "random k": "random",
+SETS = {"object (box)": "object", "high-norm tokens (register-like)": "register", "random k": "random",
         "top k of a method": "top"}
 LENS_TOP_K = 5
 
@@ -50,10 +50,10 @@ class AnalysisPanel:
                 box = gr.Textbox(label="Box", placeholder="x0,y0,x1,y1", elem_id="analysis-box")
             with gr.Row():
                 buffer = gr.Slider(0, 2, value=0, step=1, label="Patch buffer")
-                k = gr.Number(value=10, precision=0, label="k")
-                seed = gr.Number(value=0, precision=0, label="Seed (random)")
+                k = gr.Number(value=10, precision=0, label="k", visible=False)
+                seed = gr.Number(value=0, precision=0, label="Seed (random)", visible=False)
                 names = method_names()
-                method = gr.Dropdown(names, value=names[0], label="Method (top k)")
+                method = gr.Dropdown(names, value=names[0], label="Method (top k)", visible=False)
             with gr.Row():
                 replacement = gr.Radio(["mean", "zero"], value="mean", label="Ablation",
                                        info="mean: the mean embedding of the example scenes")
@@ -129,12 +129,24 @@ def lens_figure(service: ExplainBackend, state: dict, layer: int):
     slot = int(np.clip(layer, 0, len(lens.layers) - 1))
     top_prob = lens.probs[slot, :, 0].reshape(lens.rows, lens.cols)
     figure = plotly_heatmap(state["image"], top_prob, trace.images[0],
-                            title=f"Logit lens, layer {lens.layers[slot]}: top-1 probability")
-    hover = np.array([["<br>".join(f"{text.strip() or repr(text)} {p:.3f}" for text, p in lens.cell(slot, r, c))
-                       for c in range(lens.cols)] for r in range(lens.rows)], dtype=object)
-    figure.update_traces(text=hover, hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>%{text}"
-                                                   "<extra></extra>")
+                            title=f"Logit lens after layer {lens.layers[slot]}: each patch's most likely next word "
+                                  "(colour: its probability)")
+    cells = [[lens.cell(slot, r, c) for c in range(lens.cols)] for r in range(lens.rows)]
+    top_words = np.array([[token_word(cell[0][0]) for cell in row] for row in cells], dtype=object)
+    hover = np.array([["<br>".join(f"{token_word(text)} {p:.3f}" for text, p in cell) for cell in row]
+                      for row in cells], dtype=object)
+    figure.update_traces(text=top_words, texttemplate="%{text}", hovertext=hover,
+                         hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>%{hovertext}<extra></extra>",
+                         selector=dict(type="heatmap"))
     return figure
+
+
+def selection_controls(token_set: str) -> tuple:
+    """Only the settings the chosen token set reads: a box and its buffer, or k with a seed or a method."""
+    kind = SETS.get(token_set)
+    return (gr.Textbox(visible=kind == "object"), gr.Slider(visible=kind == "object"),
+            gr.Number(visible=kind in ("random", "top")), gr.Number(visible=kind == "random"),
+            gr.Dropdown(visible=kind == "top"))
 
 
 def box_click(box: str, x: float, y: float) -> str:
@@ -157,8 +169,11 @@ def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
     panel.knockout.click(user_errors(lambda state, windows, *selection: run_knockout(
         service, state, windows, *selection)), [session, panel.windows, *panel.selection()],
         [panel.tokens, panel.summary, panel.drops])
-    panel.layer.release(user_errors(lambda state, layer: lens_figure(service, state, layer)),
-                        [session, panel.layer], panel.lens)
+    # change, not release: arrow keys move the slider too
+    panel.layer.change(user_errors(lambda state, layer: lens_figure(service, state, layer) if state else None),
+                       [session, panel.layer], panel.lens)
+    panel.token_set.change(selection_controls, panel.token_set, [panel.box, panel.buffer, panel.k, panel.seed,
+                                                                 panel.method])
 
     def on_click(box, event: gr.SelectData):
         return box_click(box, *event.index)

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from lvlm_interpret import ExplainBackend, UserInputError
-from lvlm_interpret.rendering import blend, cell_at, grid_picture, overlay, plotly_heatmap
+from lvlm_interpret.rendering import (
+    blend, cell_at, colour_bar, grid_picture, overlay, plotly_heatmap, token_word,
+)
 
 ALL = "all"
-OVERVIEW_CELL_PX = 24
+OVERVIEW_CELL_PX = 32
+# the overview's grid starts after the layer labels (left) and the head labels (top)
+OVERVIEW_LEFT_PX, OVERVIEW_TOP_PX = 64, 40
 
 
 @dataclass
@@ -42,9 +46,10 @@ class AttentionPanel:
                                          show_legend=False, interactive=False, elem_id="reverse-view")
             with gr.Accordion("Interactive heatmap (hover for cell and value)", open=False):
                 heatmap = gr.Plot(elem_id="attention-heatmap")
-            overview = gr.Image(type="pil", label="Layer x head attention mass on the image (rows: layers, "
-                                                  "columns: heads; click to select)", interactive=False,
-                                format="png", elem_id="attention-overview")
+            gr.Markdown("**Layer x head overview**: the share of the token's attention that lands on the image, "
+                        "per layer (rows) and head (columns); click a cell to show that layer and head.")
+            overview = gr.Image(type="pil", show_label=False, interactive=False, format="png",
+                                elem_id="attention-overview")
         return cls(layer, head, aggregation, ignore_top, image, heatmap, overview, reverse)
 
     def controls(self) -> list:
@@ -74,15 +79,48 @@ def render_views(service: ExplainBackend, request_id: str, image: Image.Image, t
     picture = render_attention(service, request_id, image, token_index, layer, head, aggregation, ignore_top)
     grid = service.explain(request_id, "attention", token_index, layers=layer, heads=head,
                            aggregation=aggregation).maps[0]
-    layout = service.trace(request_id).images[0]
-    figure = plotly_heatmap(image, grid, layout, title=f"token {token_index}, layer {layer}, head {head}")
-    overview = grid_picture(service.attention_overview(request_id, token_index)["image"], OVERVIEW_CELL_PX)
+    trace = service.trace(request_id)
+    word = token_word(trace.answer_texts[token_index])
+    figure = plotly_heatmap(image, grid, trace.images[0], title=f"{word}: attention, layers {layer}, heads {head}, "
+                                                                 f"{aggregation}")
+    overview = overview_picture(service.attention_overview(request_id, token_index)["image"], layer, head)
     return picture, figure, overview
+
+
+def overview_picture(mass: np.ndarray, layer: str = ALL, head: str = ALL) -> Image.Image:
+    """The [layers, heads] attention mass as cells with their axes, the chosen layer / head outlined and a colour
+    bar from 0 to the largest share."""
+    n_layers, n_heads = mass.shape
+    grid = grid_picture(mass, OVERVIEW_CELL_PX)
+    bar = colour_bar(grid.height, 14)
+    picture = Image.new("RGB", (OVERVIEW_LEFT_PX + grid.width + 80, OVERVIEW_TOP_PX + grid.height + 8), "white")
+    picture.paste(grid, (OVERVIEW_LEFT_PX, OVERVIEW_TOP_PX))
+    picture.paste(bar, (OVERVIEW_LEFT_PX + grid.width + 12, OVERVIEW_TOP_PX))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=12)
+    draw.text((OVERVIEW_LEFT_PX, 4), "head", fill="black", font=font)
+    draw.text((4, OVERVIEW_TOP_PX - 16), "layer", fill="black", font=font)
+    for h in range(n_heads):
+        draw.text((OVERVIEW_LEFT_PX + h * OVERVIEW_CELL_PX + OVERVIEW_CELL_PX // 2, OVERVIEW_TOP_PX - 4), str(h),
+                  fill="black", font=font, anchor="mb")
+    for l in range(n_layers):
+        draw.text((OVERVIEW_LEFT_PX - 6, OVERVIEW_TOP_PX + l * OVERVIEW_CELL_PX + OVERVIEW_CELL_PX // 2), str(l),
+                  fill="black", font=font, anchor="rm")
+    bar_x = OVERVIEW_LEFT_PX + grid.width + 30
+    draw.text((bar_x, OVERVIEW_TOP_PX), f"{float(mass.max()):.2f}", fill="black", font=font, anchor="lt")
+    draw.text((bar_x, OVERVIEW_TOP_PX + grid.height), "0", fill="black", font=font, anchor="lb")
+    layers = range(n_layers) if layer == ALL else [int(layer)]
+    heads = range(n_heads) if head == ALL else [int(head)]
+    if layer != ALL or head != ALL:  # outline what the views show
+        left, top = OVERVIEW_LEFT_PX + min(heads) * OVERVIEW_CELL_PX, OVERVIEW_TOP_PX + min(layers) * OVERVIEW_CELL_PX
+        draw.rectangle((left, top, left + len(heads) * OVERVIEW_CELL_PX - 1, top + len(layers) * OVERVIEW_CELL_PX - 1),
+                       outline="#22d3ee", width=3)
+    return picture
 
 
 def overview_selection(x: int, y: int, n_layers: int, n_heads: int) -> tuple[str, str]:
     """The (layer, head) of a click at pixel (x, y) of the overview picture."""
-    layer, head = y // OVERVIEW_CELL_PX, x // OVERVIEW_CELL_PX
+    layer, head = (y - OVERVIEW_TOP_PX) // OVERVIEW_CELL_PX, (x - OVERVIEW_LEFT_PX) // OVERVIEW_CELL_PX
     if not (0 <= layer < n_layers and 0 <= head < n_heads):
         raise UserInputError("click inside the layer x head grid")
     return str(layer), str(head)

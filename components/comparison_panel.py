@@ -1,4 +1,4 @@
-"""Side by side: the selected token's maps from every method, at one size."""
+"""Side by side: the selected token's maps from every method, at one size, each captioned with its colour bar."""
 
 from __future__ import annotations
 
@@ -6,26 +6,52 @@ import gradio as gr
 from PIL import Image
 
 from lvlm_interpret import METHODS, ExplainBackend
-from lvlm_interpret.rendering import blend, overlay
+from lvlm_interpret.rendering import BACKGROUND, captioned_map, map_caption
 
-TILE = 256
+# Tiles are rendered at the image's own width, at least this wide, so captions read and the enlarged preview is
+# sharp; the gallery scales them down to its columns.
+MIN_TILE_WIDTH = 480
 
 
 def build() -> gr.Gallery:
-    return gr.Gallery(label="All methods for the selected token", columns=4, height="auto", object_fit="contain",
-                      elem_id="comparison")
+    # captions are drawn inside the tiles: the gallery's own caption labels would cover the maps; PNG keeps the
+    # text and the cells sharp (the default WebP blurs them)
+    return gr.Gallery(label="All methods for the selected token", columns=2, height="auto", object_fit="contain",
+                      format="png", elem_id="comparison")
+
+
+def comparison_tiles(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
+                     methods: list[str] | None = None, options: dict[str, dict] | None = None,
+                     layer: str = "all", head: str = "all", aggregation: str = "mean",
+                     ignore_top: int = 0) -> dict[str, Image.Image]:
+    """Every map of every method by name, each a captioned figure with its colour bar, all one size; `options`
+    per method as the method panel set them; attention for the attention panel's `layer`, `head`, `aggregation`
+    and `ignore_top`."""
+    trace = service.trace(request_id)
+    layout, word = trace.images[0], trace.answer_texts[token_index]
+    options = {**(options or {}), "attention": {"layers": layer, "heads": head, "aggregation": aggregation}}
+    width = max(image.width, MIN_TILE_WIDTH)
+    tiles = {}
+    for method in methods or sorted(METHODS):
+        explanation = service.explain(request_id, method, token_index, **options.get(method, {}))
+        for name, maps in explanation.all_maps().items():
+            tiles[name] = captioned_map(image, maps[0], layout, map_caption(word, name, explanation.details),
+                                        width=width, ignore_top=int(ignore_top) if method == "attention" else 0)
+    # captions wrap to different numbers of lines: white below the shorter ones puts every tile at one size
+    height = max(tile.height for tile in tiles.values())
+    return {name: _padded(tile, height) for name, tile in tiles.items()}
+
+
+def _padded(tile: Image.Image, height: int) -> Image.Image:
+    padded = Image.new("RGB", (tile.width, height), BACKGROUND)
+    padded.paste(tile, (0, 0))
+    return padded
 
 
 def render_comparison(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
-                      methods: list[str] | None = None, options: dict[str, dict] | None = None
-                      ) -> list[tuple[Image.Image, str]]:
-    """Every map of every method (`options`: per method, as the method panel set them)."""
-    layout = service.trace(request_id).images[0]
-    tiles = []
-    for method in methods or sorted(METHODS):
-        explanation = service.explain(request_id, method, token_index, **(options or {}).get(method, {}))
-        for name, maps in explanation.all_maps().items():
-            picture = blend(image, overlay(maps[0], layout))
-            picture.thumbnail((TILE, TILE))
-            tiles.append((picture, name))
-    return tiles
+                      methods: list[str] | None = None, options: dict[str, dict] | None = None,
+                      layer: str = "all", head: str = "all", aggregation: str = "mean",
+                      ignore_top: int = 0) -> list[Image.Image]:
+    """The gallery's value: `comparison_tiles` in order."""
+    return list(comparison_tiles(service, request_id, image, token_index, methods, options, layer, head,
+                                 aggregation, ignore_top).values())

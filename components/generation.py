@@ -20,14 +20,26 @@ def examples() -> list[list[str]]:
     """[image path, prompt] pairs of the example scenes shipped in assets/examples."""
     if not EXAMPLES_FILE.is_file():
         return []
-    return [[str(EXAMPLES_FILE.parent / item["image"]), item["prompt"]] for item in json.loads(EXAMPLES_FILE.read_text())]
+    return [[str(EXAMPLES_FILE.parent / item["image"]), item["prompt"]]
+            for item in json.loads(EXAMPLES_FILE.read_text())]
 
 
-def model_choices(default: str, allowed: list[str] | None = None) -> list[str]:
-    """The default first, then the built-in and random presets (only the allowed ones in hosted mode)."""
-    if allowed is not None:
-        return list(dict.fromkeys([default, *allowed]))
-    return list(dict.fromkeys([default, *BUILTIN_MODELS, *(RANDOM_PREFIX + p for p in random_presets())]))
+MODEL_NOTES = {"demo": "demo: 4.4 M parameters, trained here on coloured shapes only; it does not understand "
+                       "photographs"}
+
+
+def model_choices(default: str, allowed: list[str] | None = None) -> list[tuple[str, str]]:
+    """(label, name) pairs: the default first, then the built-in and random presets (only the allowed ones in
+    hosted mode); the labels say what each model is."""
+    names = [default, *allowed] if allowed is not None else \
+        [default, *BUILTIN_MODELS, *(RANDOM_PREFIX + p for p in random_presets())]
+    return [(model_label(name), name) for name in dict.fromkeys(names)]
+
+
+def model_label(name: str) -> str:
+    if name.startswith(RANDOM_PREFIX):
+        return f"{name} (untrained, random weights: for tests)"
+    return MODEL_NOTES.get(name, name)
 
 
 def decoded_by_the_product(image: gr.Image) -> gr.Image:
@@ -67,10 +79,10 @@ class GenerationPanel:
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=1, elem_id="prompt")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             if examples():
-                gr.Examples(examples(), inputs=[image, prompt], label="Example scenes")
-            with gr.Accordion("Model and generation", open=False):
-                model = gr.Dropdown(model_choices(default_model, allowed_models), value=default_model,
-                                    label="Model", elem_id="model")
+                gr.Examples(examples(), inputs=[image, prompt], label="Example scenes (pick one, then Generate)")
+            model = gr.Dropdown(model_choices(default_model, allowed_models), value=default_model,
+                                label="Model", elem_id="model")
+            with gr.Accordion("Generation options", open=False):
                 max_new_tokens = gr.Slider(1, max_new_tokens, value=min(32, max_new_tokens), step=1,
                                            label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")

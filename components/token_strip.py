@@ -11,12 +11,14 @@ VISUAL = "looks at image"
 
 
 def build() -> gr.HighlightedText:
-    return gr.HighlightedText(label="Answer tokens (click one; blue: visually relevant, LLR > 1)",
+    return gr.HighlightedText(label="Answer tokens: click one. Blue: words that depend on seeing the image (their "
+                                    "likelihood drops when the image is blurred)",
                               color_map={SELECTED: "#f59e0b", VISUAL: "#93c5fd"}, show_legend=False,
                               show_inline_category=False, interactive=False, elem_id="answer-tokens")
 
 
-def strip_value(trace: TraceView, selected: int | None, relevant: list[bool] | None = None) -> list[tuple[str, str | None]]:
+def strip_value(trace: TraceView, selected: int | None,
+                relevant: list[bool] | None = None) -> list[tuple[str, str | None]]:
     """One entry per answer token, by position (repeated words stay distinct)."""
     relevant = relevant or [False] * len(trace.answer_texts)
     return [(text if text.strip() else repr(text),

@@ -5,6 +5,7 @@ Python API:
     loaded = load_model("random:llava")
     trace = generate_with_capture(loaded, [image], "Describe the image.")
     explanation = get_method("attention").explain(trace, token_index=0)
+    show(trace, explanation)                    # in a notebook: the map on the image, colour bar, caption
 """
 
 from .backend import ExplainBackend, TraceView
@@ -14,11 +15,12 @@ from .families import FAMILIES, ImageLayout
 from .images import load_image
 from .methods import METHODS, Explanation, get_method
 from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .notebook import show
 from .service import ExplainService
 from .trace import Trace
 
 __all__ = [
     "DEFAULT_MODEL", "FAMILIES", "METHODS", "ExplainBackend", "ExplainService", "Explanation", "GenerationOptions",
     "ImageLayout", "LoadedModel", "Trace", "TraceView", "UserInputError", "generate_with_capture", "get_method",
-    "load_image", "load_model",
+    "load_image", "load_model", "show",
 ]

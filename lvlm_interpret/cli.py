@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--trust-remote-code", action="store_true")
     explain.add_argument("--png", action="store_true", help="also write one overlay PNG per method and token")
     explain.add_argument("--save-trace", action="store_true", help="also write trace.safetensors")
+    explain.add_argument("--trust", action="store_true",
+                         help="also judge the maps of each explained token: deletion / insertion AUC, agreement "
+                              "between maps, the image share of relevancy and a verdict (result.json \"trust\")")
     explain.add_argument("--out", required=True, help="output folder")
 
     evaluate = commands.add_parser("evaluate", help="score explanation methods against ground-truth masks")
@@ -287,9 +290,29 @@ def run_explain(args) -> Path:
     t0 = time.perf_counter()
     relevance = visually_relevant_tokens(loaded, trace, threshold=args.llr_threshold)
     timings["llr"] = time.perf_counter() - t0
+    trust = None
+    if args.trust:
+        t0 = time.perf_counter()
+        trust = _trust(loaded, trace, indices, explanations, method_options.get("relevancy", {}))
+        timings["trust"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    record = request_record(trace, indices, explanations, relevance, method_options, timings)
+    record = request_record(trace, indices, explanations, relevance, method_options, timings, trust)
     return write_request(out, trace, record, explanations, png=args.png, save_trace=args.save_trace)
+
+
+def _trust(loaded, trace, indices: list[int], explanations: dict, relevancy_options: dict) -> dict[int, dict]:
+    """The trust entry of every explained token over the maps the run made (relevancy computed for the image
+    share where it was not asked for)."""
+    from .trust import token_trust
+
+    relevancy = explanations.get("relevancy") or get_method("relevancy").explain_many(
+        trace, indices, model=loaded, **relevancy_options)
+    trust = {}
+    for k, index in enumerate(indices):
+        maps = {name: grids[0] for explained in explanations.values()
+                for name, grids in explained[k].all_maps().items()}
+        trust[index] = token_trust(loaded, trace, index, maps, relevancy[k])
+    return trust
 
 
 def main(argv: list[str] | None = None) -> int:

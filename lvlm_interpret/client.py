@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from . import notebook
 from .analysis.ablation import AblationResult
 from .analysis.knockout import WINDOWS, KnockoutResult
 from .analysis.logit_lens import LogitLens
@@ -47,6 +48,12 @@ class RemoteTrace(AnswerPositions):
     @property
     def n_answer(self) -> int:
         return len(self.answer_ids)
+
+    def __repr__(self) -> str:
+        return notebook.trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.trace_html(self)
 
 
 def _refusal(response: httpx.Response) -> UserInputError:
@@ -161,6 +168,10 @@ class RemoteService:
         body = self._for_request(request_id, lambda backend_id: self._call(
             "GET", f"/v1/visual-relevance/{backend_id}", params={"threshold": threshold}))
         return VisualRelevance(llr=body["llr"], logprob_image=[], logprob_blurred=[], relevant=body["relevant"])
+
+    def trust(self, request_id: str, token_index: int, options: dict | None = None) -> dict:
+        return self._for_request(request_id, lambda backend_id: self._call(
+            "GET", f"/v1/trust/{backend_id}/{token_index}", params={"options": json.dumps(options or {})}))
 
     # --- the analyses, run by the backend next to its model ---------------------------------------------------
     def logit_lens(self, request_id: str, k: int = 5) -> LogitLens:

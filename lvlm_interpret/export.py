@@ -19,7 +19,7 @@ from PIL import Image
 from .errors import UserInputError
 from .methods import METHODS, Explanation
 from .methods.base import check_method_options
-from .rendering import blend, overlay
+from .rendering import captioned_map, map_caption, token_word
 from .backend import TraceView
 from .trace import Trace
 
@@ -54,7 +54,7 @@ def answer_record(trace: TraceView) -> dict:
 
 
 def request_record(trace: Trace, indices: list[int], explanations: dict[str, list[Explanation]], relevance=None,
-                   method_options: dict | None = None, timings: dict | None = None) -> dict:
+                   method_options: dict | None = None, timings: dict | None = None, trust: dict | None = None) -> dict:
     """result.json, the one record of a request for the CLI, the exports and HTTP: `indices`, the tokens whose
     maps are written; CLEANN's sets for the tokens it explained (it may explain fewer)."""
     record = answer_record(trace)
@@ -73,6 +73,8 @@ def request_record(trace: Trace, indices: list[int], explanations: dict[str, lis
     if relevance is not None:
         record["llr"] = [round(value, 6) for value in relevance.llr]
         record["visually_relevant"] = relevance.relevant
+    if trust is not None:
+        record["trust"] = {str(index): entry for index, entry in trust.items()}
     return record
 
 
@@ -87,14 +89,22 @@ def map_arrays(trace: Trace, explanations: dict[str, list[Explanation]]) -> dict
     return arrays
 
 
-def overlay_images(trace: Trace, explanation: Explanation) -> dict[str, Image.Image]:
-    """Every map of one explanation blended over its image, named MAP_tokenT[_imageK]."""
-    pictures = {}
+def captioned_overlays(trace: Trace, explanation: Explanation) -> Iterator[tuple[str, str, Image.Image]]:
+    """(name MAP_tokenT[_imageK], caption, figure) for every map of one explanation: the map blended over its
+    image at the image's size, with the colour bar of its scale and the caption (the token's word, the map,
+    layers / heads when known) below."""
+    several = len(trace.images) > 1
     for map_name, maps in explanation.all_maps().items():
+        caption = map_caption(trace.answer_texts[explanation.token_index], map_name, explanation.details)
         for k, (grid, layout) in enumerate(zip(maps, trace.images)):
-            suffix = "" if len(trace.images) == 1 else f"_image{k}"
-            pictures[f"{map_name}_token{explanation.token_index}{suffix}"] = blend(trace.image(k), overlay(grid, layout))
-    return pictures
+            name = f"{map_name}_token{explanation.token_index}" + (f"_image{k}" if several else "")
+            image_caption = caption + (f" \u00b7 image {k + 1}" if several else "")
+            yield name, image_caption, captioned_map(trace.image(k), grid, layout, image_caption)
+
+
+def overlay_images(trace: Trace, explanation: Explanation) -> dict[str, Image.Image]:
+    """Every map of one explanation as a captioned figure with its colour bar (`captioned_overlays`), by name."""
+    return {name: picture for name, _, picture in captioned_overlays(trace, explanation)}
 
 
 @contextmanager
@@ -146,17 +156,20 @@ def html_report(trace: Trace, token_index: int, explanations: list[Explanation])
         f'<span class="{"token selected" if i == token_index else "token"}">{html.escape(text)}</span>'
         for i, text in enumerate(trace.answer_texts))
     figures = "".join(
-        f'<figure><img src="{_data_uri(picture)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}'
-        "</figcaption></figure>"
-        for explanation in explanations for name, picture in overlay_images(trace, explanation).items())
+        f'<figure><img src="{_data_uri(picture)}" alt="{html.escape(caption)}">'
+        f"<figcaption><code>{html.escape(name)}</code></figcaption></figure>"
+        for explanation in explanations for name, caption, picture in captioned_overlays(trace, explanation))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lvlm_interpret report</title>
 <style>body{{font-family:sans-serif;margin:2em}}.token{{margin-right:.35em;padding:0 .2em}}
-.selected{{background:#f59e0b}}figure{{display:inline-block;margin:.5em}}img{{width:256px}}</style></head>
+.selected{{background:#f59e0b}}figure{{display:inline-block;vertical-align:top;margin:.5em;max-width:100%}}
+img{{display:block;max-width:100%}}</style></head>
 <body><h1>lvlm_interpret report</h1>
 <p><b>Model</b> {html.escape(trace.model_name)}<br><b>Prompt</b> {html.escape(trace.prompt)}<br>
 <b>Answer</b> {html.escape(trace.answer)}</p>
-<p>{tokens}</p><h2>Token {token_index}: {html.escape(trace.answer_texts[token_index])}</h2>{figures}
+<p>{tokens}</p><h2>{html.escape(token_word(trace.answer_texts[token_index]))} (answer token {token_index})</h2>
+<p>Each map is blended over the image; its colour bar gives the scale, from 0 to the map's own maximum.</p>
+{figures}
 </body></html>
 """
 

@@ -255,6 +255,14 @@ class KnockoutRequest(BaseModel):
         f"layer windows: {', '.join(WINDOWS)} (fractions of the depth) or a layer range like 2-5"))
 
 
+def method_options(text: str) -> dict:
+    """The methods' options sent as a JSON query parameter."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise UserInputError("options must be JSON, e.g. {\"cleann\": {\"head\": 0}}") from None
+
+
 def trace_summary(request_id: str, trace) -> dict:
     """What a front end needs about a generation (no tensors): result.json's answer record, and what a TraceView
     reads."""
@@ -423,18 +431,22 @@ def create_api(service: ExplainService, admission: Admission | None = None,
             scores = service.reverse_attention(body.request_id, body.cells, body.layers, body.heads, body.aggregation)
         return {"scores": scores.tolist()}
 
+    @api.get("/v1/trust/{request_id}/{token_index}", responses=refusals(400, 404, 503))
+    def trust(request_id: str, token_index: TokenIndex, options: str = "{}") -> dict:
+        """Which map to believe for the token: every map's deletion / insertion AUC, the agreement of every pair
+        of maps (Spearman, IoU of the top 10% cells), the image share of relevancy and a verdict; `options` as for
+        exports."""
+        with admission.slot():
+            return service.trust(request_id, token_index, method_options(options))
+
     @api.get("/v1/export/{request_id}/{token_index}/{kind}", response_class=Response, responses={
         200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
         **refusals(400, 404, 503)})
     def export(request_id: str, token_index: TokenIndex, kind: ExportKind, options: str = "{}") -> Response:
         """A zip of one export: png (the token's maps), request (result.json + maps.npz) or report (HTML);
         `options`: the methods' options as JSON, {"cleann": {"head": 0}}."""
-        try:
-            parsed = json.loads(options)
-        except ValueError:
-            raise UserInputError("options must be JSON, e.g. {\"cleann\": {\"head\": 0}}") from None
         with tempfile.TemporaryDirectory(prefix="lvlm-export-") as folder, admission.slot():
-            paths = service.export(request_id, token_index, kind, folder, parsed)
+            paths = service.export(request_id, token_index, kind, folder, method_options(options))
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in paths:

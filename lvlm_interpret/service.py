@@ -27,11 +27,13 @@ from .analysis.token_sets import select_tokens
 from .capture import GenerationOptions, generate_with_capture, scoped_hook
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .export import export_files
-from .methods import Explanation, get_method
+from .methods import METHODS, Explanation, get_method
 from .methods.attention import attention_overview, reverse_attention
+from .methods.base import check_method_options
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import CONFIGS_DIR, DEFAULT_MODEL, LoadedModel, load_model
 from .trace import Trace
+from .trust import token_trust
 
 
 HOSTED_CONFIG = CONFIGS_DIR / "hosted.json"
@@ -176,6 +178,21 @@ class ExplainService:
         """Write an export ("png", "request" or "report") of the request into `folder`, with the methods'
         `options` ({method: {name: value}}); returns the paths."""
         return export_files(self, request_id, token_index, kind, folder, options)
+
+    def trust(self, request_id: str, token_index: int, options: dict | None = None) -> dict:
+        """Which map to believe for the token (lvlm_interpret.trust): every method's maps with the methods'
+        `options` ({method: {name: value}}), their deletion / insertion AUCs and agreement, the image share of
+        relevancy, a verdict; cached."""
+        options = check_method_options(options or {})
+        trace = self.trace(request_id)
+        trace.check_token_index(token_index)
+        explanations = {method: self.explain(request_id, method, token_index, **options.get(method, {}))
+                        for method in sorted(METHODS)}
+        maps = {name: grids[0] for explanation in explanations.values()
+                for name, grids in explanation.all_maps().items()}
+        key = ("trust", request_id, token_index, json.dumps(options, sort_keys=True, default=str))
+        return self._computed(key, request_id, lambda loaded, trace: token_trust(
+            loaded, trace, token_index, maps, explanations["relevancy"]), lambda result, trace: 4096)
 
     def visual_relevance(self, request_id: str, threshold: float = 1.0):
         """Which answer tokens depend on seeing the image (LLR, image vs blurred), cached per request."""

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import notebook
 from .errors import UserInputError
 from .families.base import ImageLayout
 
@@ -93,6 +94,13 @@ class Trace(AnswerPositions):
         tensors = [self.input_ids, self.attention, self.hidden, self.answer_logprobs, *self.model_inputs.values(),
                    *self.pixels]
         return sum(t.numel() * t.element_size() for t in tensors) + len(json.dumps(self._metadata()))
+
+    # --- notebook displays --------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return notebook.trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.trace_html(self)
 
     # --- persistence ------------------------------------------------------------------------------------
     def _metadata(self) -> dict:

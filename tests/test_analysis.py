@@ -314,7 +314,10 @@ def test_analysis_panel_shows_the_librarys_results(scene):
     assert analysis_panel.box_click("10,20,50,60", 5, 5) == "5,5"
     lens = service.logit_lens(request_id, analysis_panel.LENS_TOP_K)
     last = trace.n_layers - 1
-    assert slider.maximum == last and figure.data[0].text[0][0].startswith(lens.texts[last][0][0].strip())
+    from lvlm_interpret.rendering import token_word
+
+    assert slider.maximum == last and figure.data[0].text[0][0] == token_word(lens.texts[last][0][0])
+    assert figure.data[0].hovertext[0][0].startswith(token_word(lens.texts[last][0][0]))
     np.testing.assert_allclose(figure.data[0].z, lens.probs[last, :, 0].reshape(lens.rows, lens.cols))
     selection = ("random k", "", 0, 4, 1, "tam")
     picture, summary, bars = analysis_panel.run_knockout(service, state, ["early", "late"], *selection)

@@ -9,7 +9,7 @@ from components import token_strip
 from components.attention_panel import render_attention
 from components.generation import run_generation
 from lvlm_interpret import ExplainService, UserInputError, get_method
-from lvlm_interpret.rendering import blend, overlay
+from lvlm_interpret.rendering import blend, captioned_map, map_caption, overlay, token_word
 from tests.conftest import make_scene
 
 
@@ -52,18 +52,51 @@ def test_strip_marks_visually_relevant_tokens(service):
 
 
 def test_side_by_side_has_every_map_at_one_size(service):
-    from components.comparison_panel import TILE, render_comparison
+    import gradio as gr
+
+    from components import comparison_panel
+    from components.comparison_panel import comparison_tiles, render_comparison
 
     image = make_scene(320, 192)
-    request_id, _ = run_generation(service, image, "Describe the image.", max_new_tokens=3)
-    tiles = render_comparison(service, request_id, image, 1)
-    names = [name for _, name in tiles]
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
+    tiles = comparison_tiles(service, request_id, image, 1)
     assert {"attention", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw", "tam_cleaned",
-            "cleann"} == set(names)
-    assert len({picture.size for picture, _ in tiles}) == 1 and max(tiles[0][0].size) == TILE
+            "cleann"} == set(tiles)
+    assert len({picture.size for picture in tiles.values()}) == 1
+    # wide enough to read, the image at its aspect ratio on top, its colour bar and caption below (not over it)
+    width, height = tiles["tam_raw"].size
+    assert width >= 320 and height > width * image.height / image.width
+    raw = get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0]
+    figure = captioned_map(image, raw, trace.images[0], map_caption(trace.answer_texts[1], "tam_raw"), width=width)
+    assert np.array_equal(np.asarray(tiles["tam_raw"])[: figure.height], np.asarray(figure))
+    # the gallery shows the same tiles, losslessly, with no caption labels of its own over the maps
+    shown = render_comparison(service, request_id, image, 1)
+    assert [np.asarray(p).tolist() for p in shown] == [np.asarray(p).tolist() for p in tiles.values()]
+    with gr.Blocks():
+        gallery = comparison_panel.build()
+    sent = gallery.postprocess(shown).root
+    assert all(item.caption is None and item.image.path.endswith(".png") for item in sent)
+    assert np.array_equal(np.asarray(Image.open(sent[0].image.path).convert("RGB")), np.asarray(shown[0]))
+
+
+def test_side_by_side_attention_follows_the_attention_panel(service):
+    from components.comparison_panel import comparison_tiles
+
+    image = make_scene(320, 192)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
+    everything = comparison_tiles(service, request_id, image, 1, methods=["attention"])["attention"]
+    chosen = comparison_tiles(service, request_id, image, 1, methods=["attention"], layer="1", head="0",
+                              aggregation="max")["attention"]
+    explanation = get_method("attention").explain(trace, 1, layers="1", heads="0", aggregation="max")
+    caption = map_caption(trace.answer_texts[1], "attention", explanation.details)
+    assert "layer 1 \u00b7 head 0" in caption
+    figure = captioned_map(image, explanation.maps[0], trace.images[0], caption, width=chosen.width)
+    assert np.array_equal(np.asarray(chosen)[: figure.height], np.asarray(figure))
+    assert not np.array_equal(np.asarray(chosen), np.asarray(everything))
 
 
 def test_exports(service):
+    import html
     import json
 
     from components.export_panel import export
@@ -71,7 +104,17 @@ def test_exports(service):
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
     pngs = export(service, request_id, 2, "png")
-    assert any(p.endswith("tam_raw_token2.png") for p in pngs) and all(Image.open(p).size == image.size for p in pngs)
+    assert any(p.endswith("tam_raw_token2.png") for p in pngs)
+    # each PNG: the map over the image at the image's size, then its colour bar and caption below
+    for path in pngs:
+        png = Image.open(path)
+        assert png.width == image.width and png.height > image.height
+    (raw_png,) = [p for p in pngs if p.endswith("tam_raw_token2.png")]
+    raw = get_method("tam").explain(trace, 2, model=service.model()).variants["raw"][0]
+    assert np.array_equal(np.asarray(Image.open(raw_png).convert("RGB"))[: image.height],
+                          np.asarray(blend(image, overlay(raw, trace.images[0]))))
+    assert np.array_equal(np.asarray(Image.open(raw_png).convert("RGB")), np.asarray(captioned_map(
+        image, raw, trace.images[0], map_caption(trace.answer_texts[2], "tam_raw"))))
     result_path, maps_path = export(service, request_id, 2, "request")
     result = json.loads(open(result_path).read())
     assert len(result["tokens"]) == trace.n_answer and set(result["cleann"]) == {"2"}
@@ -79,6 +122,9 @@ def test_exports(service):
     (report,) = export(service, request_id, 2, "report")
     text = open(report).read()
     assert text.count("data:image/png;base64,") == 8 and "http" not in text.replace("http-equiv", "")
+    # the token's word and what each map shows, not bare names
+    assert html.escape(token_word(trace.answer_texts[2])) in text
+    assert html.escape(map_caption(trace.answer_texts[2], "tam_raw")) in text
     # CLEANN's layer and head as the page set them reach the export
     result_path, _ = export(service, request_id, 2, "request", {"cleann": {"layer": 0, "head": 1}})
     result = json.loads(open(result_path).read())
@@ -143,16 +189,28 @@ def test_examples_ask_questions_their_scenes_can_answer():
 
 
 def test_overview_click_and_reverse_view(service):
-    from components.attention_panel import OVERVIEW_CELL_PX, overview_selection, render_views, reverse_view
+    from components.attention_panel import (
+        OVERVIEW_CELL_PX, OVERVIEW_LEFT_PX, OVERVIEW_TOP_PX, overview_picture, overview_selection, render_views,
+        reverse_view,
+    )
     from lvlm_interpret.methods.attention import attention_overview, reverse_attention
 
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
     picture, figure, overview = render_views(service, request_id, image, 1)
-    assert overview.size == (trace.n_heads * OVERVIEW_CELL_PX, trace.n_layers * OVERVIEW_CELL_PX)
+    assert overview.width > OVERVIEW_LEFT_PX + trace.n_heads * OVERVIEW_CELL_PX  # axes and a colour bar around
+    assert overview.height > OVERVIEW_TOP_PX + trace.n_layers * OVERVIEW_CELL_PX
     assert figure.data[0].z.shape == (8, 8)  # the interactive heatmap holds the token's grid
-    assert overview_selection(OVERVIEW_CELL_PX * 3 + 5, OVERVIEW_CELL_PX * 2 + 1, trace.n_layers,
-                              trace.n_heads) == ("2", "3")
+    assert trace.answer_texts[1].strip() in figure.layout.title.text  # titled by the word, not its index
+    assert overview_selection(OVERVIEW_LEFT_PX + OVERVIEW_CELL_PX * 3 + 5, OVERVIEW_TOP_PX + OVERVIEW_CELL_PX * 2 + 1,
+                              trace.n_layers, trace.n_heads) == ("2", "3")
+    # the chosen layer and head are outlined: the cell's border changes, the others do not
+    mass = np.full((trace.n_layers, trace.n_heads), 0.5)
+    plain, marked = (np.asarray(overview_picture(mass, *chosen)) for chosen in [("all", "all"), ("1", "2")])
+    changed = np.argwhere((plain != marked).any(axis=-1))
+    top, left = OVERVIEW_TOP_PX + OVERVIEW_CELL_PX, OVERVIEW_LEFT_PX + 2 * OVERVIEW_CELL_PX
+    assert changed.min(axis=0).tolist() == [top, left]
+    assert changed.max(axis=0).tolist() == [top + OVERVIEW_CELL_PX - 1, left + OVERVIEW_CELL_PX - 1]
     with pytest.raises(UserInputError):
         overview_selection(5, OVERVIEW_CELL_PX * 99, trace.n_layers, trace.n_heads)
     # pixel (80, 10) of a 160x96 image: centre-cropped box x 32..128 -> column 4, row 0
@@ -176,8 +234,10 @@ def test_hosted_limits():
         run_generation(hosted, make_scene(), "Describe the image.", max_new_tokens=9)
     _, trace = run_generation(hosted, make_scene(), "Describe the image.", max_new_tokens=8)
     assert trace.n_answer <= 8
-    assert model_choices("random:llava", ["random:llava"]) == ["random:llava"]
-    assert "random:qwen2_vl" in model_choices("demo")
+    assert [name for _, name in model_choices("random:llava", ["random:llava"])] == ["random:llava"]
+    labels = dict((name, label) for label, name in model_choices("demo"))
+    assert "random:qwen2_vl" in labels and "untrained" in labels["random:qwen2_vl"]
+    assert "coloured shapes only" in labels["demo"]  # the picker says what the demo model knows
 
 
 def test_dockerfile_runs_the_same_entry_with_the_same_requirements():
@@ -231,3 +291,53 @@ def test_a_long_running_page_clears_its_temporary_files(service, tmp_path, monke
     paths = export_panel.export(service, request_id, 0, "report")
     assert not stale.exists() and all(os.path.exists(p) for p in paths)
     assert build_app(service).delete_cache == (600, 3600)  # Gradio's copies of uploads and shown files
+
+
+def test_views_never_show_an_earlier_requests_results_as_current(service):
+    from components import request_status
+
+    page = build_app(service)
+    handlers = {f.name: f.fn for f in page.fns.values()}
+    state, answer, *_ = handlers["on_generate"](make_scene(160, 96), "Describe the image.", "random:llava", 4, 0, 1,
+                                                progress=lambda *a, **k: None)
+    # a new answer: the status names its word and prompt; the last answer's reverse view, exports and analyses go
+    status, reverse, files, summary, drops, box = handlers["on_new_answer"](state)
+    trace = service.trace(state["request_id"])
+    assert trace.answer_texts[0].strip() in status and "Describe the image." in status
+    assert (reverse, files, summary, drops, box) == (None, None, "", None, "")
+    # an edited prompt marks the views stale; the prompt they answer clears the mark
+    assert "The prompt changed" in request_status.stale(state, service, "What colour is the square?")
+    assert "The prompt changed" not in request_status.stale(state, service, "Describe the image.")
+    # a new image (uploaded or an example): nothing of the last answer stays
+    cleared = handlers["on_new_image"]()
+    assert cleared[0] == {} and cleared[1] == "" and cleared[3] == request_status.NOTHING_YET
+    assert all(value in (None, "", []) for value in cleared[4:])
+
+
+def test_the_analyses_show_only_the_settings_their_token_set_reads():
+    from components.analysis_panel import selection_controls
+
+    visible = {name: [control.visible for control in selection_controls(name)]
+               for name in ("object (box)", "high-norm tokens (register-like)", "random k", "top k of a method")}
+    # box, buffer, k, seed, method
+    assert visible == {"object (box)": [True, True, False, False, False],
+                       "high-norm tokens (register-like)": [False, False, False, False, False],
+                       "random k": [False, False, True, True, False],
+                       "top k of a method": [False, False, True, False, True]}
+
+
+def test_logit_lens_names_each_patch_word_and_follows_the_arrow_keys(service):
+    from components.analysis_panel import LENS_TOP_K, lens_figure
+
+    image = make_scene(160, 96)
+    request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=3)
+    figure = lens_figure(service, {"request_id": request_id, "image": image, "token": 0}, 1)
+    heatmap = figure.data[0]
+    lens = service.logit_lens(request_id, LENS_TOP_K)
+    assert heatmap.texttemplate == "%{text}" and heatmap.text.shape == (lens.rows, lens.cols)
+    assert all(word.strip() for word in heatmap.text.ravel())  # blank tokens shown by their repr, never empty
+    page = build_app(service)
+    slider = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "analysis-lens-layer")
+    triggers = [(target_id, event) for dependency in page.config["dependencies"]
+                for target_id, event in dependency["targets"] if target_id == slider._id]
+    assert (slider._id, "change") in triggers  # not "release" alone: keyboard moves redraw the lens

@@ -1,6 +1,6 @@
 """The page's handlers on both backends: in process (ExplainService) and over HTTP (RemoteService, as
 `python app.py --backend URL` runs them). Every handler a user reaches (generate, token click, each method, the
-attention controls, the gallery, the exports, the analyses) gives the same views on both."""
+attention controls, the gallery, the exports, the analyses, the trust panel) gives the same views on both."""
 
 import json
 
@@ -43,13 +43,15 @@ def _pictures(outputs):
             found.append(np.asarray(value))
         elif isinstance(value, list) and value and isinstance(value[0], tuple):
             found += [np.asarray(tile) for tile, _ in value if hasattr(tile, "mode")]
+        elif isinstance(value, list) and value and hasattr(value[0], "mode"):  # the gallery's captioned tiles
+            found += [np.asarray(tile) for tile in value]
     return found
 
 
 def _walk(page, service) -> dict:
     """Everything a user reaches in the page, on one backend: the pictures and texts each handler shows."""
     (on_generate,) = _handlers(page, "on_generate")
-    (on_select,) = _handlers(page, "on_select")
+    on_select = _handlers(page, "on_select")[0]  # the answer strip; the linked views pin through it too
     on_method = _handlers(page, "on_method")[0]  # one handler, wired to each control
     on_controls = _handlers(page, "on_controls")[0]
     (on_image_click,) = _handlers(page, "on_image_click")
@@ -73,6 +75,9 @@ def _walk(page, service) -> dict:
             if path.endswith("result.json"):
                 record = json.loads(open(path).read())
                 shown["result.json"] = (record["answer"], record["cleann"], record["method_options"])
+    (on_trust,) = _handlers(page, "on_trust")
+    verdict, rows, _ = on_trust(state, "0", "1", True, progress=NO_PROGRESS)
+    shown["trust"] = (verdict, rows)
     selection = ("top k of a method", "", 0, 3, 0, "tam")
     shown["ablate"] = analysis_panel.run_ablation(service, state, "zero", *selection)[1]
     shown["knockout"] = analysis_panel.run_knockout(service, state, ["early"], *selection)[1]

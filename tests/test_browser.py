@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.attention_panel import render_attention
+from components.attention_panel import OVERVIEW_CELL_PX, OVERVIEW_LEFT_PX, OVERVIEW_TOP_PX, render_attention
 from components.generation import run_generation
 from components.method_panel import render_method
 from lvlm_interpret import ExplainService
@@ -158,7 +158,8 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         overview = page.locator("#attention-overview img")
         scale = overview.bounding_box()["width"] / page.evaluate(
             "document.querySelector('#attention-overview img').naturalWidth")
-        overview.click(position={"x": (2 * 24 + 12) * scale, "y": (1 * 24 + 12) * scale})
+        overview.click(position={"x": (OVERVIEW_LEFT_PX + 2 * OVERVIEW_CELL_PX + 12) * scale,
+                                 "y": (OVERVIEW_TOP_PX + 1 * OVERVIEW_CELL_PX + 12) * scale})
         page.wait_for_function("document.querySelector('#layer input').value === '1' && "
                                "document.querySelector('#head input').value === '2'", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "attention-view.png"), full_page=True)

@@ -6,9 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lvlm_interpret import get_method, load_image, load_model
 from lvlm_interpret.cli import main
+from lvlm_interpret.rendering import blend, overlay
 from tests.conftest import make_scene
 
 
@@ -48,6 +50,12 @@ def test_contract(tmp_path, scene_path, llava):
     for t in range(n):
         np.testing.assert_allclose(maps["attention"][t], get_method("attention").explain(trace, t).maps[0])
     assert len(list((out / "overlays").glob("attention_token*.png"))) == n
+    # each overlay PNG: the token's map over the image at the image's size, its colour bar and caption below
+    for t in range(n):
+        png = np.asarray(Image.open(out / "overlays" / f"attention_token{t}.png").convert("RGB"))
+        assert png.shape[1] == 160 and png.shape[0] > 96
+        expected = blend(load_image(scene_path), overlay(maps["attention"][t], trace.images[0]))
+        np.testing.assert_array_equal(png[:96], np.asarray(expected))
     assert not list(out.glob(".staging-*"))
 
 

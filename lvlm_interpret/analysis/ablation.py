@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import notebook
 from ..capture import GenerationOptions, build_inputs, generate_with_capture, scoped_hook
 from ..errors import UserInputError
 from ..images import load_image
@@ -132,6 +133,12 @@ class AblationResult:
     @property
     def answer_changed(self) -> bool:
         return self.answer_before != self.answer_after
+
+    def __repr__(self) -> str:
+        return notebook.ablation_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.ablation_html(self)
 
     def to_json(self) -> dict:
         return {**asdict(self), "answer_changed": self.answer_changed, "n_tokens": len(self.positions)}

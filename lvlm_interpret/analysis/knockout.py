@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import plotly.graph_objects as go
 import torch
 
+from .. import notebook
 from ..errors import UserInputError
 from ..trace import Trace
 from .hooks import run_with_hooks
@@ -78,6 +79,12 @@ class KnockoutResult:
     keys: list[int]
     prob_before: float
     windows: list[WindowResult]
+
+    def __repr__(self) -> str:
+        return notebook.knockout_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.knockout_html(self)
 
     def drops(self) -> list[float]:
         """Relative probability drop per window: (p_before - p_after) / p_before."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import notebook
 from ..errors import UserInputError
 from ..trace import Trace
 from .hooks import run_with_cache
@@ -21,6 +22,12 @@ class LogitLens:
     token_ids: np.ndarray  # [layers, rows * cols, k] int64, best first
     probs: np.ndarray  # [layers, rows * cols, k] float32
     texts: list[list[list[str]]]  # [layer][cell][rank]
+
+    def __repr__(self) -> str:
+        return notebook.logit_lens_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.logit_lens_html(self)
 
     def cell(self, layer_slot: int, row: int, col: int) -> list[tuple[str, float]]:
         index = row * self.cols + col

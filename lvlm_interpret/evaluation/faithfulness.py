@@ -36,23 +36,36 @@ def auc(fractions: np.ndarray, scores: np.ndarray) -> float:
 
 def deletion_insertion(loaded, trace: Trace, token_index: int, grid_map: np.ndarray, step: float = 0.02) -> dict:
     """The deletion and insertion curves and AUCs of one map for one answer token (first image)."""
+    return deletion_insertion_many(loaded, trace, token_index, {"map": grid_map}, step)["map"]
+
+
+def deletion_insertion_many(loaded, trace: Trace, token_index: int, maps: dict[str, np.ndarray],
+                            step: float = 0.02) -> dict[str, dict]:
+    """`deletion_insertion` of several maps of one token, by name: the original and blurred images are scored
+    once and every map's composites go through the model in shared batches."""
     layout = trace.images[0]
     original = np.asarray(trace.image(0), dtype=np.uint8)
     blur = np.asarray(blurred(trace.image(0)), dtype=np.uint8)
     cell_of_pixel = cell_index_image(layout)
-    order = np.argsort(-np.asarray(grid_map, dtype=np.float64).ravel(), kind="stable")
     counts = np.unique(np.round(np.arange(0, 1 + 1e-9, step) * layout.n_cells).astype(int))
     counts[-1] = layout.n_cells
 
     images = [Image.fromarray(original), Image.fromarray(blur)]
-    images += [composite(original, blur, order[:k], cell_of_pixel) for k in counts]  # deletion
-    images += [composite(blur, original, order[:k], cell_of_pixel) for k in counts]  # insertion
+    for grid_map in maps.values():
+        order = np.argsort(-np.asarray(grid_map, dtype=np.float64).ravel(), kind="stable")
+        images += [composite(original, blur, order[:k], cell_of_pixel) for k in counts]  # deletion
+        images += [composite(blur, original, order[:k], cell_of_pixel) for k in counts]  # insertion
     probabilities = answer_logprobs_batch(loaded, trace, [[image] for image in images])[:, token_index].exp().numpy()
     p_orig, p_blur = float(probabilities[0]), float(probabilities[1])
     span = p_orig - p_blur if abs(p_orig - p_blur) > 1e-8 else 1e-8
-    scores = (probabilities[2:].astype(np.float64) - p_blur) / span
-    deletion, insertion = scores[: len(counts)].tolist(), scores[len(counts):].tolist()
     fractions = counts / layout.n_cells
-    return {"fractions": fractions.tolist(), "deletion": deletion, "insertion": insertion,
-            "deletion_auc": auc(fractions, np.asarray(deletion)), "insertion_auc": auc(fractions, np.asarray(insertion)),
-            "p_original": p_orig, "p_blurred": p_blur}
+    curves = {}
+    for k, name in enumerate(maps):
+        start = 2 + 2 * k * len(counts)
+        scores = (probabilities[start: start + 2 * len(counts)].astype(np.float64) - p_blur) / span
+        deletion, insertion = scores[: len(counts)].tolist(), scores[len(counts):].tolist()
+        curves[name] = {"fractions": fractions.tolist(), "deletion": deletion, "insertion": insertion,
+                        "deletion_auc": auc(fractions, np.asarray(deletion)),
+                        "insertion_auc": auc(fractions, np.asarray(insertion)), "p_original": p_orig,
+                        "p_blurred": p_blur}
+    return curves

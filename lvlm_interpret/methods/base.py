@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import notebook
 from ..errors import UserInputError
 from ..trace import Trace
 
@@ -29,6 +30,17 @@ class Explanation:
     def all_maps(self) -> dict[str, list[np.ndarray]]:
         """The main map under the method's name, then each variant as METHOD_VARIANT."""
         return {self.method: self.maps, **{f"{self.method}_{name}": maps for name, maps in self.variants.items()}}
+
+    def show(self, trace: Trace, map_name: str | None = None, image_index: int = 0, **options) -> notebook.MapView:
+        """A map (default the method's own) blended on `trace`'s image with a colour bar and a caption, for a
+        notebook (`_repr_html_` / `_repr_png_`) or `.save(path)`; `options`: alpha, smooth."""
+        return notebook.MapView(trace, self, map_name, image_index, **options)
+
+    def __repr__(self) -> str:
+        return notebook.explanation_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.explanation_html(self)
 
 
 class ExplanationMethod:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from .. import notebook
 from ..capture import build_inputs, image_inputs, replay_inputs
 from ..errors import UserInputError
 from ..trace import Trace
@@ -84,6 +85,12 @@ class VisualRelevance:
     logprob_image: list[float]
     logprob_blurred: list[float]
     relevant: list[bool]
+
+    def __repr__(self) -> str:
+        return notebook.visual_relevance_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.visual_relevance_html(self)
 
 
 def visually_relevant_tokens(loaded, trace: Trace, threshold: float = 1.0) -> VisualRelevance:

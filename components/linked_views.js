@@ -1,0 +1,201 @@
+// Linked views (components/linked_views.py): runs as gr.HTML's js_on_load with `element`, `trigger`, `props`,
+// `watch`. Hovering a token (or arrow keys in the token row) redraws every view from the payload; hovering an image
+// cell colours every token by its attention to that cell; a click (or Enter) pins a token and fires `select`.
+const root = element.querySelector('.lv-root');
+const CSS_WIDTH = 480;  // each view, CSS pixels
+let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = null;
+const image = new Image();
+
+const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const fmt = (v) => (Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(3) : v.toExponential(2));
+const word = (text) => (text.trim() ? text.trim() : JSON.stringify(text));
+const rgb = (level) => `rgb(${colours[3 * level]},${colours[3 * level + 1]},${colours[3 * level + 2]})`;
+
+function cellsOf(view, token) {
+  const n = data.grid.rows * data.grid.cols;
+  return view.bytes.subarray(token * n, (token + 1) * n);
+}
+
+function valueOf(view, token, level) {
+  return view.low[token] + (level / 255) * (view.high[token] - view.low[token]);
+}
+
+function build(value) {
+  root.innerHTML = '';
+  data = value && value.tokens ? value : null;
+  if (!data) {
+    root.innerHTML = '<p class="lv-empty">Generate an answer: its tokens and maps appear here.</p>';
+    return;
+  }
+  colours = bytes(data.colours);
+  data.views.forEach((view) => { view.bytes = bytes(view.cells); });
+  if (root.dataset.request !== data.request_id) pinned = 0;
+  root.dataset.request = data.request_id;
+  pinned = Math.min(pinned, data.tokens.length - 1);
+  shown = pinned;
+  second = Math.min(second, data.views.length - 1);
+
+  const row = document.createElement('div');
+  row.className = 'lv-tokens';
+  row.tabIndex = 0;
+  row.title = 'Hover or use the arrow keys to look; click or press Enter to pin (the other tabs follow)';
+  data.tokens.forEach((text, index) => {
+    const span = document.createElement('span');
+    span.className = 'lv-token';
+    span.dataset.index = index;
+    span.textContent = word(text);
+    span.addEventListener('mouseenter', () => show(index));
+    span.addEventListener('click', () => pin(index));
+    row.appendChild(span);
+  });
+  row.addEventListener('mouseleave', () => show(pinned));
+  row.addEventListener('keydown', (event) => {
+    const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+    if (step) show(Math.max(0, Math.min(data.tokens.length - 1, shown + step)));
+    else if (event.key === 'Enter' || event.key === ' ') pin(shown);
+    else return;
+    event.preventDefault();
+  });
+
+  const controls = document.createElement('div');
+  controls.className = 'lv-controls';
+  controls.innerHTML = '<label>Opacity <input type="range" class="lv-opacity" min="0" max="1" step="0.05"></label>' +
+    '<label>Second view <select class="lv-second"></select></label>' +
+    '<span class="lv-hint">Hover a cell of a map: every token coloured by its attention to that cell</span>';
+  const slider = controls.querySelector('.lv-opacity');
+  slider.value = opacity;
+  slider.addEventListener('input', () => { opacity = Number(slider.value); draw(); });
+  const select = controls.querySelector('.lv-second');
+  data.views.slice(1).forEach((view, index) => select.add(new Option(view.caption, index + 1)));
+  select.value = second;
+  select.addEventListener('change', () => { second = Number(select.value); draw(); });
+
+  const views = document.createElement('div');
+  views.className = 'lv-views';
+  views.innerHTML = [0, 1].map(() => '<figure class="lv-view"><figcaption></figcaption><canvas class="lv-map">' +
+    '</canvas><div class="lv-bar"><span class="lv-low"></span><canvas class="lv-scale" width="256" height="1">' +
+    '</canvas><span class="lv-high"></span></div><div class="lv-cell">&nbsp;</div></figure>').join('');
+  const [width, height] = data.image_size;
+  views.querySelectorAll('canvas.lv-map').forEach((canvas) => {
+    const ratio = window.devicePixelRatio || 1;
+    canvas.width = Math.round(CSS_WIDTH * ratio);
+    canvas.height = Math.round((CSS_WIDTH * height / width) * ratio);
+    canvas.style.width = `${CSS_WIDTH}px`;
+    canvas.style.aspectRatio = `${width} / ${height}`;
+    canvas.addEventListener('mousemove', (event) => hoverCell(canvas, event));
+    canvas.addEventListener('mouseleave', () => hoverCell(canvas, null));
+  });
+  views.querySelectorAll('canvas.lv-scale').forEach((scale) => {
+    const context = scale.getContext('2d');
+    for (let level = 0; level < 256; level++) { context.fillStyle = rgb(level); context.fillRect(level, 0, 1, 1); }
+  });
+  root.append(row, controls, views);
+  image.onload = draw;
+  image.src = data.image;
+}
+
+function shownViews() {
+  return [data.views[0], data.views[second]].filter(Boolean);
+}
+
+function draw() {
+  if (!data) return;
+  const start = performance.now();
+  const [width, height] = data.image_size;
+  const { rows, cols, box } = data.grid;
+  root.querySelectorAll('.lv-token').forEach((span, index) => {
+    span.classList.toggle('lv-shown', index === shown);
+    span.classList.toggle('lv-pinned', index === pinned);
+  });
+  const figures = root.querySelectorAll('.lv-view');
+  const views = shownViews();
+  figures.forEach((figure, index) => {
+    const view = views[index];
+    figure.hidden = !view;
+    if (!view) return;
+    const canvas = figure.querySelector('canvas.lv-map');
+    const context = canvas.getContext('2d');
+    const sx = canvas.width / width, sy = canvas.height / height;
+    context.globalAlpha = 1;
+    if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
+    const cells = cellsOf(view, shown);
+    context.globalAlpha = opacity;
+    for (let r = 0; r < rows; r++) {
+      const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy, y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
+      for (let c = 0; c < cols; c++) {
+        const x0 = (box[0] + (c * (box[2] - box[0])) / cols) * sx;
+        const x1 = (box[0] + ((c + 1) * (box[2] - box[0])) / cols) * sx;
+        context.fillStyle = rgb(cells[r * cols + c]);
+        context.fillRect(x0, y0, x1 - x0, y1 - y0);
+      }
+    }
+    canvas.dataset.map = view.name;
+    canvas.dataset.token = shown;
+    canvas.dataset.cells = cells.join(',');
+    figure.querySelector('figcaption').textContent =
+      `«${word(data.tokens[shown])}» (token ${shown}) — ${view.caption}` + (shown === pinned ? ' · pinned' : '');
+    figure.querySelector('.lv-low').textContent = fmt(view.low[shown]);
+    figure.querySelector('.lv-high').textContent = fmt(view.high[shown]);
+  });
+  const elapsed = performance.now() - start;
+  root.querySelectorAll('canvas.lv-map').forEach((canvas) => { canvas.dataset.drawnMs = elapsed.toFixed(3); });
+}
+
+function show(index) {
+  if (!data || index === shown) return;
+  shown = index;
+  draw();
+}
+
+function pin(index) {
+  if (!data) return;
+  pinned = index;
+  shown = index;
+  draw();
+  trigger('select', { index, value: data.tokens[index], selected: true });
+}
+
+// the cell under the pointer, as rendering.cell_at finds it in original-image pixels
+function hoverCell(canvas, event) {
+  const tokens = root.querySelectorAll('.lv-token');
+  const note = canvas.parentElement.querySelector('.lv-cell');
+  const { rows, cols, box } = data.grid;
+  let cell = null;
+  if (event) {
+    const rect = canvas.getBoundingClientRect();
+    const x = ((event.clientX - rect.left) / rect.width) * data.image_size[0];
+    const y = ((event.clientY - rect.top) / rect.height) * data.image_size[1];
+    if (x >= box[0] && x < box[2] && y >= box[1] && y < box[3]) {
+      cell = [Math.floor(((y - box[1]) / (box[3] - box[1])) * rows), Math.floor(((x - box[0]) / (box[2] - box[0])) * cols)];
+    }
+  }
+  if (!cell) {
+    note.innerHTML = '&nbsp;';
+    delete root.dataset.reverseCell;
+    tokens.forEach((span) => {
+      span.style.background = '';
+      span.style.color = '';
+      span.removeAttribute('data-value');
+      span.removeAttribute('title');
+    });
+    return;
+  }
+  const view = data.views.find((candidate) => candidate.name === canvas.dataset.map);
+  const index = cell[0] * cols + cell[1];
+  const here = valueOf(view, shown, cellsOf(view, shown)[index]);
+  note.textContent = `row ${cell[0]}, col ${cell[1]}: ${fmt(here)}`;
+  // reverse view: every token's value at this cell, coloured on a scale shared by the tokens
+  const values = data.tokens.map((_, token) => valueOf(view, token, cellsOf(view, token)[index]));
+  const top = Math.max(...values) || 1;
+  root.dataset.reverseCell = cell.join(',');
+  tokens.forEach((span, token) => {
+    const level = Math.max(0, Math.round((values[token] / top) * 255));
+    span.style.background = rgb(level);
+    span.style.color = level > 150 ? '#000' : '#fff';
+    span.dataset.value = fmt(values[token]);
+    span.title = `${view.caption} at row ${cell[0]}, col ${cell[1]}: ${fmt(values[token])}`;
+  });
+}
+
+build(props.value);
+watch('value', () => build(props.value));

@@ -13,7 +13,7 @@ import gradio as gr
 
 from components import analysis_panel, comparison_panel, linked_views, request_status, token_strip
 from components.attention_panel import (
-    AttentionPanel, control_choices, overview_selection, render_views, reverse_view,
+    AttentionPanel, attention_options, control_choices, overview_selection, render_views, reverse_view,
 )
 from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
@@ -139,11 +139,17 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                                          cleann_head, relevancy_vision))
 
         @_user_errors
-        def on_controls(state, layer, head, aggregation, ignore_top):
+        def on_controls(state, layer, head, aggregation, ignore_top, *own_controls):
+            """The attention views and the gallery (its attention tile follows the same layers and heads)."""
             if not state:
-                return None, None, None
-            return render_views(service, state["request_id"], state["image"], state["token"], layer, head,
-                                aggregation, ignore_top)
+                return None, None, None, None
+            trace = service.trace(state["request_id"])
+            views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
+                                 aggregation, ignore_top)
+            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
+                                                       options=panel_options(trace, *own_controls), layer=layer,
+                                                       head=head, aggregation=aggregation, ignore_top=ignore_top)
+            return (*views, tiles)
 
         @_user_errors
         def on_overview_click(state, event: gr.SelectData):
@@ -171,12 +177,13 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
 
         def exporter(kind):
             @_user_errors
-            def on_export(state, cleann_layer, cleann_head, relevancy_vision):
+            def on_export(state, layer, head, aggregation, cleann_layer, cleann_head, relevancy_vision):
                 if not state:
                     raise UserInputError("generate an answer first")
+                options = panel_options(service.trace(state["request_id"]), cleann_layer, cleann_head,
+                                        relevancy_vision)
                 return export(service, state["request_id"], state["token"], kind,
-                              panel_options(service.trace(state["request_id"]), cleann_layer, cleann_head,
-                                            relevancy_vision))
+                              {**options, "attention": attention_options(layer, head, aggregation)})
             return on_export
 
         token_outputs = [tokens, *attention.views(), *explanation.outputs(), comparison]
@@ -192,7 +199,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls()],
                                 [session, *token_outputs], concurrency_id=views)
         for control in attention.controls():
-            control.change(on_controls, [session, *attention.controls()], attention.views(), concurrency_id=views)
+            control.change(on_controls, [session, *attention.controls(), *explanation.own_controls()],
+                           [*attention.views(), comparison], concurrency_id=views)
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
@@ -216,7 +224,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
-        export_inputs = [session, *explanation.own_controls()]
+        export_inputs = [session, attention.layer, attention.head, attention.aggregation, *explanation.own_controls()]
         export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
         export_panel.request.click(exporter("request"), export_inputs, export_panel.files)
         export_panel.report.click(exporter("report"), export_inputs, export_panel.files)

@@ -64,6 +64,14 @@ def control_choices(n_layers: int, n_heads: int) -> tuple[gr.Dropdown, gr.Dropdo
             gr.Dropdown(choices=[ALL, *map(str, range(n_heads))], value=ALL))
 
 
+def attention_options(layer: str = ALL, head: str = ALL, aggregation: str = "mean") -> dict:
+    """The attention method's options as the panel sets them; only what differs from the defaults, so the page
+    shares cached maps with every other caller."""
+    chosen = {"layers": layer, "heads": head, "aggregation": aggregation}
+    defaults = {"layers": ALL, "heads": ALL, "aggregation": "mean"}
+    return {name: value for name, value in chosen.items() if value != defaults[name]}
+
+
 def render_attention(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
                      layer: str = ALL, head: str = ALL, aggregation: str = "mean", ignore_top: int = 0) -> Image.Image:
     """The token's attention blended over the original image (first image of the request)."""

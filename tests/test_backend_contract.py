@@ -65,16 +65,18 @@ def _walk(page, service) -> dict:
     for method in method_names():
         picture, *rest = on_method(state, method, None, "last", "1", True)
         shown[f"method {method}"] = (np.asarray(picture), rest[4])  # the picture and the summary line
-    shown["controls"] = _pictures(on_controls(state, "1", "0", "max", 2))
+    shown["controls"] = _pictures(on_controls(state, "1", "0", "max", 2, "last", "1", True))
     shown["reverse"] = _pictures([on_image_click(state, "all", "all", "mean", _select((40, 30)))])
     for on_export in _handlers(page, "on_export"):
-        paths = on_export(state, "0", "1", True)
+        paths = on_export(state, "1", "0", "max", "0", "1", True)
         shown[f"export {sorted(p.rsplit('.', 1)[-1] for p in paths)}"] = sorted(
             p.rsplit("/", 1)[-1] for p in paths)
         for path in paths:
             if path.endswith("result.json"):
                 record = json.loads(open(path).read())
                 shown["result.json"] = (record["answer"], record["cleann"], record["method_options"])
+                # the export follows the attention panel's layer, head and aggregation
+                assert record["method_options"]["attention"] == {"layers": "1", "heads": "0", "aggregation": "max"}
     (on_trust,) = _handlers(page, "on_trust")
     verdict, rows, _ = on_trust(state, "0", "1", True, progress=NO_PROGRESS)
     shown["trust"] = (verdict, rows)

@@ -27,6 +27,7 @@ from lvlm_interpret.client import RemoteService
 from lvlm_interpret.images import prepare_image
 from lvlm_interpret.models.loading import quiet_loading_logs
 from lvlm_interpret.ratelimit import RateLimiter
+from lvlm_interpret.rendering import display_width
 from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 
 CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
@@ -163,7 +164,9 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         def on_image_click(state, layer, head, aggregation, event: gr.SelectData):
             if not state:
                 raise UserInputError("generate an answer first")
-            return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation)
+            image = state["image"]  # the figure shows it at display_width
+            return reverse_view(service, state["request_id"], *event.index, layer, head, aggregation,
+                                display_width(image) / image.width)
 
         @_user_errors
         def on_method(state, method, map_name, cleann_layer, cleann_head, relevancy_vision,
@@ -230,7 +233,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         export_panel.report.click(exporter("report"), export_inputs, export_panel.files)
 
         # what the views show, and what no longer applies: a new answer clears the last one's reverse view,
-        # exports and analyses; a new image clears every view; an edited prompt marks them stale
+        # exports and analyses; a changed prompt or image marks them stale
         def on_new_answer(state):
             return request_status.describe(service, state), None, None, "", None, ""
 
@@ -238,14 +241,6 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                                                                  analysis.summary, analysis.drops, analysis.box])
         clicked.success(_user_errors(lambda state: request_status.describe(service, state)), session, status)
 
-        def on_new_image():
-            return ({}, "", None, request_status.NOTHING_YET, None, None, None, None, None, "", None, None, [], None,
-                    None, "", None, None, *trust_cleared())
-
-        generation.image.change(on_new_image, None, [
-            session, answer, tokens, status, *attention.views(), attention.reverse, explanation.image,
-            explanation.summary, explanation.text_scores, explanation.graph, comparison, export_panel.files,
-            analysis.tokens, analysis.summary, analysis.drops, analysis.lens, *trust.outputs()], concurrency_id=views)
         @gpu
         @_user_errors
         def on_trust(state, cleann_layer, cleann_head, relevancy_vision, progress=gr.Progress()):
@@ -258,8 +253,12 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         trust.button.click(on_trust, [session, *explanation.own_controls()], trust.outputs(), concurrency_id=views)
         for event in (generated, clicked):  # another token's judgement is not this one's
             event.success(trust_cleared, None, trust.outputs())
-        generation.prompt.input(_user_errors(lambda state, prompt: request_status.stale(state, service, prompt)),
-                                [session, generation.prompt], status)
+
+        def on_inputs_changed(state, prompt, image):
+            return request_status.stale(state, service, prompt, image)
+
+        for changed in (generation.prompt.input, generation.image.change):  # typed, uploaded or an example
+            changed(_user_errors(on_inputs_changed), [session, generation.prompt, generation.image], status)
     return demo
 
 

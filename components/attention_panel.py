@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lvlm_interpret import ExplainBackend, UserInputError
 from lvlm_interpret.rendering import (
-    blend, cell_at, colour_bar, grid_picture, overlay, plotly_heatmap, token_word,
+    captioned_map, cell_at, colour_bar, display_width, grid_picture, map_caption, plotly_heatmap, token_word,
 )
 
 ALL = "all"
@@ -74,11 +74,15 @@ def attention_options(layer: str = ALL, head: str = ALL, aggregation: str = "mea
 
 def render_attention(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int,
                      layer: str = ALL, head: str = ALL, aggregation: str = "mean", ignore_top: int = 0) -> Image.Image:
-    """The token's attention blended over the original image (first image of the request)."""
+    """The token's attention blended over the original image (first image of the request) at `display_width`,
+    with its colour bar and a caption; the image's pixels stay at the top left (clicks map back by the scale)."""
     explanation = service.explain(request_id, "attention", token_index, layers=layer, heads=head,
                                   aggregation=aggregation)
-    layout = service.trace(request_id).images[0]
-    return blend(image, overlay(explanation.maps[0], layout, ignore_top=int(ignore_top)))
+    trace = service.trace(request_id)
+    caption = map_caption(trace.answer_texts[token_index], "attention", explanation.details) + \
+        f" · read at position {trace.source_position(token_index)}, which predicts the word"
+    return captioned_map(image, explanation.maps[0], trace.images[0], caption, ignore_top=int(ignore_top),
+                         width=display_width(image))
 
 
 def render_views(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, layer=ALL, head=ALL,
@@ -135,10 +139,11 @@ def overview_selection(x: int, y: int, n_layers: int, n_heads: int) -> tuple[str
 
 
 def reverse_view(service: ExplainBackend, request_id: str, x: float, y: float, layer=ALL, head=ALL,
-                 aggregation="mean") -> list[tuple[str, float]]:
-    """Answer tokens scored by their attention to the image cell under pixel (x, y), scaled to [0, 1]."""
+                 aggregation="mean", scale: float = 1.0) -> list[tuple[str, float]]:
+    """Answer tokens scored by their attention to the image cell under pixel (x, y) of the shown figure (the image
+    at `scale` times its size), scaled to [0, 1]."""
     trace = service.trace(request_id)
-    cell = cell_at(trace.images[0], x, y)
+    cell = cell_at(trace.images[0], x / scale, y / scale)
     if cell is None:
         raise UserInputError("that point is outside the part of the image the model sees")
     scores = service.reverse_attention(request_id, [cell], layer, head, aggregation)

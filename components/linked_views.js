@@ -90,8 +90,9 @@ function build(value) {
     for (let level = 0; level < 256; level++) { context.fillStyle = rgb(level); context.fillRect(level, 0, 1, 1); }
   });
   root.append(row, controls, views);
-  image.onload = draw;
+  image.onload = draw;  // the maps are drawn at once, the picture under them when it has loaded
   image.src = data.image;
+  draw();
 }
 
 function shownViews() {
@@ -121,7 +122,8 @@ function draw() {
     const cells = cellsOf(view, shown);
     context.globalAlpha = opacity;
     for (let r = 0; r < rows; r++) {
-      const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy, y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
+      const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy;
+      const y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
       for (let c = 0; c < cols; c++) {
         const x0 = (box[0] + (c * (box[2] - box[0])) / cols) * sx;
         const x1 = (box[0] + ((c + 1) * (box[2] - box[0])) / cols) * sx;
@@ -166,7 +168,8 @@ function hoverCell(canvas, event) {
     const x = ((event.clientX - rect.left) / rect.width) * data.image_size[0];
     const y = ((event.clientY - rect.top) / rect.height) * data.image_size[1];
     if (x >= box[0] && x < box[2] && y >= box[1] && y < box[3]) {
-      cell = [Math.floor(((y - box[1]) / (box[3] - box[1])) * rows), Math.floor(((x - box[0]) / (box[2] - box[0])) * cols)];
+      cell = [Math.floor(((y - box[1]) / (box[3] - box[1])) * rows),
+        Math.floor(((x - box[0]) / (box[2] - box[0])) * cols)];
     }
   }
   if (!cell) {

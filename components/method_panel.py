@@ -9,7 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from lvlm_interpret import METHODS, ExplainBackend, TraceView
-from lvlm_interpret.rendering import blend, overlay
+from lvlm_interpret.rendering import captioned_map, display_width, map_caption, map_label
 
 from .figures import cleann_graph_figure, text_scores_figure
 
@@ -116,10 +116,13 @@ def summarise(explanation) -> str:
 
 def render_method(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, method: str,
                   map_name: str | None = None, options: dict | None = None) -> tuple:
-    """(blended picture, the method's map names, the map shown, a summary, text-score bars, CLEANN graph)."""
+    """(the map on the image with its colour bar and caption, the method's maps as (label, name) choices, the map
+    shown, a summary, text-score bars, CLEANN graph)."""
     explanation = service.explain(request_id, method, token_index, **(options or {}))
     maps = explanation.all_maps()
     shown = map_name if map_name in maps else method
     trace = service.trace(request_id)
-    return (blend(image, overlay(maps[shown][0], trace.images[0])), list(maps), shown, summarise(explanation),
+    caption = map_caption(trace.answer_texts[token_index], shown, explanation.details)
+    picture = captioned_map(image, maps[shown][0], trace.images[0], caption, width=display_width(image))
+    return (picture, [(map_label(name), name) for name in maps], shown, summarise(explanation),
             text_scores_figure(trace, explanation), cleann_graph_figure(trace, explanation))

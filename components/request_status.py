@@ -1,13 +1,17 @@
 """One line above the views saying what they show (which word of which answer, on which model), and saying so
-when the inputs changed since: the views never pass off an earlier request's results as the current ones."""
+when the inputs changed since: the views never pass off an earlier request's results as the current ones.
+(They are marked, not cleared: an upload's change event may reach the server after the Generate it preceded.)"""
 
 from __future__ import annotations
 
 import html
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from lvlm_interpret import ExplainBackend
+from lvlm_interpret.images import prepare_image
 from lvlm_interpret.rendering import token_word
 
 
@@ -29,12 +33,17 @@ def describe(service: ExplainBackend, state: dict) -> str:
             f"*{html.escape(trace.prompt)}* on model `{trace.model_name}`.")
 
 
-def stale(state: dict, service: ExplainBackend, prompt: str) -> str:
-    """After the prompt was edited: the views still show the last answer, to another prompt."""
+def stale(state: dict, service: ExplainBackend, prompt: str, image: Image.Image | None) -> str:
+    """After the prompt or the image was changed (typed, uploaded, an example picked): the views still show the
+    last answer, to other inputs, until Generate."""
     if not state:
         return NOTHING_YET
     asked = service.trace(state["request_id"]).prompt
-    if (prompt or "").strip() == asked:
+    changed = [name for name, differs in [
+        ("prompt", (prompt or "").strip() != asked),
+        ("image", image is None or not np.array_equal(np.asarray(prepare_image(image)), np.asarray(state["image"])))]
+        if differs]
+    if not changed:
         return describe(service, state)
-    return (f"⚠ The prompt changed: the answer and maps below are for *{html.escape(asked)}*. Press Generate for "
-            "the new prompt.")
+    return (f"⚠ The {' and the '.join(changed)} changed: the answer and maps below are for the earlier "
+            f"{' and '.join(changed)} (prompt *{html.escape(asked)}*). Press Generate for the new one.")

@@ -31,7 +31,8 @@ class TrustPanel:
             button = gr.Button("Judge the maps for this token", elem_id="trust-run")
             verdict = gr.Markdown(WAITING, elem_id="trust-verdict")
             faithfulness = gr.Dataframe(headers=["map", "what it is", "deletion AUC", "insertion AUC"],
-                                        interactive=False, elem_id="trust-faithfulness")
+                                        column_widths=["16%", "48%", "18%", "18%"], interactive=False,
+                                        elem_id="trust-faithfulness")
             agreement = gr.Plot(label="Agreement between maps (Spearman)", elem_id="trust-agreement")
         return cls(button, verdict, faithfulness, agreement)
 

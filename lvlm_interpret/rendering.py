@@ -23,6 +23,8 @@ MAP_LABELS = {
     "tam_cleaned": "TAM (interference removed, before denoising)",
     "cleann": "CLEANN's explaining image patches",
 }
+# maps in the page are at least this wide: legible on a 1400-pixel window
+MIN_DISPLAY_WIDTH = 448
 
 
 def map_label(name: str) -> str:
@@ -212,6 +214,11 @@ def captioned_map(image: Image.Image, grid_map: np.ndarray, layout: ImageLayout,
         figure.paste(part, (0, top))
         top += part.height
     return figure
+
+
+def display_width(image: Image.Image) -> int:
+    """The width the page shows a map figure at: the image's own, but at least `MIN_DISPLAY_WIDTH`."""
+    return max(MIN_DISPLAY_WIDTH, image.width)
 
 
 def grid_picture(values: np.ndarray, cell_px: int = 24, colorscale: str = "Inferno") -> Image.Image:

@@ -26,9 +26,13 @@ def test_clicked_token_gets_its_own_overlay(service):
     assert [label for _, label in strip].count(token_strip.SELECTED) == 1 and strip[2][1] == token_strip.SELECTED
     pictures = [render_attention(service, request_id, image, t) for t in (0, 1)]
     for t, picture in enumerate(pictures):
-        assert isinstance(picture, Image.Image) and picture.size == image.size
-        expected = blend(image, overlay(get_method("attention").explain(trace, t).maps[0], trace.images[0]))
-        assert np.array_equal(np.asarray(picture), np.asarray(expected))
+        # at least 448 pixels wide at the image's aspect ratio, the colour bar and caption below
+        assert isinstance(picture, Image.Image) and picture.width == 448 and picture.height > 448 * 96 // 160
+        explanation = get_method("attention").explain(trace, t)
+        caption = map_caption(trace.answer_texts[t], "attention", explanation.details)
+        expected = captioned_map(image, explanation.maps[0], trace.images[0], caption, width=448)
+        top = 448 * 96 // 160
+        assert np.array_equal(np.asarray(picture)[:top], np.asarray(expected)[:top])  # the same map, cell for cell
     assert not np.array_equal(np.asarray(pictures[0]), np.asarray(pictures[1]))
     layer_view = render_attention(service, request_id, image, 0, layer="1", head="0", aggregation="max")
     assert not np.array_equal(np.asarray(layer_view), np.asarray(pictures[0]))
@@ -140,9 +144,10 @@ def test_method_panel_shows_each_registered_method(service):
     assert {"relevancy", "tam", "cleann"} <= set(method_names())
     picture, names, shown, _, bars, graph = render_method(service, request_id, image, 1, "tam", "tam_raw")
     assert graph is None and len(bars.data[0].y) > 0
-    assert shown == "tam_raw" and set(names) == {"tam", "tam_raw", "tam_cleaned"}
-    expected = blend(image, overlay(get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0],
-                                    trace.images[0]))
+    assert shown == "tam_raw" and {name for _, name in names} == {"tam", "tam_raw", "tam_cleaned"}
+    assert dict((name, label) for label, name in names)["tam_raw"] == "TAM (raw, before interference removal)"
+    raw = get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0]
+    expected = captioned_map(image, raw, trace.images[0], map_caption(trace.answer_texts[1], "tam_raw"), width=448)
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
     _, names, shown, summary, _, graph = render_method(service, request_id, image, 1, "cleann")
     assert shown == "cleann" and "p(token)" in summary
@@ -168,7 +173,7 @@ def test_the_methods_own_controls_in_the_panel_reach_the_methods(service):
     assert vision.visible and not layer.visible
     _, names, _, _, _, _ = render_method(service, request_id, image, 1, "relevancy", "relevancy_vit",
                                          panel_options(trace, None, None, False)["relevancy"])
-    assert names == ["relevancy"]
+    assert [name for _, name in names] == ["relevancy"]
     # choices another model's trace allowed fall back to the defaults, which are left out of the options
     assert panel_options(trace, "99", "42", None) == {"cleann": {}, "relevancy": {}}
 
@@ -294,8 +299,6 @@ def test_a_long_running_page_clears_its_temporary_files(service, tmp_path, monke
 
 
 def test_views_never_show_an_earlier_requests_results_as_current(service):
-    from components import request_status
-
     page = build_app(service)
     handlers = {f.name: f.fn for f in page.fns.values()}
     state, answer, *_ = handlers["on_generate"](make_scene(160, 96), "Describe the image.", "random:llava", 4, 0, 1,
@@ -305,13 +308,14 @@ def test_views_never_show_an_earlier_requests_results_as_current(service):
     trace = service.trace(state["request_id"])
     assert trace.answer_texts[0].strip() in status and "Describe the image." in status
     assert (reverse, files, summary, drops, box) == (None, None, "", None, "")
-    # an edited prompt marks the views stale; the prompt they answer clears the mark
-    assert "The prompt changed" in request_status.stale(state, service, "What colour is the square?")
-    assert "The prompt changed" not in request_status.stale(state, service, "Describe the image.")
-    # a new image (uploaded or an example): nothing of the last answer stays
-    cleared = handlers["on_new_image"]()
-    assert cleared[0] == {} and cleared[1] == "" and cleared[3] == request_status.NOTHING_YET
-    assert all(value in (None, "", []) for value in cleared[4:])
+    # an edited prompt or another image (uploaded or an example) marks the views stale; the inputs they answer
+    # clear the mark
+    on_inputs_changed = handlers["on_inputs_changed"]
+    shown = make_scene(160, 96)
+    assert "The prompt changed" in on_inputs_changed(state, "What colour is the square?", shown)
+    assert "The image changed" in on_inputs_changed(state, "Describe the image.", make_scene(120, 120))
+    assert "The prompt and the image changed" in on_inputs_changed(state, "Is it red?", make_scene(120, 120))
+    assert "changed" not in on_inputs_changed(state, "Describe the image.", shown)
 
 
 def test_the_analyses_show_only_the_settings_their_token_set_reads():

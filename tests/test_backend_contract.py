@@ -66,7 +66,7 @@ def _walk(page, service) -> dict:
         picture, *rest = on_method(state, method, None, "last", "1", True)
         shown[f"method {method}"] = (np.asarray(picture), rest[4])  # the picture and the summary line
     shown["controls"] = _pictures(on_controls(state, "1", "0", "max", 2, "last", "1", True))
-    shown["reverse"] = _pictures([on_image_click(state, "all", "all", "mean", _select((40, 30)))])
+    shown["reverse"] = on_image_click(state, "all", "all", "mean", _select((224, 134)))  # the figure's middle
     for on_export in _handlers(page, "on_export"):
         paths = on_export(state, "1", "0", "max", "0", "1", True)
         shown[f"export {sorted(p.rsplit('.', 1)[-1] for p in paths)}"] = sorted(

@@ -146,7 +146,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
         page.get_by_role("option", name="0", exact=True).click()
         page.wait_for_function("document.querySelector('#method-summary').innerText.includes('head 0)')",
                                timeout=60_000)
-        cleann_picture = render_method(service, request_id, image, 3, "cleann", None, {"head": 0})[0]  # as the page
+        cleann_picture = render_method(service, request_id, image, 3, "cleann", None, {"head": 0})[0]
         np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(cleann_picture))
         page.screenshot(path=str(ARTIFACTS / "cleann-head.png"), full_page=True)
         page.get_by_role("tab", name="Attention").click()

@@ -1,36 +1,18 @@
 """Hostile inputs a stranger sends a hosted demo (issue 20): each is refused with one message saying what is
 allowed, over HTTP, from the CLI and in the page, instead of a 500, a traceback or a silent reinterpretation."""
 
-import io
 import json
 import struct
 import zlib
 
 import pytest
-from fastapi.testclient import TestClient
 
 from components.generation import run_generation
-from lvlm_interpret import ExplainService, GenerationOptions, UserInputError, generate_with_capture
+from lvlm_interpret import GenerationOptions, UserInputError, generate_with_capture
 from lvlm_interpret.cli import main
 from lvlm_interpret.images import MAX_PIXELS
-from lvlm_interpret.server import create_api
 from tests.conftest import make_scene
-
-
-@pytest.fixture(scope="module")
-def service():
-    return ExplainService(default_model="random:llava", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def http(service):
-    return TestClient(create_api(service))
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.test_server import _png, http, service  # noqa: F401 (fixtures: a random LLaVA, and it over HTTP)
 
 
 def _generate(http, prompt="Describe the image.", **fields):

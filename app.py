@@ -221,9 +221,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         generated.success(on_linked_views, linked_inputs, linked)
         for control in linked_inputs[1:]:
             control.change(on_linked_views, linked_inputs, linked, concurrency_id=views)
-        linked.select(on_select, [session, *attention.controls(), *explanation.controls()], [session, *token_outputs],
-                      concurrency_id=views)
-        generation.image.change(lambda: None, None, linked)
+        pinned = linked.select(on_select, [session, *attention.controls(), *explanation.controls()],
+                               [session, *token_outputs], concurrency_id=views)
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
@@ -239,7 +238,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
 
         generated.success(_user_errors(on_new_answer), session, [status, attention.reverse, export_panel.files,
                                                                  analysis.summary, analysis.drops, analysis.box])
-        clicked.success(_user_errors(lambda state: request_status.describe(service, state)), session, status)
+        for event in (clicked, pinned):
+            event.success(_user_errors(lambda state: request_status.describe(service, state)), session, status)
 
         @gpu
         @_user_errors
@@ -251,7 +251,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             return render_trust(service, state, panel_options(trace, cleann_layer, cleann_head, relevancy_vision))
 
         trust.button.click(on_trust, [session, *explanation.own_controls()], trust.outputs(), concurrency_id=views)
-        for event in (generated, clicked):  # another token's judgement is not this one's
+        for event in (generated, clicked, pinned):  # another token's judgement is not this one's
             event.success(trust_cleared, None, trust.outputs())
 
         def on_inputs_changed(state, prompt, image):

@@ -7,7 +7,8 @@ let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = nul
 const image = new Image();
 
 const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-const fmt = (v) => (Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(3) : v.toExponential(2));
+const fmt = (v) => (v === 0 || (Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4) ? String(Number(v.toPrecision(3)))
+  : v.toExponential(2));
 const word = (text) => (text.trim() ? text.trim() : JSON.stringify(text));
 const rgb = (level) => `rgb(${colours[3 * level]},${colours[3 * level + 1]},${colours[3 * level + 2]})`;
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from lvlm_interpret import ExplainBackend, UserInputError
-from lvlm_interpret.analysis.knockout import WINDOWS, knockout_figure
+from lvlm_interpret.analysis.knockout import WINDOWS, knockout_figure, layer_span
 from lvlm_interpret.analysis.token_sets import positions_to_cells
 from lvlm_interpret.rendering import blend, overlay, plotly_heatmap, token_word
 
@@ -114,7 +114,7 @@ def run_knockout(service: ExplainBackend, state: dict, windows: list[str], *sele
         raise UserInputError("tick at least one layer window")
     positions, picture = choose_tokens(service, state, *selection)
     result = service.knockout(state["request_id"], positions, state["token"], windows)
-    lines = [f"{w.window} (layers {w.layers[0]}-{w.layers[-1]}): p {w.prob:.4f}, drop {100 * d:.1f}%"
+    lines = [f"{w.window} ({layer_span(w.layers)}): p {w.prob:.4f}, drop {100 * d:.1f}%"
              for w, d in zip(result.windows, result.drops())]
     summary = (f"**Knockout** of {len(positions)} image tokens from the position predicting "
                f"{result.target.strip()!r} (p {result.prob_before:.4f}): " + "; ".join(lines))

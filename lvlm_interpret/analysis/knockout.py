@@ -139,9 +139,14 @@ def knockout(loaded, trace: Trace, keys: list[int], token_index: int = 0, querie
     return KnockoutResult(token_index, trace.answer_texts[token_index], queries, keys, prob_before, results)
 
 
+def layer_span(layers: list[int]) -> str:
+    """Layers as a reader says them: "layer 3" or "layers 0-5"."""
+    return f"layer {layers[0]}" if layers[0] == layers[-1] else f"layers {layers[0]}-{layers[-1]}"
+
+
 def knockout_figure(result: KnockoutResult, title: str = "") -> go.Figure:
     """Relative probability drop of the target token per layer window."""
-    labels = [f"{w.window}<br>L{w.layers[0]}-{w.layers[-1]}" for w in result.windows]
+    labels = [f"{w.window}<br>{layer_span(w.layers)}" for w in result.windows]
     figure = go.Figure(go.Bar(x=labels, y=[100 * d for d in result.drops()],
                               customdata=[w.prob for w in result.windows],
                               hovertemplate="%{x}<br>drop %{y:.1f}%<br>p after %{customdata:.4f}<extra></extra>"))

@@ -193,11 +193,19 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         # the events that render the selected token's views run one at a time, in the order they came: a token
         # click still computing must not overwrite the method chosen after it
         views = "views"
-        generated = generation.button.click(on_generate, [*generation.inputs(), *explanation.controls()],
-                                            [session, answer, attention.layer, attention.head, *token_outputs],
-                                            concurrency_id=views)
-        generated.success(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
-                          [analysis.layer, analysis.lens, analysis.tokens])
+        # the Generate button, and picking an example scene (once it is loaded into the inputs)
+        generate = dict(fn=on_generate, inputs=[*generation.inputs(), *explanation.controls()],
+                        outputs=[session, answer, attention.layer, attention.head, *token_outputs], concurrency_id=views)
+        generations = [generation.button.click(**generate)]
+        if generation.examples is not None:
+            generations.append(generation.examples.load_input_event.then(**generate))
+
+        def after_generation(handler, inputs, outputs):
+            for generated in generations:
+                generated.success(handler, inputs, outputs)
+
+        after_generation(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
+                         [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
         clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls()],
                                 [session, *token_outputs], concurrency_id=views)
@@ -218,7 +226,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         # the cheap maps of every token go to the page once per request and per attention setting; a click there
         # pins the token like a click in the answer strip
         linked_inputs = [session, attention.layer, attention.head, attention.aggregation]
-        generated.success(on_linked_views, linked_inputs, linked)
+        after_generation(on_linked_views, linked_inputs, linked)
         for control in linked_inputs[1:]:
             control.change(on_linked_views, linked_inputs, linked, concurrency_id=views)
         pinned = linked.select(on_select, [session, *attention.controls(), *explanation.controls()],
@@ -236,8 +244,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         def on_new_answer(state):
             return request_status.describe(service, state), None, None, "", None, ""
 
-        generated.success(_user_errors(on_new_answer), session, [status, attention.reverse, export_panel.files,
-                                                                 analysis.summary, analysis.drops, analysis.box])
+        after_generation(_user_errors(on_new_answer), session, [status, attention.reverse, export_panel.files,
+                                                                analysis.summary, analysis.drops, analysis.box])
         for event in (clicked, pinned):
             event.success(_user_errors(lambda state: request_status.describe(service, state)), session, status)
 
@@ -251,7 +259,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             return render_trust(service, state, panel_options(trace, cleann_layer, cleann_head, relevancy_vision))
 
         trust.button.click(on_trust, [session, *explanation.own_controls()], trust.outputs(), concurrency_id=views)
-        for event in (generated, clicked, pinned):  # another token's judgement is not this one's
+        for event in (*generations, clicked, pinned):  # another token's judgement is not this one's
             event.success(trust_cleared, None, trust.outputs())
 
         def on_inputs_changed(state, prompt, image):

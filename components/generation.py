@@ -69,6 +69,7 @@ class GenerationPanel:
     temperature: gr.Slider
     top_p: gr.Slider
     button: gr.Button
+    examples: gr.Examples | None  # picking one loads it and generates
 
     @classmethod
     def build(cls, default_model: str, allowed_models: list[str] | None = None,
@@ -78,8 +79,8 @@ class GenerationPanel:
                                                     elem_id="input-image"))
             prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=1, elem_id="prompt")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
-            if examples():
-                gr.Examples(examples(), inputs=[image, prompt], label="Example scenes (pick one, then Generate)")
+            scenes = gr.Examples(examples(), inputs=[image, prompt], label="Example scenes (pick one: it runs)") \
+                if examples() else None
             model = gr.Dropdown(model_choices(default_model, allowed_models), value=default_model,
                                 label="Model", elem_id="model")
             with gr.Accordion("Generation options", open=False):
@@ -87,7 +88,7 @@ class GenerationPanel:
                                            label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p (when sampling)")
-        return cls(image, prompt, model, max_new_tokens, temperature, top_p, button)
+        return cls(image, prompt, model, max_new_tokens, temperature, top_p, button, scenes)
 
     def inputs(self) -> list:
         return [self.image, self.prompt, self.model, self.max_new_tokens, self.temperature, self.top_p]

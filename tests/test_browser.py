@@ -284,3 +284,25 @@ def test_bad_input_in_the_page_is_one_notice_and_the_page_keeps_working(app_url,
         page.locator("#generate").click()
         page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
         browser.close()
+
+
+def test_picking_an_example_runs_it_and_the_views_say_what_they_show(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.get_by_text("What color is the triangle?").first.click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        assert page.locator("#prompt textarea").input_value() == "What color is the triangle?"
+        page.wait_for_function("document.querySelector('#request-status').innerText.includes('Showing')",
+                               timeout=30_000)
+        assert "What color is the triangle?" in page.locator("#request-status").inner_text()
+        # editing the prompt marks the views as answering the earlier one
+        page.locator("#prompt textarea").press("End")
+        page.keyboard.type(" Answer briefly.")  # typed as a user types (fill sets the value without key events)
+        page.wait_for_function("document.querySelector('#request-status').innerText.includes('prompt changed')",
+                               timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "example-and-stale.png"), full_page=True)
+        browser.close()

@@ -3,6 +3,7 @@
 // cell colours every token by its attention to that cell; a click (or Enter) pins a token and fires `select`.
 const root = element.querySelector('.lv-root');
 const CSS_WIDTH = 480;  // each view, CSS pixels
+const STRIP_WIDTH = 72;  // each small map of the strip, CSS pixels
 let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = null;
 const image = new Image();
 
@@ -65,11 +66,11 @@ function build(value) {
     '<span class="lv-hint">Hover a cell of a map: every token coloured by its attention to that cell</span>';
   const slider = controls.querySelector('.lv-opacity');
   slider.value = opacity;
-  slider.addEventListener('input', () => { opacity = Number(slider.value); draw(); });
+  slider.addEventListener('input', () => { opacity = Number(slider.value); redraw(); });
   const select = controls.querySelector('.lv-second');
   data.views.slice(1).forEach((view, index) => select.add(new Option(view.caption, index + 1)));
   select.value = second;
-  select.addEventListener('change', () => { second = Number(select.value); draw(); });
+  select.addEventListener('change', () => { second = Number(select.value); redraw(); });
 
   const views = document.createElement('div');
   views.className = 'lv-views';
@@ -90,10 +91,67 @@ function build(value) {
     const context = scale.getContext('2d');
     for (let level = 0; level < 256; level++) { context.fillStyle = rgb(level); context.fillRect(level, 0, 1, 1); }
   });
-  root.append(row, controls, views);
-  image.onload = draw;  // the maps are drawn at once, the picture under them when it has loaded
+  const strip = document.createElement('div');
+  strip.className = 'lv-strip-box';
+  strip.innerHTML = '<div class="lv-strip-title"></div><div class="lv-strip"></div>';
+  data.tokens.forEach((text, index) => {
+    const figure = document.createElement('figure');
+    figure.dataset.index = index;
+    const canvas = document.createElement('canvas');
+    canvas.width = STRIP_WIDTH * (window.devicePixelRatio || 1);
+    canvas.height = Math.round(canvas.width * height / width);
+    canvas.style.width = `${STRIP_WIDTH}px`;
+    const caption = document.createElement('figcaption');
+    caption.textContent = word(text);
+    figure.append(canvas, caption);
+    figure.addEventListener('mouseenter', () => show(index));
+    figure.addEventListener('click', () => pin(index));
+    strip.querySelector('.lv-strip').appendChild(figure);
+  });
+  strip.querySelector('.lv-strip').addEventListener('mouseleave', () => show(pinned));
+  root.append(row, controls, views, strip);
+  image.onload = redraw;  // the maps are drawn at once, the picture under them when it has loaded
   image.src = data.image;
+  redraw();
+}
+
+// the image's grid cells in their colours over the picture already drawn on `context`
+function paintCells(context, cells, sx, sy) {
+  const { rows, cols, box } = data.grid;
+  context.globalAlpha = opacity;
+  for (let r = 0; r < rows; r++) {
+    const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy;
+    const y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
+    for (let c = 0; c < cols; c++) {
+      const x0 = (box[0] + (c * (box[2] - box[0])) / cols) * sx;
+      const x1 = (box[0] + ((c + 1) * (box[2] - box[0])) / cols) * sx;
+      context.fillStyle = rgb(cells[r * cols + c]);
+      context.fillRect(x0, y0, x1 - x0, y1 - y0);
+    }
+  }
+  context.globalAlpha = 1;
+}
+
+// the small multiples of TAM's figures: the second view's map under every answer word, in one row
+function drawStrip() {
+  const view = data.views[second] || data.views[0];
+  const [width, height] = data.image_size;
+  root.querySelectorAll('.lv-strip canvas').forEach((canvas, token) => {
+    const context = canvas.getContext('2d');
+    const sx = canvas.width / width, sy = canvas.height / height;
+    context.globalAlpha = 1;
+    if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
+    paintCells(context, cellsOf(view, token), sx, sy);
+    canvas.dataset.map = view.name;
+  });
+  const title = root.querySelector('.lv-strip-title');
+  if (title) title.textContent = `${view.caption}, every answer word (each on its own scale; hover or click one)`;
+}
+
+// everything: the views and the strip (on a new payload, picture, opacity or second view; a hover redraws the views)
+function redraw() {
   draw();
+  drawStrip();
 }
 
 function shownViews() {
@@ -104,8 +162,8 @@ function draw() {
   if (!data) return;
   const start = performance.now();
   const [width, height] = data.image_size;
-  const { rows, cols, box } = data.grid;
-  root.querySelectorAll('.lv-token').forEach((span, index) => {
+  root.querySelectorAll('.lv-token, .lv-strip figure').forEach((span) => {
+    const index = Number(span.dataset.index);
     span.classList.toggle('lv-shown', index === shown);
     span.classList.toggle('lv-pinned', index === pinned);
   });
@@ -121,17 +179,7 @@ function draw() {
     context.globalAlpha = 1;
     if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
     const cells = cellsOf(view, shown);
-    context.globalAlpha = opacity;
-    for (let r = 0; r < rows; r++) {
-      const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy;
-      const y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
-      for (let c = 0; c < cols; c++) {
-        const x0 = (box[0] + (c * (box[2] - box[0])) / cols) * sx;
-        const x1 = (box[0] + ((c + 1) * (box[2] - box[0])) / cols) * sx;
-        context.fillStyle = rgb(cells[r * cols + c]);
-        context.fillRect(x0, y0, x1 - x0, y1 - y0);
-      }
-    }
+    paintCells(context, cells, sx, sy);
     canvas.dataset.map = view.name;
     canvas.dataset.token = shown;
     canvas.dataset.cells = cells.join(',');

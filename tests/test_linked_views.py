@@ -112,6 +112,12 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
                 assert shown == quantize(expected[name])[0].ravel().tolist(), (index, name)
             caption = page.locator("#linked-views figcaption").first.inner_text()
             assert "attention, layers all, heads all, mean" in caption
+        # the strip: one small TAM map under every answer word; hovering one shows that word in the large views
+        strip = page.locator("#linked-views .lv-strip figure")
+        assert strip.count() == trace.n_answer
+        assert page.locator("#linked-views .lv-strip canvas[data-map=tam]").count() == trace.n_answer
+        strip.nth(5).hover()
+        assert attention_canvas.get_attribute("data-token") == "5" and "lv-shown" in strip.nth(5).get_attribute("class")
         # the reverse view: hovering the middle of the map colours every token by its attention there
         attention_canvas.hover()
         assert page.locator("#linked-views .lv-token[data-value]").count() == trace.n_answer

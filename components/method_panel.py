@@ -15,7 +15,7 @@ from .figures import cleann_graph_figure, text_scores_figure
 
 OWN_PANEL = {"attention"}  # methods with a dedicated panel
 FIRST = ("tam", "relevancy")  # quick ones first: the first is computed for every generation
-LAST_LAYER, ALL_HEADS = "last", "all"
+DEFAULT_LAYER, ALL_HEADS = "default", "all"  # the method's own default layer (the middle one), every head
 
 
 def method_names() -> list[str]:
@@ -44,7 +44,7 @@ class MethodPanel:
                 map_name = gr.Dropdown([names[0]], value=names[0], label="Map", elem_id="map-name")
                 # each method's own controls, shown while it is: CLEANN reads one layer's attention, each head or
                 # a chosen one; relevancy may leave the vision tower out (its attention over many tiles is large)
-                cleann_layer = gr.Dropdown([LAST_LAYER], value=LAST_LAYER, label="CLEANN layer", visible=False,
+                cleann_layer = gr.Dropdown([DEFAULT_LAYER], value=DEFAULT_LAYER, label="CLEANN layer", visible=False,
                                            elem_id="cleann-layer")
                 cleann_head = gr.Dropdown([ALL_HEADS], value=ALL_HEADS, label="CLEANN head", visible=False,
                                           elem_id="cleann-head")
@@ -71,14 +71,14 @@ class MethodPanel:
 
 
 def _cleann_choices(trace: TraceView) -> tuple[list[str], list[str]]:
-    return [LAST_LAYER, *map(str, range(trace.n_layers))], [ALL_HEADS, *map(str, range(trace.n_heads))]
+    return [DEFAULT_LAYER, *map(str, range(trace.n_layers))], [ALL_HEADS, *map(str, range(trace.n_heads))]
 
 
 def cleann_choice(trace: TraceView, cleann_layer: str | None, cleann_head: str | None) -> tuple[str, str]:
     """The chosen layer and head where the trace's model has them (choices left from another model fall back to
     the defaults)."""
     layers, heads = _cleann_choices(trace)
-    return (cleann_layer if cleann_layer in layers else LAST_LAYER,
+    return (cleann_layer if cleann_layer in layers else DEFAULT_LAYER,
             cleann_head if cleann_head in heads else ALL_HEADS)
 
 
@@ -87,7 +87,7 @@ def panel_options(trace: TraceView, cleann_layer: str | None = None, cleann_head
     """Every method's options as the panel's controls set them, for the method shown, the gallery and the exports;
     only what differs from a method's defaults, so that the page shares cached maps with every other caller."""
     layer, head = cleann_choice(trace, cleann_layer, cleann_head)
-    cleann = {**({} if layer == LAST_LAYER else {"layer": int(layer)}),
+    cleann = {**({} if layer == DEFAULT_LAYER else {"layer": int(layer)}),
               **({} if head == ALL_HEADS else {"head": int(head)})}
     return {"cleann": cleann, "relevancy": {} if relevancy_vision is not False else {"vision": False}}
 
@@ -107,11 +107,10 @@ def summarise(explanation) -> str:
     details = explanation.details
     if explanation.method != "cleann":
         return ""
-    verdict = "verified" if details["verified"] else "not reached: the whole neighbourhood is shown"
     other_views = "".join(f" (+{len(cells)} in the {name} view)" for name, cells in details["view_cells"].items())
-    return (f"**CLEANN** (layer {details['layer']}, head {details['head']}): {len(details['image_cells'])} image "
-            f"cells{other_views}, text positions {details['text_tokens']}; p(token) {details['prob_before']:.3f} -> "
-            f"{details['prob_after']:.3f} when masked ({verdict}); {len(details['edges'])} graph edges.")
+    return (f"**CLEANN** (layer {details['layer']}, head {details['head']}): {details['message']}; "
+            f"{len(details['image_cells'])} image cells{other_views}, text positions {details['text_tokens']}; "
+            f"{len(details['edges'])} graph edges.")
 
 
 def render_method(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, method: str,

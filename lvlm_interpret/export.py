@@ -23,8 +23,8 @@ from .rendering import captioned_map, map_caption, token_word
 from .backend import TraceView
 from .trace import Trace
 
-CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "layer", "head",
-               "edges")
+CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "message", "layer",
+               "head", "edges")
 
 
 def image_info(trace: Trace) -> dict:

@@ -150,7 +150,7 @@ def test_method_panel_shows_each_registered_method(service):
     expected = captioned_map(image, raw, trace.images[0], map_caption(trace.answer_texts[1], "tam_raw"), width=448)
     assert np.array_equal(np.asarray(picture), np.asarray(expected))
     _, names, shown, summary, _, graph = render_method(service, request_id, image, 1, "cleann")
-    assert shown == "cleann" and "p(token)" in summary
+    assert shown == "cleann" and service.explain(request_id, "cleann", 1).details["message"] in summary
     details = service.explain(request_id, "cleann", 1).details
     assert len(graph.data[1].x) == len(details["nodes"])  # every node drawn (one image)
     assert sum(x is None for x in graph.data[0].x) == len(details["edges"])  # every edge drawn
@@ -162,7 +162,7 @@ def test_the_methods_own_controls_in_the_panel_reach_the_methods(service):
     image = make_scene(160, 96)
     request_id, trace = run_generation(service, image, "Describe the image.", max_new_tokens=4)
     layer, head, vision = method_controls(trace, "cleann", "0", "1", True)
-    assert layer.choices[0][0] == "last" and len(layer.choices) == trace.n_layers + 1
+    assert layer.choices[0][0] == "default" and len(layer.choices) == trace.n_layers + 1
     assert len(head.choices) == trace.n_heads + 1 and layer.visible and head.visible and not vision.visible
     options = panel_options(trace, "0", "1", True)
     assert options == {"cleann": {"layer": 0, "head": 1}, "relevancy": {}}

@@ -50,7 +50,7 @@ def _pictures(outputs):
 
 def _walk(page, service) -> dict:
     """Everything a user reaches in the page, on one backend: the pictures and texts each handler shows."""
-    (on_generate,) = _handlers(page, "on_generate")
+    on_generate = _handlers(page, "on_generate")[0]  # the button (an example runs it too)
     on_select = _handlers(page, "on_select")[0]  # the answer strip; the linked views pin through it too
     on_method = _handlers(page, "on_method")[0]  # one handler, wired to each control
     on_controls = _handlers(page, "on_controls")[0]
@@ -58,14 +58,14 @@ def _walk(page, service) -> dict:
     shown = {}
     # CLEANN chosen before generating: the new answer's panels must all render with it (the reported fault)
     state, answer, *outputs = on_generate(make_scene(160, 96), "Describe the image.", "random:llava", 4, 0, 1,
-                                          "cleann", None, "last", "all", True, progress=NO_PROGRESS)
+                                          "cleann", None, "default", "all", True, progress=NO_PROGRESS)
     shown["generate"] = (answer, _pictures(outputs))
-    state, *outputs = on_select(state, "all", "all", "mean", 0, "cleann", None, "last", "all", True, _select(2))
+    state, *outputs = on_select(state, "all", "all", "mean", 0, "cleann", None, "default", "all", True, _select(2))
     shown["select"] = _pictures(outputs)
     for method in method_names():
-        picture, *rest = on_method(state, method, None, "last", "1", True)
+        picture, *rest = on_method(state, method, None, "default", "1", True)
         shown[f"method {method}"] = (np.asarray(picture), rest[4])  # the picture and the summary line
-    shown["controls"] = _pictures(on_controls(state, "1", "0", "max", 2, "last", "1", True))
+    shown["controls"] = _pictures(on_controls(state, "1", "0", "max", 2, "default", "1", True))
     shown["reverse"] = on_image_click(state, "all", "all", "mean", _select((224, 134)))  # the figure's middle
     for on_export in _handlers(page, "on_export"):
         paths = on_export(state, "1", "0", "max", "0", "1", True)
@@ -128,7 +128,7 @@ def test_the_page_on_a_backend_offers_only_the_backends_models(backends):
     page = build_app(remote)
     (dropdown,) = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "model"]
     assert [value for _, value in dropdown.choices] == ["random:llava"]
-    (on_generate,) = _handlers(page, "on_generate")
+    on_generate = _handlers(page, "on_generate")[0]  # the button (an example runs it too)
     with pytest.raises(gr.Error, match="'random:qwen2_vl' is not offered by the backend; choose one of random:llava"):
         on_generate(make_scene(), "Describe the image.", "random:qwen2_vl", 4, 0, 1, progress=NO_PROGRESS)
     over_http = remote._client.post("/v1/generate", files={"image": ("s.png", b"x", "image/png")},
@@ -142,7 +142,7 @@ def test_the_hosted_page_limits_each_client_address(backends):
     from lvlm_interpret.ratelimit import RateLimiter
 
     page = build_app(backends["in-process"], RateLimiter(2))
-    (on_generate,) = _handlers(page, "on_generate")
+    on_generate = _handlers(page, "on_generate")[0]  # the button (an example runs it too)
 
     def generate(address):
         client = SimpleNamespace(client=SimpleNamespace(host=address))

@@ -8,8 +8,8 @@ import torch
 
 from lvlm_interpret import UserInputError, get_method
 from lvlm_interpret.methods.cleann import (
-    _Scorer, correlation_from_attention, fisher_z_pvalue, learn_skeleton, partial_correlation,
-    smallest_explaining_prefix,
+    _Scorer, changes_token, correlation_from_attention, fisher_z_pvalue, grow_region, learn_skeleton,
+    partial_correlation, smallest_explaining_prefix, smallest_over_orders,
 )
 
 
@@ -42,6 +42,78 @@ def test_skeleton_of_a_chain_drops_the_indirect_edge():
     assert learn_skeleton(correlation, n_samples=128, alpha=1e-5) == {(0, 1), (1, 2)}
     # independent tokens lose every edge
     assert learn_skeleton(np.eye(4), n_samples=128, alpha=1e-5) == set()
+
+
+def test_partial_correlation_given_one_token_matches_the_matrix_inverse():
+    rng = np.random.default_rng(0)
+    rows = rng.random((5, 12))
+    correlation = correlation_from_attention(rows)
+    precision = np.linalg.inv(correlation[np.ix_([0, 3, 1], [0, 3, 1])])
+    expected = -precision[0, 1] / math.sqrt(precision[0, 0] * precision[1, 1])
+    assert partial_correlation(correlation, 0, 3, (1,)) == pytest.approx(expected)
+
+
+def test_ordered_search_conditions_on_the_later_tokens_earlier_neighbours():
+    """As the reference's ordered ICD. x2 = 0.9 x0 + e, x3 = 0.31 x2 + e (x1 unrelated): the edge 2 - 3 is real.
+    Conditioning it on 0, a neighbour of the earlier token only, weakens the test until the edge is dropped; the
+    reference draws the set from 3's earlier neighbours (none but 2) and keeps it."""
+    weights = np.zeros((4, 4))
+    weights[2, 0], weights[3, 2] = 0.9, 0.31
+    mixing = np.linalg.inv(np.eye(4) - weights)
+    covariance = mixing @ mixing.T
+    scale = np.sqrt(np.diag(covariance))
+    correlation = covariance / np.outer(scale, scale)
+    assert learn_skeleton(correlation, n_samples=128, alpha=1e-5) == {(0, 2), (2, 3)}
+    # the unordered (PC) search may condition on either node's neighbours, later tokens included
+    chain = np.array([[1, 0.64, 0, 0.8], [0.64, 1, 0, 0.8], [0, 0, 1, 0], [0.8, 0.8, 0, 1.0]])
+    assert (0, 1) in learn_skeleton(chain, n_samples=128, alpha=1e-5, ordered=True)
+    assert (0, 1) not in learn_skeleton(chain, n_samples=128, alpha=1e-5, ordered=False)
+
+
+def test_the_verification_rule():
+    # a flipped token is changed whatever its probability; else its probability must at least halve
+    assert changes_token(0.9, still_argmax=False, prob_before=0.95, drop_to=0.5)
+    assert changes_token(0.45, still_argmax=True, prob_before=0.9, drop_to=0.5)
+    assert not changes_token(0.46, still_argmax=True, prob_before=0.9, drop_to=0.5)
+
+
+def test_a_region_grows_over_the_object_from_one_candidate():
+    """A 4 x 4 grid; the target attends to a planted 2 x 2 object (cells 5, 6, 9, 10) and a little to a far cell;
+    the graph found only cell 5 and the far cell: the set grows through 5's neighbours to the whole object first."""
+    grid = np.arange(16).reshape(4, 4)
+    neighbours = {int(grid[r, c]): [int(grid[r + dr, c + dc]) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                                    if (dr or dc) and 0 <= r + dr < 4 and 0 <= c + dc < 4]
+                  for r in range(4) for c in range(4)}
+    score = np.full(16, 0.001)
+    score[[5, 6, 9, 10]] = [0.3, 0.25, 0.2, 0.2]
+    score[15] = 0.05
+    order = grow_region([5, 15], score, neighbours, allowed=lambda p: True, budget=6)
+    assert order[:4] == [5, 6, 9, 10] and order[4] == 15 and len(order) == 6
+    # the allowed rule and the budget hold
+    assert grow_region([5, 15], score, neighbours, allowed=lambda p: p != 6, budget=3) == [5, 9, 10]
+
+
+def test_the_smallest_set_over_orders_is_kept_and_a_worse_order_costs_one_forward():
+    planted = {5, 6, 9, 10}
+
+    class FakeScorer:
+        calls = []
+
+        def __call__(self, positions):
+            self.calls.append(list(positions))
+            return (0.1, False) if planted <= set(positions) else (0.9, True)
+
+    scorer = FakeScorer()
+    wide = [5, 1, 6, 2, 9, 3, 10, 4]  # reaches the object with 7 tokens
+    tight = [5, 6, 9, 10, 1, 2, 3, 4]  # with 4
+    index, chosen, probability, verified = smallest_over_orders(scorer, [wide, tight, wide], 0.9, 0.5)
+    assert (index, chosen, probability, verified) == (1, [5, 6, 9, 10], 0.1, True)
+    # the third order is tried once, with one token fewer than the best set, and not searched
+    assert scorer.calls[-1] == wide[:3]
+    # none verified: the order that lowered the probability most is the closest
+    index, chosen, probability, verified = smallest_over_orders(lambda p: (0.8 if 1 in p else 0.6, True),
+                                                                [[1, 2], [3, 4]], 0.9, 0.5)
+    assert (index, chosen, probability, verified) == (1, [3, 4], 0.6, False)
 
 
 def test_smallest_prefix_is_found_and_verified():
@@ -85,8 +157,42 @@ def test_cleann_can_be_limited_to_image_patches(llava, llava_trace):
     assert details["text_tokens"] == []
 
 
+def test_the_explaining_set_grows_as_a_region_and_says_what_it_found(llava, llava_trace):
+    """The measured preset masks a region of image cells (8-connected within each component it grows); the
+    message states the outcome in words, and the paper's settings stay one option away."""
+    details = get_method("cleann").explain(llava_trace, 2, model=llava, among="image").details
+    assert details["head"] == "union" and details["layer"] == llava_trace.n_layers // 2
+    word = llava_trace.answer_texts[2].strip()
+    if details["verified"]:
+        assert details["message"].startswith(f"masking these {len(details['image_cells'])} tokens changes {word!r}")
+    elif details["image_cells"]:
+        assert details["message"].startswith("no set of up to ")
+    paper = get_method("cleann").explain(llava_trace, 2, model=llava, preset="paper").details
+    assert paper["layer"] == llava_trace.n_layers - 1 and isinstance(paper["head"], int)
+
+
+def test_nodes_are_the_whole_rows_top_tokens_and_an_unchanged_token_is_said_in_words(llava_trace):
+    from lvlm_interpret.methods.cleann import Cleann, HeadResult, select_nodes
+
+    layout = llava_trace.images[0]
+    source = llava_trace.source_position(1)
+    text = [p for p in range(llava_trace.prompt_length) if p not in layout.token_positions
+            and int(llava_trace.input_ids[p]) not in llava_trace.special_token_ids]
+    row = np.zeros(llava_trace.input_ids.shape[0])
+    row[text[0]], row[layout.positions[0, 1]], row[text[1]] = 0.5, 0.3, 0.004
+    # as the reference: text and image tokens compete in one ranking; k = the tokens above the threshold
+    assert select_nodes(llava_trace, row, source, 0.005, 50) == sorted([text[0], int(layout.positions[0, 1]), source])
+    word = llava_trace.answer_texts[1].strip()
+    chosen = [int(layout.positions[0, 1]), text[0]]
+    details = Cleann._explanation(llava_trace, 1, HeadResult("union", [], [], chosen), chosen, 0.98, 0.71, False, 0,
+                                  Cleann._message(llava_trace, 1, chosen, 0.98, 0.71, False, 32)).details
+    assert details["message"] == f"no set of up to 2 tokens changes {word!r}; the closest lowered p from 0.98 to 0.71"
+    assert details["image_cells"] == [[0, 1]] and details["text_tokens"] == [text[0]]
+
+
 @pytest.mark.parametrize("options", [{"layer": 9}, {"head": 7}, {"head": "abc"}, {"head": 1.5}, {"alpha": 2.0},
-                                     {"radius": 0}, {"among": "x"}])
+                                     {"radius": 0}, {"among": "x"}, {"preset": "fast"}, {"budget": -1},
+                                     {"growth_heads": 0}])
 def test_bad_options(llava, llava_trace, options):
     with pytest.raises(UserInputError):
         get_method("cleann").explain(llava_trace, 0, model=llava, **options)

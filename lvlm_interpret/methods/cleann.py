@@ -1,19 +1,22 @@
 """CLEANN causal explanation (Rohekar, Gurwicz, Nisimov, NeurIPS 2023).
 
-One attention head is read as a linear structural model over tokens: covariance C = A A^T of the selected
+One layer's attention is read as a linear structural model over tokens: covariance C = A A^T of the selected
 tokens' attention rows, then correlation; partial correlations give Fisher-z conditional-independence tests
-(pseudo sample size = the head dimension). A constraint-based skeleton search over the selected tokens
-(optionally token-ordered: conditioning only on earlier tokens, edges oriented earlier -> later) yields the
-graph. The explanation is the smallest set of tokens near the target (graph distance <= radius) whose masking
-flips the token or strongly lowers its probability, verified by re-scoring the model with the set's input
-embeddings replaced by the mean embedding of their modality.
-"""
+(pseudo sample size = the head dimension). The nodes are the target and the top tokens of its attention row (image
+cells and text alike, as the reference code). A token-ordered constraint-based skeleton search (conditioning sets
+drawn from the later token's earlier neighbours, as the reference's ordered ICD) gives each head's graph; the
+measured preset joins the heads' graphs. The explanation is the smallest set of tokens near the target (graph
+distance <= radius) whose masking flips the token or halves its probability, verified by re-scoring the model
+with the set's input embeddings replaced by the mean embedding of their modality. The measured preset grows the
+set as regions: from the graph's candidates through neighbouring cells, ordered by the attention of the heads
+that concentrate on few cells, so that a set can cover the whole object a model reads. PRESETS["paper"] keeps the
+paper's settings (last layer, each head alone, alpha 1e-5, single tokens)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +26,7 @@ from scipy.stats import norm
 from ..capture import AttentionGraph, replay_inputs, scoped_hook
 from ..errors import UserInputError
 from ..trace import Trace
-from .base import Explanation, ExplanationMethod, image_cell_positions, image_token_positions, register_method
+from .base import Explanation, ExplanationMethod, image_token_positions, register_method
 
 
 def correlation_from_attention(rows: np.ndarray) -> np.ndarray:
@@ -36,6 +39,11 @@ def correlation_from_attention(rows: np.ndarray) -> np.ndarray:
 def partial_correlation(correlation: np.ndarray, i: int, j: int, given: tuple[int, ...]) -> float:
     if not given:
         return float(correlation[i, j])
+    if len(given) == 1:  # the closed form: no matrix inverse in the skeleton search's most frequent test
+        k = given[0]
+        r_ij, r_ik, r_jk = correlation[i, j], correlation[i, k], correlation[j, k]
+        denominator = math.sqrt(max((1 - r_ik ** 2) * (1 - r_jk ** 2), 0.0))
+        return float((r_ij - r_ik * r_jk) / denominator) if denominator > 0 else 0.0
     index = [i, j, *given]
     precision = np.linalg.pinv(correlation[np.ix_(index, index)])
     denominator = np.sqrt(abs(precision[0, 0] * precision[1, 1]))
@@ -44,29 +52,32 @@ def partial_correlation(correlation: np.ndarray, i: int, j: int, given: tuple[in
 
 def fisher_z_pvalue(r: float, n_samples: int, n_given: int) -> float:
     """p = 2 (1 - Phi(sqrt(n - |Z| - 3) |z|)), z = 0.5 ln((1 + r) / (1 - r))."""
-    r = float(np.clip(r, -1 + 1e-12, 1 - 1e-12))
-    z = 0.5 * np.log((1 + r) / (1 - r))
+    r = min(max(float(r), -1 + 1e-12), 1 - 1e-12)
+    z = 0.5 * math.log((1 + r) / (1 - r))
     dof = max(n_samples - n_given - 3, 1)
-    return float(2 * (1 - norm.cdf(np.sqrt(dof) * abs(z))))
+    return math.erfc(math.sqrt(dof) * abs(z) / math.sqrt(2))  # = 2 (1 - Phi(.)), exact in the far tail too
 
 
 def learn_skeleton(correlation: np.ndarray, n_samples: int, alpha: float, max_given: int = 2,
                    ordered: bool = True, max_candidates: int = 8) -> set[tuple[int, int]]:
     """Constraint-based skeleton search (the PC / ICD adjacency phase): start complete, remove i - j when some
-    set Z of size 0..max_given among their neighbours makes them independent (p > alpha). Nodes are in token
-    order; with `ordered`, Z holds only tokens earlier than the later of the pair."""
+    set Z of size 0..max_given makes them independent (p > alpha). Nodes are in token order. With `ordered` (the
+    reference's ordered ICD), Z is drawn from the later node's earlier neighbours; without it, from both nodes'
+    neighbours (PC)."""
     n = correlation.shape[0]
-    adjacent = {i: set(range(n)) - {i} for i in range(n)}
-    for size in range(max_given + 1):
+    # unconditional tests at once: |r| below the Fisher-z critical value is independence
+    critical = math.tanh(norm.isf(alpha / 2) / math.sqrt(max(n_samples - 3, 1)))
+    dependent = np.abs(correlation) > critical
+    np.fill_diagonal(dependent, False)
+    adjacent = {i: set(np.flatnonzero(dependent[i]).tolist()) for i in range(n)}
+    for size in range(1, max_given + 1):
         for i, j in itertools.combinations(range(n), 2):
             if j not in adjacent[i]:
                 continue
-            pool = (adjacent[i] | adjacent[j]) - {i, j}
-            if ordered:
-                pool = {k for k in pool if k < j}
+            pool = {k for k in adjacent[j] if k < j} - {i} if ordered else (adjacent[i] | adjacent[j]) - {i, j}
             if len(pool) < size:
                 continue
-            # the most correlated neighbours first; a bounded pool keeps the search in seconds
+            # the most correlated neighbours first; a bounded pool keeps the search in milliseconds
             ranked = sorted(pool, key=lambda k: -abs(correlation[i, k]) - abs(correlation[j, k]))[:max_candidates]
             for given in itertools.combinations(ranked, size):
                 p_value = fisher_z_pvalue(partial_correlation(correlation, i, j, given), n_samples, size)
@@ -93,38 +104,74 @@ def distances_from(target: int, edges: set[tuple[int, int]], n: int) -> dict[int
 
 @dataclass
 class HeadResult:
-    head: int
+    head: int | str  # a head number, or "union" for the union of every head's graph
     nodes: list[int]  # sequence positions, in token order
     edges: list[tuple[int, int]]  # positions, earlier -> later
-    candidates: list[int]  # positions near the target, most promising first
+    candidates: list[int]  # positions near the target, nearest and most attended first
 
 
-def select_nodes(trace: Trace, target_row: np.ndarray, source: int, threshold: float, max_image: int) -> list[int]:
-    """Top-k image tokens by the target's attention (k = min(max(2, #above threshold), max_image)), the text
-    tokens above the threshold, and the target itself."""
-    images = image_cell_positions(trace)
-    k = min(max(2, int((target_row[images] > threshold).sum())), max_image, len(images))
-    chosen = set(images[np.argsort(-target_row[images], kind="stable")[:k]].tolist())
-    in_image = image_token_positions(trace)  # separators are the image's too, never text
-    special = set(trace.special_token_ids)
-    chosen |= {j for j in range(source) if j not in in_image and target_row[j] > threshold
-               and int(trace.input_ids[j]) not in special}
+def select_nodes(trace: Trace, target_row: np.ndarray, source: int, threshold: float, max_nodes: int) -> list[int]:
+    """As the reference: the top-k tokens of the target's whole attention row (k = min(max(2, #above threshold),
+    max_nodes)), image cells and text alike, without special tokens and image separators, and the target."""
+    cells = {int(p) for layout in trace.images for p in layout.cell_positions}
+    in_image = image_token_positions(trace)
+    special = set(trace.special_token_ids)  # the image placeholder is one: cells are taken by position
+    eligible = np.array([j for j in range(source) if j in cells or (j not in in_image and
+                                                                      int(trace.input_ids[j]) not in special)],
+                        dtype=np.int64)
+    k = min(max(2, int((target_row[eligible] > threshold).sum())), max_nodes, len(eligible))
+    chosen = set(eligible[np.argsort(-target_row[eligible], kind="stable")[:k]].tolist())
     chosen.add(source)
     return sorted(chosen)
 
 
-def discover(trace: Trace, attention: np.ndarray, head: int, source: int, *, threshold: float, max_image: int,
-             alpha: float, n_samples: int, radius: int, ordered: bool, max_given: int) -> HeadResult:
-    """Causal discovery around the target for one head; `attention` is that head's [S, S] matrix."""
-    nodes = select_nodes(trace, attention[source], source, threshold, max_image)
-    correlation = correlation_from_attention(attention[nodes].astype(np.float64))
-    edges = learn_skeleton(correlation, n_samples, alpha, max_given=max_given, ordered=ordered)
+def discover(trace: Trace, attention: np.ndarray, heads: list[int], source: int, *, threshold: float,
+             max_nodes: int, alpha: float, n_samples: int, radius: int, ordered: bool, max_given: int) -> HeadResult:
+    """Causal discovery around the target. `attention`: the layer's [heads, S, S]; with several heads the nodes are
+    chosen by their mean row and the graph is the union of each head's skeleton (a head that reads the object
+    connects it to the target even where the others do not)."""
+    row = attention[heads, source].mean(0)
+    nodes = select_nodes(trace, row, source, threshold, max_nodes)
+    edges = set()
+    for head in heads:
+        edges |= learn_skeleton(correlation_from_attention(attention[head][nodes].astype(np.float64)), n_samples,
+                                alpha, max_given=max_given, ordered=ordered)
     target = nodes.index(source)
     distance = distances_from(target, edges, len(nodes))
     near = [k for k, d in distance.items() if 0 < d <= radius]
-    near.sort(key=lambda k: (distance[k], -attention[source, nodes[k]]))
-    return HeadResult(head=head, nodes=nodes, edges=[(nodes[i], nodes[j]) for i, j in sorted(edges)],
-                      candidates=[nodes[k] for k in near])
+    near.sort(key=lambda k: (distance[k], -row[nodes[k]]))
+    return HeadResult(head=heads[0] if len(heads) == 1 else "union", nodes=nodes,
+                      edges=[(nodes[i], nodes[j]) for i, j in sorted(edges)], candidates=[nodes[k] for k in near])
+
+
+def cell_neighbours(trace: Trace) -> dict[int, list[int]]:
+    """Each image cell's position -> the positions of its 8 neighbours in the same grid (view)."""
+    neighbours = {}
+    for layout in trace.images:
+        for view in layout.views:
+            grid = view.positions
+            rows, cols = grid.shape
+            for r in range(rows):
+                for c in range(cols):
+                    neighbours[int(grid[r, c])] = [int(grid[r + dr, c + dc]) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                                                   if (dr or dc) and 0 <= r + dr < rows and 0 <= c + dc < cols]
+    return neighbours
+
+
+def grow_region(candidates: list[int], score: np.ndarray, neighbours: dict[int, list[int]], allowed, budget: int
+                ) -> list[int]:
+    """The order in which a set grows: from the graph's candidates and the image cells next to those already
+    taken, the one the target attends to most, until `budget` tokens. Cells next to the set fill in the object
+    the graph saw only part of; a candidate elsewhere starts another region (a second object of the class)."""
+    order, taken = [], set()
+    options = {p for p in candidates if allowed(p)}
+    while options and len(order) < budget:
+        best = max(options, key=lambda p: (score[p], -p))
+        order.append(best)
+        taken.add(best)
+        options |= {q for q in neighbours.get(best, ()) if allowed(q)}
+        options -= taken
+    return order
 
 
 def _replace_embeddings(family, positions: list[int], replacement: dict[int, torch.Tensor], images):
@@ -141,13 +188,27 @@ def _replace_embeddings(family, positions: list[int], replacement: dict[int, tor
     return hook
 
 
+@torch.no_grad()
+def capture_layer(loaded, trace: Trace, layer: int) -> tuple[np.ndarray, torch.Tensor]:
+    """One forward: the layer's attention [heads, S, S] and the decoder's input embeddings [S, D]."""
+    module = loaded.family.language_attentions(loaded.model)[layer]
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"][0].detach()
+
+    with scoped_hook(loaded.family.language_model(loaded.model), keep, pre=True), AttentionGraph([module]) as graph:
+        loaded.model(**replay_inputs(trace, loaded.device))
+    return graph.weights[0][0][0].float().cpu().numpy(), captured["embeds"]
+
+
 class _Scorer:
     """Probability of the target token with a set of positions masked."""
 
-    def __init__(self, loaded, trace: Trace, token_index: int):
+    def __init__(self, loaded, trace: Trace, token_index: int, embeds: torch.Tensor | None = None):
         self.loaded, self.trace, self.token_index = loaded, trace, token_index
         self.decoder = loaded.family.language_model(loaded.model)
-        embeds = self._input_embeddings()
+        embeds = self._input_embeddings() if embeds is None else embeds
         in_image = np.zeros(trace.input_ids.shape[0], dtype=bool)
         replacement = {}
         for layout in trace.images:
@@ -181,17 +242,26 @@ class _Scorer:
         return float(torch.softmax(row, -1)[token]), bool(row.argmax() == token)
 
 
-def smallest_explaining_prefix(scorer: _Scorer, candidates: list[int], prob_before: float,
-                               drop_to: float) -> tuple[list[int], float, bool]:
-    """Binary search for the shortest prefix of `candidates` whose masking flips the token or brings its
-    probability to <= drop_to * before; falls back to the whole candidate list, flagged as not reaching it."""
+def changes_token(probability: float, still_argmax: bool, prob_before: float, drop_to: float) -> bool:
+    """The verification rule: masking the set flips the token or brings its probability to <= drop_to * before."""
+    return not still_argmax or probability <= drop_to * prob_before
+
+
+def smallest_explaining_prefix(scorer, candidates: list[int], prob_before: float, drop_to: float,
+                               whole: tuple[float, bool] | None = None) -> tuple[list[int], float, bool]:
+    """Binary search for the shortest prefix of `candidates` whose masking changes the token (`changes_token`);
+    falls back to the whole candidate list, flagged as not reaching it. The whole list is tried first (`whole`: its
+    score where already known): where it does not change the token no prefix is searched."""
     def explains(k):
         probability, still_argmax = scorer(candidates[:k])
-        return (not still_argmax or probability <= drop_to * prob_before), probability
+        return changes_token(probability, still_argmax, prob_before, drop_to), probability
 
     if not candidates:
         return [], prob_before, False
-    ok, probability = explains(len(candidates))
+    if whole is None:
+        ok, probability = explains(len(candidates))
+    else:
+        ok, probability = changes_token(*whole, prob_before, drop_to), whole[0]
     if not ok:
         return candidates, probability, False
     low, high, best = 1, len(candidates), (len(candidates), probability)
@@ -207,69 +277,146 @@ def smallest_explaining_prefix(scorer: _Scorer, candidates: list[int], prob_befo
     return candidates[: best[0]], best[1], True
 
 
+def smallest_over_orders(scorer, orders: list[list[int]], prob_before: float, drop_to: float
+                         ) -> tuple[int, list[int], float, bool]:
+    """The smallest explaining prefix over several candidate orders: (the order's index, the set, the probability
+    with it masked, verified). An order is searched only when its prefix one shorter than the best set so far
+    changes the token, so an order that cannot do better costs one forward. With none verified: the order whose
+    whole list lowered the probability most."""
+    best, closest = None, None
+    for index, order in enumerate(orders):
+        limit = len(order) if best is None else min(len(order), len(best[1]) - 1)
+        if limit < 1:
+            continue
+        whole = scorer(order[:limit])
+        if not changes_token(*whole, prob_before, drop_to):
+            if best is None and (closest is None or whole[0] < closest[2]):
+                closest = (index, order[:limit], whole[0], False)
+            continue
+        chosen, probability, _ = smallest_explaining_prefix(scorer, order[:limit], prob_before, drop_to, whole)
+        best = (index, chosen, probability, True)
+    return best or closest or (0, [], prob_before, False)
+
+
+def concentration(row: np.ndarray, cells: np.ndarray, top: int = 5) -> float:
+    """The share of a head's attention on image cells that its `top` most attended cells hold: a head that
+    reads one object concentrates; one that scans the image does not."""
+    image = row[cells]
+    total = float(image.sum())
+    return float(np.sort(image)[::-1][:top].sum() / total) if total > 0 else 0.0
+
+
+# Defaults measured on the shipped demo model (docs/results.md, "CLEANN on the demo model"); "paper": the
+# paper's and reference code's settings (last layer, each head alone, alpha 1e-5, radius 3, single tokens).
+PRESETS = {
+    "measured": dict(layer="middle", head="union", alpha=1e-3, threshold=0.005, radius=3, max_nodes=50,
+                     samples=None, region=True, budget=32, growth_heads=3, max_given=1),
+    "paper": dict(layer=-1, head="all", alpha=1e-5, threshold=0.005, radius=3, max_nodes=50, samples=None,
+                  region=False, budget=0, growth_heads=1, max_given=2),
+}
+
+
 @register_method
 class Cleann(ExplanationMethod):
     name = "cleann"
-    description = "CLEANN: a minimal causal set of image patches and text tokens from one head's attention " \
+    description = "CLEANN: a minimal causal set of image patches and text tokens from one layer's attention " \
                   "graph, verified by masking and re-scoring the token."
 
-    def explain(self, trace, token_index, model=None, layer: int = -1, head: int | str = "all", alpha: float = 1e-5,
-                threshold: float = 0.005, radius: int = 3, max_image_tokens: int = 50, ordered: bool = True,
-                max_given: int = 2, drop_to: float = 0.5, among: str = "all", samples: int | None = None):
-        """`among`: which tokens may form the explaining set: "all", "image" (patches only) or "text".
-        `samples`: the CI tests' pseudo sample size (default: the head dimension, as in the paper)."""
+    def explain(self, trace, token_index, model=None, preset: str = "measured", layer: int | None = None,
+                head: int | str | None = None, alpha: float | None = None, threshold: float | None = None,
+                radius: int | None = None, max_nodes: int | None = None, samples: int | None = None,
+                region: bool | None = None, budget: int | None = None, growth_heads: int | None = None,
+                max_given: int | None = None, ordered: bool = True, drop_to: float = 0.5, among: str = "all"):
+        """`preset`: "measured" (defaults chosen on the demo model) or "paper"; every other option left out
+        takes the preset's value. `layer`: a layer number (negative from the end); the measured preset takes the
+        middle layer (n_layers // 2). `head`: a head number, "all" (each head's graph alone, the best set
+        kept) or "union" (one graph, the union of every head's). `samples`: the CI tests' pseudo sample size
+        (default: the head dimension, as in the paper). `region`: grow the set from the graph's candidates
+        through neighbouring cells (else: the candidates alone, nearest first). `budget`: the most tokens a
+        set may hold (0: no limit). `growth_heads`: with head="union", the set grows along the attention of each
+        of this many heads (those most concentrated on few image cells) and the smallest verified set is kept.
+        `max_given`: the largest conditioning set of the CI tests. `among`: which tokens may form the set: "all",
+        "image" or "text"."""
         if model is None:
             raise UserInputError("cleann needs the model that generated the trace (to verify by masking)")
         trace.check_token_index(token_index)
+        if preset not in PRESETS:
+            raise UserInputError(f"cleann: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        given = dict(layer=layer, head=head, alpha=alpha, threshold=threshold, radius=radius, max_nodes=max_nodes,
+                     samples=samples, region=region, budget=budget, growth_heads=growth_heads, max_given=max_given)
+        settings = {name: PRESETS[preset][name] if value is None else value for name, value in given.items()}
         if among not in ("all", "image", "text"):
             raise UserInputError(f"cleann: among must be all, image or text, got {among!r}")
-        if not 0 < alpha < 1 or not 0 <= threshold < 1 or radius < 1 or not 0 < drop_to < 1:
+        if not 0 < settings["alpha"] < 1 or not 0 <= settings["threshold"] < 1 or settings["radius"] < 1 \
+                or not 0 < drop_to < 1 or settings["budget"] < 0 or settings["max_nodes"] < 2 \
+                or settings["growth_heads"] < 1 or settings["max_given"] < 0:
             raise UserInputError("cleann options: alpha in (0, 1), threshold in [0, 1), radius >= 1, "
-                                 "drop_to in (0, 1)")
+                                 "drop_to in (0, 1), budget >= 0 (0: no limit), max_nodes >= 2, growth_heads >= 1, "
+                                 "max_given >= 0")
         n_layers = trace.n_layers
+        layer = n_layers // 2 if settings["layer"] == "middle" else settings["layer"]
         layer_index = layer + n_layers if isinstance(layer, int) and layer < 0 else layer
-        if not isinstance(layer_index, int) or not 0 <= layer_index < n_layers:
+        if not isinstance(layer_index, int) or isinstance(layer_index, bool) or not 0 <= layer_index < n_layers:
             raise UserInputError(f"layer {layer!r} is out of range: the model has {n_layers} layers")
-        if head != "all" and not (isinstance(head, int) or str(head).strip().lstrip("-").isdigit()):
-            raise UserInputError(f"head must be 'all' or a head number, got {head!r}")
-        heads = list(range(trace.n_heads)) if head == "all" else [int(head)]
-        if not all(0 <= h < trace.n_heads for h in heads):
+        head = settings["head"]
+        if head not in ("all", "union") and not (isinstance(head, int) or str(head).strip().lstrip("-").isdigit()):
+            raise UserInputError(f"head must be 'all', 'union' or a head number, got {head!r}")
+        if head in ("all", "union"):
+            head_sets = [[h] for h in range(trace.n_heads)] if head == "all" else [list(range(trace.n_heads))]
+        else:
+            head_sets = [[int(head)]]
+        if not all(0 <= h < trace.n_heads for heads in head_sets for h in heads):
             raise UserInputError(f"head {head!r} is out of range: the model has {trace.n_heads} heads")
 
-        attention = self._layer_attention(model, trace, layer_index)  # [heads, S, S]
+        attention, embeds = capture_layer(model, trace, layer_index)  # [heads, S, S], [S, D]
         source = trace.source_position(token_index)
         config = model.model.config.get_text_config()
-        n_samples = samples or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        n_samples = settings["samples"] or getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
         if n_samples < 4:
             raise UserInputError(f"cleann: the pseudo sample size must be at least 4, got {n_samples}")
-        options = dict(threshold=threshold, max_image=max_image_tokens, alpha=alpha, n_samples=n_samples,
-                       radius=radius, ordered=ordered, max_given=max_given)
-        with ThreadPoolExecutor(max_workers=min(4, len(heads))) as pool:
-            discovered = list(pool.map(lambda h: discover(trace, attention[h], h, source, **options), heads))
+        options = dict(threshold=settings["threshold"], max_nodes=settings["max_nodes"], alpha=settings["alpha"],
+                       n_samples=n_samples, radius=settings["radius"], ordered=ordered,
+                       max_given=settings["max_given"])
+        discovered = [discover(trace, attention, heads, source, **options) for heads in head_sets]
 
-        scorer = _Scorer(model, trace, token_index)
-        prob_before, _ = scorer([])
+        scorer = _Scorer(model, trace, token_index, embeds)
+        prob_before = math.exp(float(trace.answer_logprobs[token_index]))
         in_image = image_token_positions(trace)
         allowed = {"all": lambda p: True, "image": lambda p: p in in_image, "text": lambda p: p not in in_image}[among]
-        best = None
-        for result in discovered:
-            candidates = [p for p in result.candidates if allowed(p)]
-            chosen, prob_after, reached = smallest_explaining_prefix(scorer, candidates, prob_before, drop_to)
-            key = (not reached, len(chosen) if reached else -(prob_before - prob_after), prob_after)
-            if best is None or key < best[0]:
-                best = (key, result, chosen, prob_after, reached)
-        _, result, chosen, prob_after, reached = best
-        return self._explanation(trace, token_index, result, chosen, prob_before, prob_after, reached, layer_index)
+        budget = settings["budget"] or len(trace.input_ids)
+        neighbours = cell_neighbours(trace) if settings["region"] else {}
+        cells = np.concatenate([layout.cell_positions for layout in trace.images])
+        # the orders a set may grow in, each with the graph it came from
+        orders, graphs = [], []
+        for result, heads in zip(discovered, head_sets):
+            if not settings["region"]:
+                orders.append([p for p in result.candidates if allowed(p)][:budget])
+                graphs.append(result)
+                continue
+            ranked = sorted(heads, key=lambda h: -concentration(attention[h, source], cells))
+            for growth_head in ranked[: settings["growth_heads"]]:
+                orders.append(grow_region(result.candidates, attention[growth_head, source], neighbours, allowed,
+                                          budget))
+                graphs.append(result)
+        index, chosen, prob_after, reached = smallest_over_orders(scorer, orders, prob_before, drop_to)
+        result = graphs[index]
+        message = self._message(trace, token_index, chosen, prob_before, prob_after, reached, budget)
+        return self._explanation(trace, token_index, result, chosen, prob_before, prob_after, reached, layer_index,
+                                 message)
 
     @staticmethod
-    def _layer_attention(loaded, trace: Trace, layer: int) -> np.ndarray:
-        module = loaded.family.language_attentions(loaded.model)[layer]
-        with torch.no_grad(), AttentionGraph([module]) as graph:
-            loaded.model(**replay_inputs(trace, loaded.device))
-        return graph.weights[0][0][0].float().cpu().numpy()
+    def _message(trace, token_index, chosen, prob_before, prob_after, reached, budget) -> str:
+        word = trace.answer_texts[token_index].strip() or trace.answer_texts[token_index]
+        if reached:
+            return (f"masking these {len(chosen)} tokens changes {word!r}: p {prob_before:.2f} -> {prob_after:.2f}")
+        if not chosen:
+            return f"the causal graph links no token to {word!r}, so there is no set to test"
+        return (f"no set of up to {min(budget, len(chosen))} tokens changes {word!r}; the closest lowered p from "
+                f"{prob_before:.2f} to {prob_after:.2f}")
 
     @staticmethod
-    def _explanation(trace, token_index, result, chosen, prob_before, prob_after, reached, layer):
+    def _explanation(trace, token_index, result, chosen, prob_before, prob_after, reached, layer, message=""):
         """The chosen set as cells of each image's map (`image_cells`), cells of its other views (`view_cells`, by
         view name, for tiled families) and text positions: together, exactly the set that was masked."""
         maps, cells, view_cells = [], [], {}
@@ -297,6 +444,7 @@ class Cleann(ExplanationMethod):
                 "prob_before": prob_before,
                 "prob_after": prob_after,
                 "verified": reached,
+                "message": message,
                 "layer": layer,
                 "head": result.head,
                 "nodes": result.nodes,

@@ -109,7 +109,18 @@ function build(value) {
     strip.querySelector('.lv-strip').appendChild(figure);
   });
   strip.querySelector('.lv-strip').addEventListener('mouseleave', () => show(pinned));
-  root.append(row, controls, views, strip);
+  const text = document.createElement('div');
+  text.className = 'lv-text-box';
+  text.innerHTML = '<div class="lv-strip-title">Attention to the text (prompt, then answer) of the word shown, ' +
+    'with the layers, heads and aggregation of the attention view</div><div class="lv-text"></div>';
+  data.text.bytes = bytes(data.text.cells);
+  data.text.texts.forEach((piece, k) => {
+    const span = document.createElement('span');
+    span.className = 'lv-text-token' + (data.text.positions[k] >= data.text.answer_start ? ' lv-answer' : '');
+    span.textContent = word(piece);
+    text.querySelector('.lv-text').appendChild(span);
+  });
+  root.append(row, controls, views, strip, text);
   image.onload = redraw;  // the maps are drawn at once, the picture under them when it has loaded
   image.src = data.image;
   redraw();
@@ -154,6 +165,24 @@ function redraw() {
   drawStrip();
 }
 
+// the shown word's attention to every text position, as coloured tokens (CircuitsVis' pattern view)
+function drawText() {
+  const pattern = data.text;
+  const n = pattern.positions.length;
+  const levels = pattern.bytes.subarray(shown * n, (shown + 1) * n);
+  const box = root.querySelector('.lv-text');
+  box.dataset.token = shown;
+  box.dataset.values = levels.join(',');
+  const source = data.text.answer_start - 1 + shown;  // the position predicting the shown word
+  box.querySelectorAll('.lv-text-token').forEach((span, k) => {
+    const after = pattern.positions[k] >= source + 1;
+    span.style.background = after ? '' : rgb(levels[k]);
+    span.style.color = after ? 'var(--body-text-color-subdued)' : (levels[k] > 150 ? '#000' : '#fff');
+    span.title = after ? 'after the word: not attended' :
+      `${fmt(valueOf(pattern, shown, levels[k]))}`;
+  });
+}
+
 function shownViews() {
   return [data.views[0], data.views[second]].filter(Boolean);
 }
@@ -188,6 +217,7 @@ function draw() {
     figure.querySelector('.lv-low').textContent = fmt(view.low[shown]);
     figure.querySelector('.lv-high').textContent = fmt(view.high[shown]);
   });
+  drawText();
   const elapsed = performance.now() - start;
   root.querySelectorAll('canvas.lv-map').forEach((canvas) => { canvas.dataset.drawnMs = elapsed.toFixed(3); });
 }

@@ -13,7 +13,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from lvlm_interpret import ExplainBackend
+from lvlm_interpret import ExplainBackend, TraceView
+from lvlm_interpret.methods.base import image_token_positions
 from lvlm_interpret.rendering import colour_lookup
 
 HERE = Path(__file__).resolve().parent
@@ -62,8 +63,9 @@ def payload(service: ExplainBackend, request_id: str, image: Image.Image, layer=
     trace = service.trace(request_id)
     layout = trace.images[0]
     tokens = range(trace.n_answer)
-    attention = [service.explain(request_id, "attention", t, layers=layer, heads=head, aggregation=aggregation)
-                 .maps[0] for t in tokens]
+    explained = [service.explain(request_id, "attention", t, layers=layer, heads=head, aggregation=aggregation)
+                 for t in tokens]
+    attention = [explanation.maps[0] for explanation in explained]
     tam_maps: dict[str, list[np.ndarray]] = {}
     for t in tokens:
         for name, grids in service.explain(request_id, "tam", t).all_maps().items():
@@ -78,7 +80,23 @@ def payload(service: ExplainBackend, request_id: str, image: Image.Image, layer=
         "colours": base64.b64encode(colour_lookup().tobytes()).decode(),  # the server's 256 Inferno colours
         "views": [_map_record("attention", attention_caption(layer, head, aggregation), attention),
                   *(_map_record(name, name.replace("_", " "), grids) for name, grids in tam_maps.items())],
+        "text": text_pattern(trace, [explanation.text_scores for explanation in explained]),
     }
+
+
+def text_pattern(trace: TraceView, scores: list[np.ndarray]) -> dict:
+    """Text-to-text attention, as CircuitsVis draws it: every text position of the sequence (prompt and answer, no
+    image tokens) and, per answer token, its attention to each of them (8 bits, per-token low / high; positions at
+    or after the token's own predicting position get none)."""
+    image = image_token_positions(trace)
+    positions = [p for p in range(len(trace.token_texts)) if p not in image and trace.token_texts[p].strip()]
+    rows = np.zeros((len(scores), len(positions)), np.float32)
+    for t, row in enumerate(scores):
+        known = [k for k, p in enumerate(positions) if p < len(row)]
+        rows[t, known] = row[[positions[k] for k in known]]
+    record = _map_record("text", "attention to text", list(rows))
+    return {"positions": positions, "texts": [trace.token_texts[p] for p in positions],
+            "answer_start": trace.prompt_length, **record}
 
 
 def build() -> gr.HTML:

@@ -57,6 +57,17 @@ def _check_payload(backend, request_id, image, layer, head, aggregation):
             np.testing.assert_allclose(dequantize(cells[token], low[token], high[token]), library_map,
                                        atol=span / 255 + 1e-7)
             np.testing.assert_array_equal(cells[token], quantize(library_map)[0])
+    # the text pattern: each word's attention to every text position before it, none to image tokens or later
+    text = record["text"]
+    assert not set(text["positions"]) & {int(p) for p in layout.token_positions}
+    assert [trace.token_texts[p] for p in text["positions"]] == text["texts"]
+    levels = np.frombuffer(base64.b64decode(text["cells"]), np.uint8).reshape(trace.n_answer, -1)
+    for token in range(trace.n_answer):
+        scores = backend.explain(request_id, "attention", token, layers=layer, heads=head,
+                                 aggregation=aggregation).text_scores
+        expected = np.array([scores[p] if p < len(scores) else 0.0 for p in text["positions"]], np.float32)
+        np.testing.assert_array_equal(levels[token], quantize(expected)[0])
+        assert all(levels[token][k] == 0 for k, p in enumerate(text["positions"]) if p >= len(scores))
     return record
 
 
@@ -110,6 +121,13 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
             for canvas, name in [(attention_canvas, "attention"), (tam_canvas, "tam")]:
                 shown = [int(v) for v in canvas.get_attribute("data-cells").split(",")]
                 assert shown == quantize(expected[name])[0].ravel().tolist(), (index, name)
+            pattern = page.locator("#linked-views .lv-text")
+            assert pattern.get_attribute("data-token") == str(index)
+            text_scores = service.explain(request_id, "attention", index).text_scores
+            positions = payload(service, request_id, image)["text"]["positions"] if index == 0 else positions
+            expected_text = [text_scores[p] if p < len(text_scores) else 0.0 for p in positions]
+            assert pattern.get_attribute("data-values") == ",".join(
+                map(str, quantize(np.array(expected_text, np.float32))[0]))
             caption = page.locator("#linked-views figcaption").first.inner_text()
             assert "attention, layers all, heads all, mean" in caption
         # the strip: one small TAM map under every answer word; hovering one shows that word in the large views

@@ -4,7 +4,7 @@
 const root = element.querySelector('.lv-root');
 const CSS_WIDTH = 480;  // each view, CSS pixels
 const STRIP_WIDTH = 72;  // each small map of the strip, CSS pixels
-let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = null;
+let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = null, shared = false, smooth = false;
 const image = new Image();
 
 const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -20,6 +20,20 @@ function cellsOf(view, token) {
 
 function valueOf(view, token, level) {
   return view.low[token] + (level / 255) * (view.high[token] - view.low[token]);
+}
+
+// the colour range a token's map is shown on: its own, or one range shared by every token of the answer
+function rangeOf(view, token) {
+  return shared ? [Math.min(...view.low), Math.max(...view.high)] : [view.low[token], view.high[token]];
+}
+
+// the token's cells as colour levels on that range
+function levelsOf(view, token) {
+  if (!shared) return cellsOf(view, token);
+  const [low, high] = rangeOf(view, token);
+  const span = high - low;
+  return cellsOf(view, token).map((level) => (span > 0 ? Math.round(((valueOf(view, token, level) - low) / span) * 255)
+    : 0));
 }
 
 function build(value) {
@@ -63,6 +77,8 @@ function build(value) {
   controls.className = 'lv-controls';
   controls.innerHTML = '<label>Opacity <input type="range" class="lv-opacity" min="0" max="1" step="0.05"></label>' +
     '<label>Second view <select class="lv-second"></select></label>' +
+    '<label><input type="checkbox" class="lv-shared"> One colour scale for every word</label>' +
+    '<label><input type="checkbox" class="lv-smooth"> Smoothed</label>' +
     '<span class="lv-hint">Hover a cell of a map: every token coloured by its attention to that cell</span>';
   const slider = controls.querySelector('.lv-opacity');
   slider.value = opacity;
@@ -71,6 +87,12 @@ function build(value) {
   data.views.slice(1).forEach((view, index) => select.add(new Option(view.caption, index + 1)));
   select.value = second;
   select.addEventListener('change', () => { second = Number(select.value); redraw(); });
+  const sharedBox = controls.querySelector('.lv-shared');
+  sharedBox.checked = shared;
+  sharedBox.addEventListener('change', () => { shared = sharedBox.checked; redraw(); });
+  const smoothBox = controls.querySelector('.lv-smooth');
+  smoothBox.checked = smooth;
+  smoothBox.addEventListener('change', () => { smooth = smoothBox.checked; redraw(); });
 
   const views = document.createElement('div');
   views.className = 'lv-views';
@@ -130,6 +152,18 @@ function build(value) {
 function paintCells(context, cells, sx, sy) {
   const { rows, cols, box } = data.grid;
   context.globalAlpha = opacity;
+  if (smooth) {  // the grid as one small picture, scaled onto the box with the browser's interpolation
+    const grid = new OffscreenCanvas(cols, rows);
+    const pixels = new ImageData(cols, rows);
+    cells.forEach((level, k) => {
+      pixels.data.set([colours[3 * level], colours[3 * level + 1], colours[3 * level + 2], 255], 4 * k);
+    });
+    grid.getContext('2d').putImageData(pixels, 0, 0);
+    context.imageSmoothingEnabled = true;
+    context.drawImage(grid, box[0] * sx, box[1] * sy, (box[2] - box[0]) * sx, (box[3] - box[1]) * sy);
+    context.globalAlpha = 1;
+    return;
+  }
   for (let r = 0; r < rows; r++) {
     const y0 = (box[1] + (r * (box[3] - box[1])) / rows) * sy;
     const y1 = (box[1] + ((r + 1) * (box[3] - box[1])) / rows) * sy;
@@ -152,11 +186,12 @@ function drawStrip() {
     const sx = canvas.width / width, sy = canvas.height / height;
     context.globalAlpha = 1;
     if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
-    paintCells(context, cellsOf(view, token), sx, sy);
+    paintCells(context, levelsOf(view, token), sx, sy);
     canvas.dataset.map = view.name;
   });
   const title = root.querySelector('.lv-strip-title');
-  if (title) title.textContent = `${view.caption}, every answer word (each on its own scale; hover or click one)`;
+  const scale = shared ? 'one colour scale for every word' : 'each on its own scale';
+  if (title) title.textContent = `${view.caption}, every answer word (${scale}; hover or click one)`;
 }
 
 // everything: the views and the strip (on a new payload, picture, opacity or second view; a hover redraws the views)
@@ -207,15 +242,18 @@ function draw() {
     const sx = canvas.width / width, sy = canvas.height / height;
     context.globalAlpha = 1;
     if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
-    const cells = cellsOf(view, shown);
+    const cells = levelsOf(view, shown);
     paintCells(context, cells, sx, sy);
     canvas.dataset.map = view.name;
     canvas.dataset.token = shown;
     canvas.dataset.cells = cells.join(',');
+    canvas.dataset.shared = shared;
+    canvas.dataset.smooth = smooth;
     figure.querySelector('figcaption').textContent =
       `«${word(data.tokens[shown])}» (token ${shown}) — ${view.caption}` + (shown === pinned ? ' · pinned' : '');
-    figure.querySelector('.lv-low').textContent = fmt(view.low[shown]);
-    figure.querySelector('.lv-high').textContent = fmt(view.high[shown]);
+    const [low, high] = rangeOf(view, shown);
+    figure.querySelector('.lv-low').textContent = fmt(low);
+    figure.querySelector('.lv-high').textContent = fmt(high) + (shared ? ' (every word)' : '');
   });
   drawText();
   const elapsed = performance.now() - start;

@@ -136,6 +136,23 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
         assert page.locator("#linked-views .lv-strip canvas[data-map=tam]").count() == trace.n_answer
         strip.nth(5).hover()
         assert attention_canvas.get_attribute("data-token") == "5" and "lv-shown" in strip.nth(5).get_attribute("class")
+        # one colour scale for every word: the shown levels are the values on the answer's whole range
+        page.locator("#linked-views .lv-shared").check()
+        record = payload(service, request_id, image)
+        tam = next(view for view in record["views"] if view["name"] == "tam")
+        levels = np.frombuffer(base64.b64decode(tam["cells"]), np.uint8).reshape(trace.n_answer, -1)
+        low, high = min(tam["low"]), max(tam["high"])
+        values = np.array(tam["low"])[:, None] + levels / 255 * (np.array(tam["high"]) - np.array(tam["low"]))[:, None]
+        on_one_scale = np.floor((values - low) / (high - low) * 255 + 0.5).astype(int)
+        for index in (2, 7):
+            tokens.nth(index).hover()
+            assert tam_canvas.get_attribute("data-shared") == "true"
+            assert tam_canvas.get_attribute("data-cells") == ",".join(map(str, on_one_scale[index])), index
+        page.locator("#linked-views .lv-shared").uncheck()
+        page.locator("#linked-views .lv-smooth").check()
+        assert tam_canvas.get_attribute("data-smooth") == "true"
+        page.screenshot(path=str(ARTIFACTS / "linked-views-smoothed.png"), full_page=True)
+        page.locator("#linked-views .lv-smooth").uncheck()
         # the reverse view: hovering the middle of the map colours every token by its attention there
         attention_canvas.hover()
         assert page.locator("#linked-views .lv-token[data-value]").count() == trace.n_answer

@@ -68,6 +68,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
                     "answer token: every panel shows where the model looked for that token.")
         session = gr.State({})  # per browser session: request id, image, selected token
+        # the gallery renders every method's maps: only while its tab is open (a click stays fast elsewhere)
+        gallery_open = gr.State(False)
         with gr.Row():
             with gr.Column(scale=2):
                 generation = GenerationPanel.build(service.default_model, service.allowed_models,
@@ -78,29 +80,38 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                 status = request_status.build()
                 export_panel = ExportPanel.build()
                 with gr.Tabs():
-                    with gr.Tab("Attention"):
+                    with gr.Tab("Attention") as attention_tab:
                         attention = AttentionPanel.build()
-                    with gr.Tab("Linked views"):
+                    with gr.Tab("Linked views") as linked_tab:
                         linked = linked_views.build()
-                    with gr.Tab("Relevancy / TAM / CLEANN"):
+                    with gr.Tab("Relevancy / TAM / CLEANN") as method_tab:
                         explanation = MethodPanel.build()
-                    with gr.Tab("Side by side"):
+                    with gr.Tab("Side by side") as gallery_tab:
                         comparison = comparison_panel.build()
-                    with gr.Tab("Analyses"):
+                    with gr.Tab("Analyses") as analyses_tab:
                         analysis = analysis_panel.AnalysisPanel.build()
-                    with gr.Tab("Which map to trust"):
+                    with gr.Tab("Which map to trust") as trust_tab:
                         trust = TrustPanel.build()
 
-        def render_token(state, layer, head, aggregation, ignore_top, method, map_name, *own_controls):
+        other_tabs = (attention_tab, linked_tab, method_tab, analyses_tab, trust_tab)
+
+        def render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
+                         relevancy_vision, gallery_open=True):
             trace = service.trace(state["request_id"])
             relevant = service.visual_relevance(state["request_id"]).relevant
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
+            own_controls = (cleann_layer, cleann_head, relevancy_vision)
             method_views = _method_views(state, method, map_name, *own_controls)
-            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
-                                                       options=panel_options(trace, *own_controls), layer=layer,
-                                                       head=head, aggregation=aggregation, ignore_top=ignore_top)
+            tiles = render_gallery(state, layer, head, aggregation, ignore_top, *own_controls) if gallery_open \
+                else gr.skip()
             return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
+
+        def render_gallery(state, layer, head, aggregation, ignore_top, *own_controls):
+            trace = service.trace(state["request_id"])
+            return comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
+                                                      options=panel_options(trace, *own_controls), layer=layer,
+                                                      head=head, aggregation=aggregation, ignore_top=ignore_top)
 
         def _method_views(state, method, map_name, *own_controls):
             """The method panel's outputs; `own_controls`: CLEANN's layer and head, relevancy's vision switch."""
@@ -115,8 +126,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         @gpu
         @_user_errors
         def on_generate(image, prompt, model, max_new_tokens, temperature, top_p, method=None, map_name=None,
-                        cleann_layer=None, cleann_head=None, relevancy_vision=None, progress=gr.Progress(),
-                        request: gr.Request = None):
+                        cleann_layer=None, cleann_head=None, relevancy_vision=None, gallery_open=True,
+                        progress=gr.Progress(), request: gr.Request = None):
             check_rate(request)
             progress(0.1, desc="generating")
             request_id, trace = run_generation(service, image, prompt, model, max_new_tokens, temperature, top_p)
@@ -125,31 +136,30 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             progress(0.6, desc="explaining the first token")
             # the method panel keeps the method and map the user chose
             rendered = render_token(state, "all", "all", "mean", 0, method or method_names()[0], map_name, cleann_layer,
-                                    cleann_head, relevancy_vision)
+                                    cleann_head, relevancy_vision, gallery_open)
             return (state, trace.answer, layer, head, *rendered)
 
         @gpu
         @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
-                      relevancy_vision, event: gr.SelectData, request: gr.Request = None):
+                      relevancy_vision, gallery_open, event: gr.SelectData, request: gr.Request = None):
             if not state:
                 raise UserInputError("generate an answer first")
             check_rate(request)
             state = {**state, "token": int(event.index)}
             return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
-                                         cleann_head, relevancy_vision))
+                                         cleann_head, relevancy_vision, gallery_open))
 
         @_user_errors
-        def on_controls(state, layer, head, aggregation, ignore_top, *own_controls):
-            """The attention views and the gallery (its attention tile follows the same layers and heads)."""
+        def on_controls(state, layer, head, aggregation, ignore_top, cleann_layer, cleann_head, relevancy_vision,
+                        gallery_open=True):
+            """The attention views and the open gallery (its attention tile follows the same layers and heads)."""
             if not state:
                 return None, None, None, None
-            trace = service.trace(state["request_id"])
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
-            tiles = comparison_panel.render_comparison(service, state["request_id"], state["image"], state["token"],
-                                                       options=panel_options(trace, *own_controls), layer=layer,
-                                                       head=head, aggregation=aggregation, ignore_top=ignore_top)
+            tiles = render_gallery(state, layer, head, aggregation, ignore_top, cleann_layer, cleann_head,
+                                   relevancy_vision) if gallery_open else gr.skip()
             return (*views, tiles)
 
         @_user_errors
@@ -194,8 +204,9 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         # click still computing must not overwrite the method chosen after it
         views = "views"
         # the Generate button, and picking an example scene (once it is loaded into the inputs)
-        generate = dict(fn=on_generate, inputs=[*generation.inputs(), *explanation.controls()],
-                        outputs=[session, answer, attention.layer, attention.head, *token_outputs], concurrency_id=views)
+        generate = dict(fn=on_generate, inputs=[*generation.inputs(), *explanation.controls(), gallery_open],
+                        outputs=[session, answer, attention.layer, attention.head, *token_outputs],
+                        concurrency_id=views)
         generations = [generation.button.click(**generate)]
         if generation.examples is not None:
             generations.append(generation.examples.load_input_event.then(**generate))
@@ -207,12 +218,22 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         after_generation(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
                          [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
-        clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls()],
+        clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls(), gallery_open],
                                 [session, *token_outputs], concurrency_id=views)
         for control in attention.controls():
-            control.change(on_controls, [session, *attention.controls(), *explanation.own_controls()],
+            control.change(on_controls, [session, *attention.controls(), *explanation.own_controls(), gallery_open],
                            [*attention.views(), comparison], concurrency_id=views)
         attention.overview.select(on_overview_click, session, [attention.layer, attention.head])
+
+        @gpu
+        @_user_errors
+        def on_gallery_opened(state, layer, head, aggregation, ignore_top, *own_controls):
+            return True, (render_gallery(state, layer, head, aggregation, ignore_top, *own_controls) if state else [])
+
+        gallery_tab.select(on_gallery_opened, [session, *attention.controls(), *explanation.own_controls()],
+                           [gallery_open, comparison], concurrency_id=views)
+        for tab in other_tabs:
+            tab.select(lambda: False, None, gallery_open)
         attention.image.select(on_image_click, [session, attention.layer, attention.head, attention.aggregation],
                                attention.reverse)
 
@@ -229,7 +250,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         after_generation(on_linked_views, linked_inputs, linked)
         for control in linked_inputs[1:]:
             control.change(on_linked_views, linked_inputs, linked, concurrency_id=views)
-        pinned = linked.select(on_select, [session, *attention.controls(), *explanation.controls()],
+        pinned = linked.select(on_select, [session, *attention.controls(), *explanation.controls(), gallery_open],
                                [session, *token_outputs], concurrency_id=views)
         method_outputs = explanation.outputs()
         for control in explanation.controls():

@@ -345,3 +345,19 @@ def test_logit_lens_names_each_patch_word_and_follows_the_arrow_keys(service):
     triggers = [(target_id, event) for dependency in page.config["dependencies"]
                 for target_id, event in dependency["targets"] if target_id == slider._id]
     assert (slider._id, "change") in triggers  # not "release" alone: keyboard moves redraw the lens
+
+
+def test_the_gallery_renders_only_while_its_tab_is_open(service):
+    import gradio as gr
+
+    page = build_app(service)
+    handlers = {f.name: f.fn for f in page.fns.values()}
+    state, *outputs = handlers["on_generate"](make_scene(160, 96), "Describe the image.", "random:llava", 3, 0, 1,
+                                              "tam", None, "default", "all", True, False, progress=lambda *a, **k: None)
+    assert outputs[-1] == gr.skip()  # a closed gallery is left as it is: the click does not render every method
+    select = gr.SelectData(None, {"index": 1, "value": None, "selected": True})
+    state, *outputs = handlers["on_select"](state, "all", "all", "mean", 0, "tam", None, "default", "all", True, False,
+                                            select)
+    assert outputs[-1] == gr.skip()
+    opened, tiles = handlers["on_gallery_opened"](state, "all", "all", "mean", 0, "default", "all", True)
+    assert opened is True and len(tiles) == 8  # opening it renders the selected token's maps, every method

@@ -60,7 +60,8 @@ def _walk(page, service) -> dict:
     state, answer, *outputs = on_generate(make_scene(160, 96), "Describe the image.", "random:llava", 4, 0, 1,
                                           "cleann", None, "default", "all", True, progress=NO_PROGRESS)
     shown["generate"] = (answer, _pictures(outputs))
-    state, *outputs = on_select(state, "all", "all", "mean", 0, "cleann", None, "default", "all", True, _select(2))
+    state, *outputs = on_select(state, "all", "all", "mean", 0, "cleann", None, "default", "all", True, True,
+                                _select(2))  # the gallery open
     shown["select"] = _pictures(outputs)
     for method in method_names():
         picture, *rest = on_method(state, method, None, "default", "1", True)

@@ -286,8 +286,11 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         def on_inputs_changed(state, prompt, image):
             return request_status.stale(state, service, prompt, image)
 
-        for changed in (generation.prompt.input, generation.image.change):  # typed, uploaded or an example
-            changed(_user_errors(on_inputs_changed), [session, generation.prompt, generation.image], status)
+        inputs_changed = dict(fn=_user_errors(on_inputs_changed), inputs=[session, generation.prompt, generation.image],
+                              outputs=status)
+        # typed (once per burst of keys: the comparison decodes the image), uploaded or an example
+        generation.prompt.input(**inputs_changed, trigger_mode="always_last")
+        generation.image.change(**inputs_changed)
     return demo
 
 

@@ -6,7 +6,6 @@ and fires the component's `select` event, so the server-side panels follow it.""
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import gradio as gr
@@ -15,7 +14,7 @@ from PIL import Image
 
 from lvlm_interpret import ExplainBackend, TraceView
 from lvlm_interpret.methods.base import image_token_positions
-from lvlm_interpret.rendering import colour_lookup
+from lvlm_interpret.rendering import colour_lookup, png_data_uri
 
 HERE = Path(__file__).resolve().parent
 IMAGE_LONG_SIDE = 512  # the image travels downscaled; the maps are placed by the original size
@@ -47,9 +46,7 @@ def _map_record(name: str, caption: str, grids: list[np.ndarray]) -> dict:
 def _data_uri(image: Image.Image) -> str:
     small = image.convert("RGB")
     small.thumbnail((IMAGE_LONG_SIDE, IMAGE_LONG_SIDE), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    small.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return png_data_uri(small)
 
 
 def attention_caption(layer, head, aggregation: str) -> str:

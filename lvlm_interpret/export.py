@@ -3,9 +3,7 @@ The CLI and the web app's export buttons both use it."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import shutil
 import tempfile
@@ -19,8 +17,8 @@ from PIL import Image
 from .errors import UserInputError
 from .methods import METHODS, Explanation
 from .methods.base import check_method_options
-from .rendering import captioned_map, map_caption, token_word
 from .backend import TraceView
+from .rendering import captioned_map, map_caption, png_data_uri, token_word
 from .trace import Trace
 
 CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "message", "layer",
@@ -144,19 +142,13 @@ def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str,
     return Path(out)
 
 
-def _data_uri(picture: Image.Image) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def html_report(trace: Trace, token_index: int, explanations: list[Explanation]) -> str:
     """A self-contained page (images inline) with the answer and one token's maps from every method."""
     tokens = "".join(
         f'<span class="{"token selected" if i == token_index else "token"}">{html.escape(text)}</span>'
         for i, text in enumerate(trace.answer_texts))
     figures = "".join(
-        f'<figure><img src="{_data_uri(picture)}" alt="{html.escape(caption)}">'
+        f'<figure><img src="{png_data_uri(picture)}" alt="{html.escape(caption)}">'
         f"<figcaption><code>{html.escape(name)}</code></figcaption></figure>"
         for explanation in explanations for name, caption, picture in captioned_overlays(trace, explanation))
     return f"""<!doctype html>

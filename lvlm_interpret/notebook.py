@@ -9,18 +9,18 @@ escaped) and PNG figures of the library's results. The classes' `__repr__` / `_r
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections import Counter
 
 import numpy as np
 from PIL import Image
 
 from .errors import UserInputError
-from .rendering import captioned_map, grid_picture, map_caption, scale_bar, token_word
+from .rendering import (
+    captioned_map, display_width, grid_picture, map_caption, png_bytes, png_data_uri, scale_bar, token_word,
+)
 
-MIN_WIDTH, MAX_WIDTH = 448, 768  # the map figure's image width: legible, yet not wider than a notebook cell
+MAX_WIDTH = 768  # the map figure's image width: as the page's (display_width), yet not wider than a notebook cell
 THUMBNAIL_WIDTH = 320  # a Trace's images
 HEATMAP_PX = 144  # an Explanation's small maps, along their longer side
 _BOX = "font-family:sans-serif;font-size:13px;line-height:1.5"
@@ -73,14 +73,8 @@ def images_text(layouts) -> str:
 
 
 # --- HTML -------------------------------------------------------------------------------------------------------
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def img_tag(image: Image.Image, alt: str, title: str = "") -> str:
-    uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    uri = png_data_uri(image)
     title_attribute = f' title="{html.escape(title)}"' if title else ""
     return (f'<img src="{uri}" alt="{html.escape(alt)}"{title_attribute} width="{image.width}" '
             f'height="{image.height}" style="image-rendering:pixelated;max-width:none">')
@@ -221,7 +215,7 @@ class MapView:
         caption under it."""
         image = self.trace.image(self.image_index)
         return captioned_map(image, self.grid, self.trace.images[self.image_index], self.caption(), alpha=self.alpha,
-                             smooth=self.smooth, width=int(np.clip(image.width, MIN_WIDTH, MAX_WIDTH)))
+                             smooth=self.smooth, width=min(display_width(image), MAX_WIDTH))
 
     def save(self, path) -> None:
         self.picture().save(path, format="PNG")

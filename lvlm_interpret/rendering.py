@@ -3,7 +3,9 @@ legible figures (the blend with a colour bar of its scale and a caption saying w
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -236,15 +238,21 @@ def cell_at(layout: ImageLayout, x: float, y: float) -> tuple[int, int] | None:
     return int((y - y0) / (y1 - y0) * layout.rows), int((x - x0) / (x1 - x0) * layout.cols)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """The picture inline, for HTML (reports, notebooks, the page's own scripts) and Plotly."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
 def plotly_heatmap(image: Image.Image, grid_map: np.ndarray, layout: ImageLayout, title: str = ""):
     """An interactive figure: the image with the map's cells on top; hovering a cell shows row, column, value."""
-    import base64
-    import io
-
     import plotly.graph_objects as go
 
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
     x0, y0, x1, y1 = layout.box
     xs = x0 + (np.arange(layout.cols) + 0.5) * (x1 - x0) / layout.cols
     ys = y0 + (np.arange(layout.rows) + 0.5) * (y1 - y0) / layout.rows
@@ -255,7 +263,7 @@ def plotly_heatmap(image: Image.Image, grid_map: np.ndarray, layout: ImageLayout
         hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>value %{z:.4g}<extra></extra>",
     ))
     width, height = layout.image_size
-    figure.add_layout_image(source="data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+    figure.add_layout_image(source=png_data_uri(image.convert("RGB")),
                             x=0, y=0, sizex=width, sizey=height, xref="x", yref="y", layer="below",
                             sizing="stretch")
     figure.update_xaxes(range=[0, width], showgrid=False, constrain="domain")

@@ -499,9 +499,15 @@ def serving_api(model: str, device: str = "auto", hosted: bool = False, cache_mb
         default_model=model, cache_bytes=cache_mb * 2 ** 20, device=device)
     service.model()
     admission = Admission(limits.get("concurrency", concurrency), limits.get("queue", queue))
-    if not hosted:
-        return create_api(service, admission)
-    return create_api(service, admission, max_upload_bytes=int(limits["max_upload_mb"] * 2 ** 20),
-                      images=ImageBudget(limits["max_image_pixels"], limits["image_memory_mb"] * 2 ** 20,
-                                         admission.wait_s),
-                      rate_limiter=RateLimiter(limits["rate_limit_per_minute"]))
+    return create_api(service, admission, **(hosted_bounds(limits, admission) if hosted else {}))
+
+
+def hosted_bounds(limits: dict, admission: Admission, rate_limited: bool = True) -> dict:
+    """`create_api`'s bounds under the hosted `limits`: the upload cap, the image budget and, where
+    `rate_limited`, the per-client rate limit."""
+    bounds = {"max_upload_bytes": int(limits["max_upload_mb"] * 2 ** 20),
+              "images": ImageBudget(limits["max_image_pixels"], limits["image_memory_mb"] * 2 ** 20,
+                                    admission.wait_s)}
+    if rate_limited:
+        bounds["rate_limiter"] = RateLimiter(limits["rate_limit_per_minute"])
+    return bounds

@@ -37,7 +37,7 @@ from .export import EXPORT_KINDS
 from .families.base import ImageLayout
 from .loadtest import BackgroundServer, Session, make_sessions, process_figures
 from .methods import METHODS
-from .server import Admission, ImageBudget
+from .server import Admission, hosted_bounds
 from .service import hosted_limits, hosted_service
 
 MODEL = "demo"
@@ -238,7 +238,6 @@ def soak(minutes: float, clients: int, kinds: tuple[str, ...] = REQUEST_KINDS[1:
     concurrency = limits["concurrency"] if concurrency is None else concurrency
     queue = limits["queue"] if queue is None else queue
     admission = Admission(concurrency, queue)
-    images = ImageBudget(limits["max_image_pixels"], limits["image_memory_mb"] * 2 ** 20, admission.wait_s)
     sessions = make_sessions(16)
     settings = {"model": MODEL, "minutes": minutes, "clients": clients, "kinds": list(kinds),
                 "concurrency": concurrency, "queue": queue,
@@ -250,8 +249,8 @@ def soak(minutes: float, clients: int, kinds: tuple[str, ...] = REQUEST_KINDS[1:
     record = SoakRecord()
     stop = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(record, service, sample_s, stop), daemon=True)
-    with BackgroundServer(service, admission=admission, max_upload_bytes=int(limits["max_upload_mb"] * 2 ** 20),
-                          images=images) as backend:
+    with BackgroundServer(service, admission=admission,
+                          **hosted_bounds(limits, admission, rate_limited=False)) as backend:
         record.start = time.monotonic()
         sampler.start()
         deadline = record.start + 60 * minutes

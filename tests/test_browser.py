@@ -94,6 +94,15 @@ def _shown_image(page, selector) -> np.ndarray:
             page.wait_for_timeout(500)
 
 
+def _generate(page, url: str, path, prompt: str = "Describe the image.") -> None:
+    """Open the page at `url`, upload the image at `path`, ask `prompt` and wait for the answer."""
+    page.goto(url)
+    page.locator("#input-image input[type=file]").set_input_files(str(path))
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+
+
 def test_upload_generate_and_click_tokens(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -108,11 +117,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.locator("#input-image input[type=file]").set_input_files(str(path))
-        page.locator("#prompt textarea").fill("Describe the image.")
-        page.locator("#generate").click()
-        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        _generate(page, app_url, path)
         assert page.locator("#answer textarea").input_value() == trace.answer
         tokens = page.locator("#answer-tokens .token")
         assert tokens.count() == trace.n_answer
@@ -197,10 +202,7 @@ def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(backend_app_url)
-        page.locator("#input-image input[type=file]").set_input_files(str(path))
-        page.locator("#generate").click()
-        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        _generate(page, backend_app_url, path)
         assert page.locator("#answer textarea").input_value() == trace.answer
         before = page.locator("#attention-map img").get_attribute("src")
         page.locator("#answer-tokens .token").nth(2).click()

@@ -18,7 +18,9 @@ from lvlm_interpret import ExplainService
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.server import create_api
 from tests.conftest import make_scene
-from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _shown_image, app_url  # noqa: F401 (a fixture)
+from tests.test_browser import (  # noqa: F401 (app_url: a fixture)
+    ARTIFACTS, CHROMIUM, FLAGS, _generate, _shown_image, app_url,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +103,7 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.locator("#input-image input[type=file]").set_input_files(str(path))
-        page.locator("#prompt textarea").fill("Describe the image.")
-        page.locator("#generate").click()
-        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        _generate(page, app_url, path)
         page.get_by_role("tab", name="Linked views").click()
         tokens = page.locator("#linked-views .lv-token")
         tokens.first.wait_for(timeout=60_000)

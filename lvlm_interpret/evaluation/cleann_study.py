@@ -90,8 +90,6 @@ def summarise(records: list[dict]) -> dict:
 
 def run_study(n_words: int, options: dict, jsonl: Path, max_scenes: int = 1000, progress=print) -> list[dict]:
     """Explain words until `n_words` are recorded in `jsonl` (kept from an earlier run with the same options)."""
-    import torch
-
     from ..capture import GenerationOptions, generate_with_capture
     from ..methods import get_method
     from ..models.loading import load_model

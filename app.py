@@ -11,7 +11,9 @@ import functools
 
 import gradio as gr
 
-from components import analysis_panel, comparison_panel, linked_views, request_status, token_strip
+from components import (
+    analysis_panel, compare_panel, comparison_panel, linked_views, request_status, sae_panel, share_panel, token_strip,
+)
 from components.attention_panel import (
     AttentionPanel, attention_options, control_choices, overview_selection, render_views, reverse_view,
 )
@@ -30,7 +32,11 @@ from lvlm_interpret.ratelimit import RateLimiter
 from lvlm_interpret.rendering import display_width
 from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 
-CSS = "#answer-tokens .token-container { margin-right: 0.35em; }"
+# the map figures at their own size (at least 448 pixels wide: rendering.display_width), a tall image's too: the
+# panels' fixed height would shrink them to its width
+CSS = ("#answer-tokens .token-container, .compare-answer .token-container { margin-right: 0.35em; }\n"
+       "#attention-map, #method-map { height: auto !important; }\n"
+       "#attention-map img, #method-map img { height: auto; max-height: none; }")
 
 try:  # on Hugging Face ZeroGPU Spaces, handlers that compute borrow a GPU
     import spaces
@@ -63,6 +69,15 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         if wait is not None:
             raise UserInputError(rate_limiter.message(wait))
 
+    @gpu
+    def fetch_costly(query, request: gr.Request = None):
+        """The linked views' server function: a costly method's maps of the token pinned there."""
+        try:
+            check_rate(request)
+        except UserInputError as error:
+            return {"error": str(error)}
+        return linked_views.costly_maps(service, query)
+
     # uploads and shown files are copied into Gradio's cache: a long-running page clears what is an hour old
     with gr.Blocks(title="lvlm_interpret", delete_cache=(600, 3600)) as demo:
         gr.Markdown("## lvlm_interpret\nUpload an image (or pick an example), ask a question, then click any "
@@ -75,25 +90,31 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                 generation = GenerationPanel.build(service.default_model, service.allowed_models,
                                                    service.max_new_tokens or 128)
             with gr.Column(scale=3):
-                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                # the answer shows once, as the strip of clickable words; the hidden box keeps its text in the page
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer", visible="hidden")
                 tokens = token_strip.build()
                 status = request_status.build()
                 export_panel = ExportPanel.build()
-                with gr.Tabs():
+                share = share_panel.SharePanel.build()
+                with gr.Tabs() as tabs:
                     with gr.Tab("Attention") as attention_tab:
                         attention = AttentionPanel.build()
                     with gr.Tab("Linked views") as linked_tab:
-                        linked = linked_views.build()
-                    with gr.Tab("Relevancy / TAM / CLEANN") as method_tab:
+                        linked = linked_views.build(fetch_costly)
+                    with gr.Tab("Methods") as method_tab:
                         explanation = MethodPanel.build()
                     with gr.Tab("Side by side") as gallery_tab:
                         comparison = comparison_panel.build()
                     with gr.Tab("Analyses") as analyses_tab:
                         analysis = analysis_panel.AnalysisPanel.build()
-                    with gr.Tab("Which map to trust") as trust_tab:
+                    with gr.Tab("Trust") as trust_tab:
                         trust = TrustPanel.build()
+                    with gr.Tab("Compare") as compare_tab:
+                        compare = compare_panel.ComparePanel.build(service.default_model, service.allowed_models)
+                    with gr.Tab("Features") as features_tab:
+                        features = sae_panel.SAEPanel.build()
 
-        other_tabs = (attention_tab, linked_tab, method_tab, analyses_tab, trust_tab)
+        other_tabs = (attention_tab, linked_tab, method_tab, analyses_tab, trust_tab, compare_tab, features_tab)
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
                          relevancy_vision, gallery_open=True):
@@ -113,12 +134,13 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                                                       options=panel_options(trace, *own_controls), layer=layer,
                                                       head=head, aggregation=aggregation, ignore_top=ignore_top)
 
-        def _method_views(state, method, map_name, *own_controls):
-            """The method panel's outputs; `own_controls`: CLEANN's layer and head, relevancy's vision switch."""
+        def _method_views(state, method, map_name, *own_controls, progress=None):
+            """The method panel's outputs; `own_controls`: CLEANN's layer and head, relevancy's vision switch. Until a
+            token is picked, a method with an answer-level map (iGOS++) shows it."""
             trace = service.trace(state["request_id"])
             picture, names, shown, summary, bars, graph = render_method(
-                service, state["request_id"], state["image"], state["token"], method, map_name,
-                panel_options(trace, *own_controls).get(method, {}))
+                service, state["request_id"], state["image"], state["token"] if state.get("picked") else None,
+                method, map_name, panel_options(trace, *own_controls).get(method, {}), progress)
             # the text scores and CLEANN's graph only where the method has them
             return (picture, gr.Dropdown(choices=names, value=shown), *method_controls(trace, method, *own_controls),
                     summary, gr.Plot(bars, visible=bars is not None), gr.Plot(graph, visible=graph is not None))
@@ -146,7 +168,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             if not state:
                 raise UserInputError("generate an answer first")
             check_rate(request)
-            state = {**state, "token": int(event.index)}
+            state = {**state, "token": int(event.index), "picked": True}
             return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
                                          cleann_head, relevancy_vision, gallery_open))
 
@@ -180,13 +202,14 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
 
         @_user_errors
         def on_method(state, method, map_name, cleann_layer, cleann_head, relevancy_vision,
-                      request: gr.Request = None):
+                      request: gr.Request = None, progress=gr.Progress()):
             check_rate(request)
             if not state:
                 return (None, gr.Dropdown(), gr.Dropdown(visible=method == "cleann"),
                         gr.Dropdown(visible=method == "cleann"), gr.Checkbox(visible=method == "relevancy"), "", None,
                         None)
-            return _method_views(state, method, map_name, cleann_layer, cleann_head, relevancy_vision)
+            return _method_views(state, method, map_name, cleann_layer, cleann_head, relevancy_vision,
+                                 progress=progress)
 
         def exporter(kind):
             @_user_errors
@@ -211,6 +234,25 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         if generation.examples is not None:
             generations.append(generation.examples.load_input_event.then(**generate))
 
+        @gpu
+        @share_panel.opening_errors
+        def on_open_link(asked, request: gr.Request = None):
+            """The page opened on a share link: the request, its inputs and the view the link names."""
+            check_rate(request)
+            view = share_panel.open_link(service, asked, generation.image.GRADIO_CACHE)
+            rendered = render_token(view.state, view.layer, view.head, view.aggregation, 0, view.method,
+                                    view.map_name, None, None, None, view.tab == "gallery")
+            return (view.state, view.trace.answer, *view.attention_choices(), *rendered, *view.inputs(), view.method,
+                    view.aggregation, view.tab == "gallery", gr.Tabs(selected=view.tab), view.tab)
+
+        named_tabs = {"attention": attention_tab, "linked": linked_tab, "methods": method_tab, "gallery": gallery_tab,
+                      "analyses": analyses_tab, "trust": trust_tab, "compare": compare_tab, "features": features_tab}
+        generations.append(share.wire(
+            demo, service, session, tabs, named_tabs,
+            [explanation.method, explanation.map_name, attention.layer, attention.head, attention.aggregation],
+            on_open_link, [session, answer, attention.layer, attention.head, *token_outputs, *generation.inputs(),
+                           explanation.method, attention.aggregation, gallery_open], views))
+
         def after_generation(handler, inputs, outputs):
             for generated in generations:
                 generated.success(handler, inputs, outputs)
@@ -218,6 +260,8 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         after_generation(gpu(_user_errors(functools.partial(analysis_panel.on_new_request, service))), session,
                          [analysis.layer, analysis.lens, analysis.tokens])
         analysis_panel.wire(analysis, service, session, lambda handler: gpu(_user_errors(handler)))
+        after_generation(sae_panel.cleared, session, sae_panel.outputs_on_new_request(features))
+        sae_panel.wire(features, service, session, lambda handler: gpu(_user_errors(handler)))
         clicked = tokens.select(on_select, [session, *attention.controls(), *explanation.controls(), gallery_open],
                                 [session, *token_outputs], concurrency_id=views)
         for control in attention.controls():
@@ -250,8 +294,11 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         after_generation(on_linked_views, linked_inputs, linked)
         for control in linked_inputs[1:]:
             control.change(on_linked_views, linked_inputs, linked, concurrency_id=views)
+        # the linked views pinned the token already: the server panels catch up with the last pin
         pinned = linked.select(on_select, [session, *attention.controls(), *explanation.controls(), gallery_open],
-                               [session, *token_outputs], concurrency_id=views)
+                               [session, *token_outputs], concurrency_id=views, trigger_mode="always_last")
+        # a word clicked in the answer strip is pinned in the linked views too, without waiting for the panels
+        tokens.select(linked_views.selected, session, linked)
         method_outputs = explanation.outputs()
         for control in explanation.controls():
             control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
@@ -280,6 +327,10 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
             return render_trust(service, state, panel_options(trace, cleann_layer, cleann_head, relevancy_vision))
 
         trust.button.click(on_trust, [session, *explanation.own_controls()], trust.outputs(), concurrency_id=views)
+        # request B is made from the current request A: a new A clears the comparison
+        compare_panel.wire(compare, service, session, [generation.max_new_tokens, generation.temperature,
+                                                       generation.top_p], lambda handler: gpu(_user_errors(handler)))
+        after_generation(compare_panel.cleared, None, compare.outputs())
         for event in (*generations, clicked, pinned):  # another token's judgement is not this one's
             event.success(trust_cleared, None, trust.outputs())
 
@@ -290,8 +341,29 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                               outputs=status)
         # typed (once per burst of keys: the comparison decodes the image), uploaded or an example
         generation.prompt.input(**inputs_changed, trigger_mode="always_last")
-        generation.image.change(**inputs_changed)
+        uploaded = generation.image.change(**inputs_changed)
+
+        @_user_errors
+        def on_unreadable_upload(state, prompt):
+            """An upload the decoder refused (the notice says why): no broken picture, the views marked stale."""
+            return None, request_status.stale(state, service, prompt, None)
+
+        uploaded.failure(on_unreadable_upload, [session, generation.prompt], [generation.image, status])
+        keep_panels_on_failure(demo)
     return demo
+
+
+def keep_panels_on_failure(demo: gr.Blocks) -> None:
+    """After a failed event its panels keep what they showed, with no "Error" badge: the notice says what went
+    wrong. (Gradio's badge stayed over the panel's later results, and over a picture or the answer strip it took
+    every click.) Called last, once every event of the page is wired."""
+    for function in list(demo.fns.values()):
+        if not function.outputs or function.trigger_only_on_failure:
+            continue
+        count = len(function.outputs)
+        gr.events.Dependency(None, {}, function._id, None).failure(
+            lambda count=count: gr.skip() if count == 1 else [gr.skip()] * count, None, function.outputs,
+            api_visibility="private")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hosted", action="store_true", help=f"public-demo limits from {HOSTED_CONFIG.name}: "
                                                               "allowed models, answer length, upload size, "
                                                               "queue, time limit")
+    parser.add_argument("--share-link-hours", type=float, default=None,
+                        help="the page's Share links expire after this many hours (default: never, only forgotten "
+                             f"when too many are kept; --hosted: {HOSTED_CONFIG.name}'s share_link_hours); with "
+                             "--backend the backend decides")
     args = parser.parse_args(argv)
     quiet_loading_logs()
     limits = hosted_limits() if args.hosted else {}
@@ -317,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         service = hosted_service(args.model, limits, device=args.device) if args.hosted else ExplainService(
             default_model=args.model, device=args.device, cache_bytes=args.cache_mb * 2 ** 20)
+        if args.share_link_hours is not None:
+            service.share_lifetime_s = args.share_link_hours * 3600
         service.model()  # load before serving, so the first click is fast and a bad --model fails here
     launch(service, limits, args.host, args.port, args.share, args.concurrency, args.queue)
 

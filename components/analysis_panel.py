@@ -17,7 +17,8 @@ from lvlm_interpret.rendering import blend, overlay, plotly_heatmap, token_word
 
 from .method_panel import method_names
 
-SETS = {"object (box)": "object", "high-norm tokens (register-like)": "register", "random k": "random",
+BOX_SET = "object (box)"
+SETS = {BOX_SET: "object", "high-norm tokens (register-like)": "register", "random k": "random",
         "top k of a method": "top"}
 LENS_TOP_K = 5
 
@@ -46,7 +47,7 @@ class AnalysisPanel:
             gr.Markdown("Acts on the selected answer token. Box: x0,y0,x1,y1 in the image's pixels, typed or drawn "
                         "by clicking two opposite corners on the image below.")
             with gr.Row():
-                token_set = gr.Radio(list(SETS), value="object (box)", label="Image tokens", elem_id="analysis-set")
+                token_set = gr.Radio(list(SETS), value=BOX_SET, label="Image tokens", elem_id="analysis-set")
                 box = gr.Textbox(label="Box", placeholder="x0,y0,x1,y1", elem_id="analysis-box")
             with gr.Row():
                 buffer = gr.Slider(0, 2, value=0, step=1, label="Patch buffer")
@@ -175,9 +176,26 @@ def wire(panel: AnalysisPanel, service, session: gr.State, user_errors) -> None:
     panel.token_set.change(selection_controls, panel.token_set, [panel.box, panel.buffer, panel.k, panel.seed,
                                                                  panel.method])
 
-    def on_click(box, event: gr.SelectData):
-        return box_click(box, *event.index)
-    panel.tokens.select(on_click, panel.box, panel.box)
+    def on_click(state, box, buffer, event: gr.SelectData):
+        """Clicks on the picture draw a box: the token set becomes the box."""
+        box = box_click(box, *event.index)
+        return BOX_SET, box, drawn_box_picture(service, state, box, buffer)
+    panel.tokens.select(user_errors(on_click), [session, panel.box, panel.buffer],
+                        [panel.token_set, panel.box, panel.tokens])
+
+
+def drawn_box_picture(service: ExplainBackend, state: dict, box: str, buffer):
+    """What the picture shows while a box is drawn: the image once the first corner is set, the chosen cells once
+    both are (a box that holds no cell says so in a notice and keeps the image)."""
+    if not state:
+        return gr.skip()
+    if len(box.split(",")) != 4:
+        return state["image"]
+    try:
+        return choose_tokens(service, state, BOX_SET, box, buffer, None, 0, None)[1]
+    except UserInputError as error:
+        gr.Warning(str(error))
+        return state["image"]
 
 
 def on_new_request(service, state) -> tuple:

@@ -1,11 +1,13 @@
-"""Side by side: the selected token's maps from every method, at one size, each captioned with its colour bar."""
+"""Side by side: the selected token's maps from every method (but the slow ones, iGOS++: the method panel has them),
+at one size, each captioned with its colour bar."""
 
 from __future__ import annotations
 
 import gradio as gr
 from PIL import Image
 
-from lvlm_interpret import METHODS, ExplainBackend
+from lvlm_interpret import ExplainBackend
+from lvlm_interpret.methods.base import quick_methods
 from lvlm_interpret.rendering import BACKGROUND, captioned_map, map_caption
 
 # Tiles are rendered at the image's own width, at least this wide, so captions read and the enlarged preview is
@@ -32,7 +34,7 @@ def comparison_tiles(service: ExplainBackend, request_id: str, image: Image.Imag
     options = {**(options or {}), "attention": {"layers": layer, "heads": head, "aggregation": aggregation}}
     width = max(image.width, MIN_TILE_WIDTH)
     tiles = {}
-    for method in methods or sorted(METHODS):
+    for method in methods or quick_methods():
         explanation = service.explain(request_id, method, token_index, **options.get(method, {}))
         for name, maps in explanation.all_maps().items():
             tiles[name] = captioned_map(image, maps[0], layout, map_caption(word, name, explanation.details),

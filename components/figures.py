@@ -6,10 +6,12 @@ import plotly.graph_objects as go
 
 from lvlm_interpret import Explanation, TraceView
 from lvlm_interpret.methods.base import image_token_positions
+from lvlm_interpret.rendering import map_caption
 
 
 def text_scores_figure(trace: TraceView, explanation: Explanation) -> go.Figure | None:
-    """Bars over the prompt's text tokens and earlier answer tokens (image positions left out)."""
+    """Bars over the prompt's text tokens and earlier answer tokens (image positions left out), titled with the
+    token's word."""
     scores = explanation.text_scores
     if scores is None:
         return None
@@ -18,7 +20,8 @@ def text_scores_figure(trace: TraceView, explanation: Explanation) -> go.Figure 
     labels = [f"{p}:{trace.token_texts[p].strip()}" for p in positions]
     figure = go.Figure(go.Bar(x=labels, y=[float(scores[p]) for p in positions],
                               hovertemplate="%{x}<br>%{y:.4g}<extra></extra>"))
-    figure.update_layout(title=f"{explanation.method}: text scores for token {explanation.token_index}",
+    caption = map_caption(trace.answer_texts[explanation.token_index], explanation.method)
+    figure.update_layout(title=f"{caption}: text scores",
                          margin=dict(l=10, r=10, t=30, b=10), height=260)
     return figure
 

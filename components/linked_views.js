@@ -1,10 +1,17 @@
 // Linked views (components/linked_views.py): runs as gr.HTML's js_on_load with `element`, `trigger`, `props`,
-// `watch`. Hovering a token (or arrow keys in the token row) redraws every view from the payload; hovering an image
-// cell colours every token by its attention to that cell; a click (or Enter) pins a token and fires `select`.
+// `watch` and `server`. Hovering a token (or arrow keys in the token row) redraws every view from the payload;
+// hovering an image cell, or dragging a rectangle over the map, colours every token by its value there; a click (or
+// Enter) pins a token at once, fetches a costly map for it if one is shown (kept in the page), then fires `select`.
 const root = element.querySelector('.lv-root');
 const CSS_WIDTH = 480;  // each view, CSS pixels
 const STRIP_WIDTH = 72;  // each small map of the strip, CSS pixels
-let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 1, colours = null, shared = false, smooth = false;
+// the prop the server sets when a token is selected elsewhere (a quoted prop name would make it a Gradio event)
+const SELECTED_PROP = ['selected', 'token'].join('_');
+let data = null, pinned = 0, shown = 0, opacity = 0.6, second = 'tam', colours = null, shared = false, smooth = false;
+// costly maps fetched for this request: `${map name}|${token}` -> single-token view; `${method}|${token}` -> state
+let fetched = {}, fetching = {};
+// the brushed region [row0, col0, row1, col1] (kept after the drag), and the drag's first cell while dragging
+let brush = null, brushStart = null;
 const image = new Image();
 
 const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -13,27 +20,47 @@ const fmt = (v) => (v === 0 || (Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4) ? Stri
 const word = (text) => (text.trim() ? text.trim() : JSON.stringify(text));
 const rgb = (level) => `rgb(${colours[3 * level]},${colours[3 * level + 1]},${colours[3 * level + 2]})`;
 
-function cellsOf(view, token) {
-  const n = data.grid.rows * data.grid.cols;
-  return view.bytes.subarray(token * n, (token + 1) * n);
+const costlyNames = () => (data.costly || []).map((entry) => entry.name);
+// the method a map belongs to: `relevancy_vit` is relevancy's
+const methodOf = (name) => costlyNames().find((method) => name === method || name.startsWith(`${method}_`));
+
+// a token's map as {caption, cells, low, high}: from the payload, or a costly map fetched for it (else null)
+function mapOf(name, token) {
+  const view = data.views.find((candidate) => candidate.name === name);
+  if (view) {
+    const n = data.grid.rows * data.grid.cols;
+    return { caption: view.caption, cells: view.bytes.subarray(token * n, (token + 1) * n), low: view.low[token],
+      high: view.high[token] };
+  }
+  return fetched[`${name}|${token}`] || null;
 }
 
-function valueOf(view, token, level) {
-  return view.low[token] + (level / 255) * (view.high[token] - view.low[token]);
+function captionOf(name) {
+  const known = data.views.find((view) => view.name === name) || (data.costly || []).find((c) => c.name === name) ||
+    Object.values(fetched).find((map) => map.name === name);
+  return known ? known.caption : name;
 }
 
-// the colour range a token's map is shown on: its own, or one range shared by every token of the answer
-function rangeOf(view, token) {
-  return shared ? [Math.min(...view.low), Math.max(...view.high)] : [view.low[token], view.high[token]];
+const valueOf = (map, level) => map.low + (level / 255) * (map.high - map.low);
+
+// the colour range a token's map is shown on: its own, or one range shared by every token of the answer (those
+// fetched so far, for a costly map)
+function rangeOf(name, token) {
+  if (!shared) {
+    const map = mapOf(name, token);
+    return [map.low, map.high];
+  }
+  const maps = data.tokens.map((_, other) => mapOf(name, other)).filter(Boolean);
+  return [Math.min(...maps.map((map) => map.low)), Math.max(...maps.map((map) => map.high))];
 }
 
 // the token's cells as colour levels on that range
-function levelsOf(view, token) {
-  if (!shared) return cellsOf(view, token);
-  const [low, high] = rangeOf(view, token);
+function levelsOf(name, token) {
+  const map = mapOf(name, token);
+  if (!shared) return map.cells;
+  const [low, high] = rangeOf(name, token);
   const span = high - low;
-  return cellsOf(view, token).map((level) => (span > 0 ? Math.round(((valueOf(view, token, level) - low) / span) * 255)
-    : 0));
+  return map.cells.map((level) => (span > 0 ? Math.round(((valueOf(map, level) - low) / span) * 255) : 0));
 }
 
 function build(value) {
@@ -45,11 +72,20 @@ function build(value) {
   }
   colours = bytes(data.colours);
   data.views.forEach((view) => { view.bytes = bytes(view.cells); });
-  if (root.dataset.request !== data.request_id) pinned = 0;
+  if (root.dataset.request !== data.request_id) {
+    pinned = 0;
+    fetched = {};
+    fetching = {};
+    brush = null;
+  }
   root.dataset.request = data.request_id;
+  const selection = props[SELECTED_PROP];
+  if (selection && selection.request_id === data.request_id) pinned = selection.token;
   pinned = Math.min(pinned, data.tokens.length - 1);
   shown = pinned;
-  second = Math.min(second, data.views.length - 1);
+  if (!data.views.some((view) => view.name === second) && !methodOf(second)) second = data.views[1].name;
+  // a costly variant is offered once its method was fetched for this answer: until then, the method's own map
+  if (methodOf(second) && !Object.values(fetched).some((map) => map.name === second)) second = methodOf(second);
 
   const row = document.createElement('div');
   row.className = 'lv-tokens';
@@ -79,14 +115,28 @@ function build(value) {
     '<label>Second view <select class="lv-second"></select></label>' +
     '<label><input type="checkbox" class="lv-shared"> One colour scale for every word</label>' +
     '<label><input type="checkbox" class="lv-smooth"> Smoothed</label>' +
-    '<span class="lv-hint">Hover a cell of a map: every token coloured by its attention to that cell</span>';
+    '<span class="lv-hint">Hover a cell of a map, or drag a rectangle over it: every word coloured by its ' +
+    'value there (a click clears the rectangle)</span>';
   const slider = controls.querySelector('.lv-opacity');
   slider.value = opacity;
   slider.addEventListener('input', () => { opacity = Number(slider.value); redraw(); });
   const select = controls.querySelector('.lv-second');
-  data.views.slice(1).forEach((view, index) => select.add(new Option(view.caption, index + 1)));
+  data.views.slice(1).forEach((view) => select.add(new Option(view.caption, view.name)));
+  data.costly.forEach((entry) => {
+    const option = new Option(`${entry.caption} (computed for the pinned word)`, entry.name);
+    option.title = entry.description;
+    select.add(option);
+  });
+  // a costly method's variants, once fetched, are views of their own
+  Object.values(fetched).forEach((map) => {
+    if (![...select.options].some((option) => option.value === map.name)) select.add(new Option(map.caption, map.name));
+  });
   select.value = second;
-  select.addEventListener('change', () => { second = Number(select.value); redraw(); });
+  select.addEventListener('change', () => {
+    second = select.value;
+    if (methodOf(second)) fetchCostly(methodOf(second), pinned);
+    redraw();
+  });
   const sharedBox = controls.querySelector('.lv-shared');
   sharedBox.checked = shared;
   sharedBox.addEventListener('change', () => { shared = sharedBox.checked; redraw(); });
@@ -97,7 +147,7 @@ function build(value) {
   const views = document.createElement('div');
   views.className = 'lv-views';
   views.innerHTML = [0, 1].map(() => '<figure class="lv-view"><figcaption></figcaption><canvas class="lv-map">' +
-    '</canvas><div class="lv-bar"><span class="lv-low"></span><canvas class="lv-scale" width="256" height="1">' +
+    '</canvas><div class="lv-progress"></div><div class="lv-bar"><span class="lv-low"></span><canvas class="lv-scale" width="256" height="1">' +
     '</canvas><span class="lv-high"></span></div><div class="lv-cell">&nbsp;</div></figure>').join('');
   const [width, height] = data.image_size;
   views.querySelectorAll('canvas.lv-map').forEach((canvas) => {
@@ -106,8 +156,16 @@ function build(value) {
     canvas.height = Math.round((CSS_WIDTH * height / width) * ratio);
     canvas.style.width = `${CSS_WIDTH}px`;
     canvas.style.aspectRatio = `${width} / ${height}`;
-    canvas.addEventListener('mousemove', (event) => hoverCell(canvas, event));
-    canvas.addEventListener('mouseleave', () => hoverCell(canvas, null));
+    canvas.addEventListener('mousedown', (event) => {
+      brushStart = cellAt(canvas, event);
+      event.preventDefault();  // no text selection while dragging
+    });
+    canvas.addEventListener('mousemove', (event) => pointerMoved(canvas, event));
+    canvas.addEventListener('mouseup', (event) => brushEnded(canvas, event));
+    canvas.addEventListener('mouseleave', () => {
+      brushStart = null;
+      if (!brush) reverse(canvas, null);
+    });
   });
   views.querySelectorAll('canvas.lv-scale').forEach((scale) => {
     const context = scale.getContext('2d');
@@ -142,9 +200,12 @@ function build(value) {
     span.textContent = word(piece);
     text.querySelector('.lv-text').appendChild(span);
   });
-  root.append(row, controls, views, strip, text);
+  const list = document.createElement('div');
+  list.className = 'lv-reverse';
+  root.append(row, list, controls, views, strip, text);
   image.onload = redraw;  // the maps are drawn at once, the picture under them when it has loaded
   image.src = data.image;
+  if (methodOf(second)) fetchCostly(methodOf(second), pinned);
   redraw();
 }
 
@@ -179,19 +240,21 @@ function paintCells(context, cells, sx, sy) {
 
 // the small multiples of TAM's figures: the second view's map under every answer word, in one row
 function drawStrip() {
-  const view = data.views[second] || data.views[0];
   const [width, height] = data.image_size;
   root.querySelectorAll('.lv-strip canvas').forEach((canvas, token) => {
     const context = canvas.getContext('2d');
     const sx = canvas.width / width, sy = canvas.height / height;
     context.globalAlpha = 1;
     if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
-    paintCells(context, levelsOf(view, token), sx, sy);
-    canvas.dataset.map = view.name;
+    const known = mapOf(second, token);  // a costly map: the words fetched so far
+    if (known) paintCells(context, levelsOf(second, token), sx, sy);
+    canvas.dataset.map = second;
+    canvas.dataset.state = known ? 'drawn' : 'not computed';
   });
   const title = root.querySelector('.lv-strip-title');
   const scale = shared ? 'one colour scale for every word' : 'each on its own scale';
-  if (title) title.textContent = `${view.caption}, every answer word (${scale}; hover or click one)`;
+  const costly = methodOf(second) ? ', the words pinned so far' : ', every answer word';
+  if (title) title.textContent = `${captionOf(second)}${costly} (${scale}; hover or click one)`;
 }
 
 // everything: the views and the strip (on a new payload, picture, opacity or second view; a hover redraws the views)
@@ -214,13 +277,10 @@ function drawText() {
     span.style.background = after ? '' : rgb(levels[k]);
     span.style.color = after ? 'var(--body-text-color-subdued)' : (levels[k] > 150 ? '#000' : '#fff');
     span.title = after ? 'after the word: not attended' :
-      `${fmt(valueOf(pattern, shown, levels[k]))}`;
+      `${fmt(valueOf({ low: pattern.low[shown], high: pattern.high[shown] }, levels[k]))}`;
   });
 }
 
-function shownViews() {
-  return [data.views[0], data.views[second]].filter(Boolean);
-}
 
 function draw() {
   if (!data) return;
@@ -231,29 +291,32 @@ function draw() {
     span.classList.toggle('lv-shown', index === shown);
     span.classList.toggle('lv-pinned', index === pinned);
   });
-  const figures = root.querySelectorAll('.lv-view');
-  const views = shownViews();
-  figures.forEach((figure, index) => {
-    const view = views[index];
-    figure.hidden = !view;
-    if (!view) return;
+  root.querySelectorAll('.lv-view').forEach((figure, index) => {
+    const name = [data.views[0].name, second][index];
     const canvas = figure.querySelector('canvas.lv-map');
     const context = canvas.getContext('2d');
     const sx = canvas.width / width, sy = canvas.height / height;
     context.globalAlpha = 1;
     if (image.complete && image.naturalWidth) context.drawImage(image, 0, 0, canvas.width, canvas.height);
-    const cells = levelsOf(view, shown);
-    paintCells(context, cells, sx, sy);
-    canvas.dataset.map = view.name;
+    const map = mapOf(name, shown);
+    const cells = map ? levelsOf(name, shown) : [];
+    if (map) paintCells(context, cells, sx, sy);
+    if (brush) drawBrush(context, sx, sy);
+    canvas.dataset.map = name;
     canvas.dataset.token = shown;
     canvas.dataset.cells = cells.join(',');
+    canvas.dataset.state = map ? 'drawn' : 'not computed';
+    // a costly map's computation on the server, and its whole fetch
+    canvas.dataset.seconds = map && map.seconds !== undefined ? map.seconds : '';
+    canvas.dataset.fetchMs = map && map.fetchMs !== undefined ? map.fetchMs.toFixed(1) : '';
     canvas.dataset.shared = shared;
     canvas.dataset.smooth = smooth;
     figure.querySelector('figcaption').textContent =
-      `«${word(data.tokens[shown])}» (token ${shown}) — ${view.caption}` + (shown === pinned ? ' · pinned' : '');
-    const [low, high] = rangeOf(view, shown);
-    figure.querySelector('.lv-low').textContent = fmt(low);
-    figure.querySelector('.lv-high').textContent = fmt(high) + (shared ? ' (every word)' : '');
+      `«${word(data.tokens[shown])}» (token ${shown}) — ${captionOf(name)}` + (shown === pinned ? ' · pinned' : '');
+    figure.querySelector('.lv-progress').textContent = map ? '' : progressNote(name);
+    const [low, high] = map ? rangeOf(name, shown) : [NaN, NaN];
+    figure.querySelector('.lv-low').textContent = map ? fmt(low) : '';
+    figure.querySelector('.lv-high').textContent = map ? fmt(high) + (shared ? ' (every word)' : '') : '';
   });
   drawText();
   const elapsed = performance.now() - start;
@@ -266,32 +329,120 @@ function show(index) {
   draw();
 }
 
+// what a view of a costly map says while the shown word's map is not in the page
+function progressNote(name) {
+  const method = methodOf(name);
+  const state = fetching[`${method}|${shown}`];
+  if (state && state.error) return `${method}: ${state.error}`;
+  if (state) return `Computing ${captionOf(method)} for «${word(data.tokens[shown])}»…`;
+  return `${captionOf(method)} is computed for the pinned word: click «${word(data.tokens[shown])}» to compute it`;
+}
+
+// a costly method's maps of one token from the server, once; resolves when they are in the page (or failed)
+function fetchCostly(method, token) {
+  const key = `${method}|${token}`;
+  if (fetching[key]) return fetching[key].done;
+  const request = data.request_id;
+  const state = {};
+  const start = performance.now();
+  state.done = server.costly_maps({ request_id: request, method, token }).then((answer) => {
+    if (request !== data.request_id) return;  // a new answer came meanwhile
+    if (answer.error) {
+      state.error = answer.error;
+      return;
+    }
+    answer.views.forEach((view) => {
+      fetched[`${view.name}|${token}`] = { name: view.name, caption: view.caption, cells: bytes(view.cells),
+        low: view.low[0], high: view.high[0], seconds: answer.seconds, fetchMs: performance.now() - start };
+    });
+    const select = root.querySelector('.lv-second');
+    answer.views.forEach((view) => {
+      if (![...select.options].some((option) => option.value === view.name)) {
+        select.add(new Option(view.caption, view.name));
+      }
+    });
+  }, (failure) => { state.error = `could not be computed (${failure.message || failure})`; })
+    .finally(() => { if (request === data.request_id) redraw(); });
+  fetching[key] = state;
+  return state.done;
+}
+
 function pin(index) {
   if (!data) return;
   pinned = index;
   shown = index;
   draw();
-  trigger('select', { index, value: data.tokens[index], selected: true });
+  const method = methodOf(second);
+  // the server-side panels follow after a costly map is in (both would share the server's CPU)
+  const ready = method ? fetchCostly(method, index) : Promise.resolve();
+  // after the pinned views are painted: Gradio marks every panel of the other tabs pending, which takes frames
+  ready.then(() => requestAnimationFrame(() => setTimeout(() => {
+    if (pinned === index) trigger('select', { index, value: data.tokens[index], selected: true });
+  })));
 }
 
-// the cell under the pointer, as rendering.cell_at finds it in original-image pixels
-function hoverCell(canvas, event) {
+// pinned from elsewhere (the answer strip): no `select`, the server knows already
+function pinQuietly(selection) {
+  if (!data || !selection || selection.request_id !== data.request_id || selection.token === pinned) return;
+  pinned = selection.token;
+  shown = pinned;
+  draw();
+  if (methodOf(second)) fetchCostly(methodOf(second), pinned);
+}
+
+// the cell under the pointer, as rendering.cell_at finds it in original-image pixels (null outside the grid)
+function cellAt(canvas, event) {
+  const { rows, cols, box } = data.grid;
+  const rect = canvas.getBoundingClientRect();
+  const x = ((event.clientX - rect.left) / rect.width) * data.image_size[0];
+  const y = ((event.clientY - rect.top) / rect.height) * data.image_size[1];
+  if (x < box[0] || x >= box[2] || y < box[1] || y >= box[3]) return null;
+  return [Math.floor(((y - box[1]) / (box[3] - box[1])) * rows), Math.floor(((x - box[0]) / (box[2] - box[0])) * cols)];
+}
+
+const regionOf = (a, b) => [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+
+function pointerMoved(canvas, event) {
+  const cell = cellAt(canvas, event);
+  if (brushStart && cell) {  // dragging: the rectangle follows the pointer
+    brush = regionOf(brushStart, cell);
+    draw();
+    reverse(canvas, brush);
+  } else if (!brush) {
+    reverse(canvas, cell && [...cell, ...cell]);
+  }
+}
+
+function brushEnded(canvas, event) {
+  const cell = cellAt(canvas, event);
+  if (brushStart && cell && cell[0] === brushStart[0] && cell[1] === brushStart[1]) {  // a click: no rectangle
+    brush = null;
+    draw();
+    reverse(canvas, [...cell, ...cell]);
+  }
+  brushStart = null;
+}
+
+function drawBrush(context, sx, sy) {
+  const { rows, cols, box } = data.grid;
+  const cw = (box[2] - box[0]) / cols, ch = (box[3] - box[1]) / rows;
+  context.strokeStyle = '#22d3ee';
+  context.lineWidth = 2 * (window.devicePixelRatio || 1);
+  context.strokeRect((box[0] + brush[1] * cw) * sx, (box[1] + brush[0] * ch) * sy, (brush[3] - brush[1] + 1) * cw * sx,
+    (brush[2] - brush[0] + 1) * ch * sy);
+}
+
+// reverse view: every word's mean value over a region [row0, col0, row1, col1] of the hovered map (a cell is a
+// region of one), the words coloured on a scale shared by them and the strongest listed with their values
+function reverse(canvas, region) {
   const tokens = root.querySelectorAll('.lv-token');
   const note = canvas.parentElement.querySelector('.lv-cell');
-  const { rows, cols, box } = data.grid;
-  let cell = null;
-  if (event) {
-    const rect = canvas.getBoundingClientRect();
-    const x = ((event.clientX - rect.left) / rect.width) * data.image_size[0];
-    const y = ((event.clientY - rect.top) / rect.height) * data.image_size[1];
-    if (x >= box[0] && x < box[2] && y >= box[1] && y < box[3]) {
-      cell = [Math.floor(((y - box[1]) / (box[3] - box[1])) * rows),
-        Math.floor(((x - box[0]) / (box[2] - box[0])) * cols)];
-    }
-  }
-  if (!cell) {
+  const list = root.querySelector('.lv-reverse');
+  if (!region) {
     note.innerHTML = '&nbsp;';
-    delete root.dataset.reverseCell;
+    list.textContent = '';
+    delete root.dataset.reverseRegion;
+    delete root.dataset.reverseValues;
     tokens.forEach((span) => {
       span.style.background = '';
       span.style.color = '';
@@ -300,22 +451,35 @@ function hoverCell(canvas, event) {
     });
     return;
   }
-  const view = data.views.find((candidate) => candidate.name === canvas.dataset.map);
-  const index = cell[0] * cols + cell[1];
-  const here = valueOf(view, shown, cellsOf(view, shown)[index]);
-  note.textContent = `row ${cell[0]}, col ${cell[1]}: ${fmt(here)}`;
-  // reverse view: every token's value at this cell, coloured on a scale shared by the tokens
-  const values = data.tokens.map((_, token) => valueOf(view, token, cellsOf(view, token)[index]));
-  const top = Math.max(...values) || 1;
-  root.dataset.reverseCell = cell.join(',');
+  const name = canvas.dataset.map;
+  const cols = data.grid.cols;
+  const indices = [];
+  for (let r = region[0]; r <= region[2]; r++) for (let c = region[1]; c <= region[3]; c++) indices.push(r * cols + c);
+  const meanOf = (token) => {
+    const map = mapOf(name, token);
+    return map ? indices.reduce((sum, k) => sum + valueOf(map, map.cells[k]), 0) / indices.length : null;
+  };
+  const values = data.tokens.map((_, token) => meanOf(token));
+  const where = region[0] === region[2] && region[1] === region[3] ? `row ${region[0]}, col ${region[1]}`
+    : `rows ${region[0]}-${region[2]}, cols ${region[1]}-${region[3]} (${indices.length} cells, mean)`;
+  note.textContent = values[shown] === null ? where : `${where}: ${fmt(values[shown])}`;
+  const top = Math.max(...values.filter((value) => value !== null)) || 1;
+  root.dataset.reverseRegion = region.join(',');
+  root.dataset.reverseValues = values.map((value) => (value === null ? '' : value)).join(',');
   tokens.forEach((span, token) => {
-    const level = Math.max(0, Math.round((values[token] / top) * 255));
+    if (values[token] === null) return;
+    const level = Math.max(0, Math.min(255, Math.round((values[token] / top) * 255)));
     span.style.background = rgb(level);
     span.style.color = level > 150 ? '#000' : '#fff';
     span.dataset.value = fmt(values[token]);
-    span.title = `${view.caption} at row ${cell[0]}, col ${cell[1]}: ${fmt(values[token])}`;
+    span.title = `${captionOf(name)} at ${where}: ${fmt(values[token])}`;
   });
+  const ranked = values.map((value, token) => [value, token]).filter(([value]) => value !== null)
+    .sort((a, b) => b[0] - a[0]).slice(0, 5);
+  list.textContent = `Words looking at ${where} (${captionOf(name)}): ` +
+    ranked.map(([value, token]) => `«${word(data.tokens[token])}» ${fmt(value)}`).join(' · ');
 }
 
 build(props.value);
 watch('value', () => build(props.value));
+watch(SELECTED_PROP, () => pinQuietly(props[SELECTED_PROP]));

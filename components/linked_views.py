@@ -1,24 +1,36 @@
 """Linked views drawn in the browser: the cheap maps of every answer token (attention for the chosen layers / heads /
 aggregation, TAM and its variants) travel to the page once per request, 8 bits per cell, and JavaScript redraws
-every view on hover (tokens, or image cells for the reverse view) with no server round trip. A click pins a token
-and fires the component's `select` event, so the server-side panels follow it."""
+every view on hover (tokens, or image cells or a brushed region for the reverse view) with no server round trip. A
+click pins a token at once in the page; a costly method's maps (relevancy, CLEANN, ...) are fetched for the pinned
+token through the component's server function `costly_maps` and kept in the page. Then the component's `select`
+event fires, so the server-side panels follow. A click in the answer strip pins the same token here (the
+`selected_token` prop)."""
 
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
-from lvlm_interpret import ExplainBackend, TraceView
+from lvlm_interpret import METHODS, ExplainBackend, TraceView, UserInputError
 from lvlm_interpret.methods.base import image_token_positions
-from lvlm_interpret.rendering import colour_lookup, png_data_uri
+from lvlm_interpret.rendering import colour_lookup, map_label, png_data_uri
+
+from .method_panel import method_names
 
 HERE = Path(__file__).resolve().parent
 IMAGE_LONG_SIDE = 512  # the image travels downscaled; the maps are placed by the original size
 LEVELS = 255
+CHEAP = ("attention", "tam")  # in the payload for every token; every other method is fetched on pin
+
+
+def costly_methods() -> list[str]:
+    return [name for name in method_names() if name not in CHEAP]
 
 
 def quantize(grid_map: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -76,9 +88,31 @@ def payload(service: ExplainBackend, request_id: str, image: Image.Image, layer=
         "grid": {"rows": layout.rows, "cols": layout.cols, "box": [int(round(v)) for v in layout.box]},
         "colours": base64.b64encode(colour_lookup().tobytes()).decode(),  # the server's 256 Inferno colours
         "views": [_map_record("attention", attention_caption(layer, head, aggregation), attention),
-                  *(_map_record(name, name.replace("_", " "), grids) for name, grids in tam_maps.items())],
+                  *(_map_record(name, map_label(name), grids) for name, grids in tam_maps.items())],
+        # fetched for a pinned token on demand: (name, what it is)
+        "costly": [{"name": name, "caption": map_label(name), "description": METHODS[name].description}
+                   for name in costly_methods()],
         "text": text_pattern(trace, [explanation.text_scores for explanation in explained]),
     }
+
+
+def costly_maps(service: ExplainBackend, query: dict) -> dict:
+    """A costly method's maps (its own and its variants) of one token, as the payload's views of a single token,
+    with the seconds its computation took (near 0 when the service had it cached); {"error": message} for a bad
+    query, shown in the page's progress note."""
+    try:
+        if not isinstance(query, dict) or query.get("method") not in costly_methods():
+            raise UserInputError(f"the linked views fetch one of {', '.join(costly_methods())}")
+        if not isinstance(query.get("token"), int):
+            raise UserInputError("the linked views fetch a map for one answer token, by its index")
+        token = query["token"]
+        start = time.perf_counter()
+        explanation = service.explain(str(query.get("request_id")), query["method"], token)
+        seconds = time.perf_counter() - start
+    except UserInputError as error:
+        return {"error": str(error)}
+    return {"request_id": query["request_id"], "method": query["method"], "token": token, "seconds": seconds,
+            "views": [_map_record(name, map_label(name), [grids[0]]) for name, grids in explanation.all_maps().items()]}
 
 
 def text_pattern(trace: TraceView, scores: list[np.ndarray]) -> dict:
@@ -96,7 +130,16 @@ def text_pattern(trace: TraceView, scores: list[np.ndarray]) -> dict:
             "answer_start": trace.prompt_length, **record}
 
 
-def build() -> gr.HTML:
+def build(fetch_costly: Callable[[dict], dict]) -> gr.HTML:
+    """`fetch_costly(query)`: `costly_maps` on the page's backend, called by the page's script as
+    `server.costly_maps(query)`; its name is the one the script calls."""
+    fetch_costly.__name__ = "costly_maps"
     return gr.HTML(None, html_template='<div class="lv-root"></div>',
                    css_template=(HERE / "linked_views.css").read_text(),
-                   js_on_load=(HERE / "linked_views.js").read_text(), elem_id="linked-views")
+                   js_on_load=(HERE / "linked_views.js").read_text(), elem_id="linked-views",
+                   server_functions=[fetch_costly], selected_token=None)
+
+
+def selected(state: dict, event: gr.SelectData) -> gr.HTML:
+    """The token clicked in the answer strip, for the linked views to pin: {request_id, token}."""
+    return gr.HTML(selected_token={"request_id": state["request_id"], "token": int(event.index)} if state else None)

@@ -1,5 +1,6 @@
-"""Method panel: the selected token's map from any registered method (relevancy, TAM, CLEANN, ...), computed on
-first view and cached by the service."""
+"""Method panel: the selected token's map from any registered method (relevancy, TAM, CLEANN, iGOS++, ...),
+computed on first view and cached by the service; a method with an answer-level map (iGOS++: the answer's visually
+relevant tokens together) shows it until a token is picked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import gradio as gr
 from PIL import Image
 
 from lvlm_interpret import METHODS, ExplainBackend, TraceView
-from lvlm_interpret.rendering import captioned_map, display_width, map_caption, map_label
+from lvlm_interpret.methods.igos import reporting_progress
+from lvlm_interpret.rendering import captioned_map, display_width, map_caption, map_label, token_word
 
 from .figures import cleann_graph_figure, text_scores_figure
 
@@ -105,6 +107,12 @@ def method_controls(trace: TraceView, method: str, cleann_layer: str | None, cle
 
 def summarise(explanation) -> str:
     details = explanation.details
+    if explanation.method in ("igos", "igos_answer"):
+        rows, cols = details["mask_size"]
+        what = "the answer's visually relevant tokens together" if explanation.method == "igos_answer" else "the token"
+        first, last = details["objective"][0], details["objective"][-1]
+        return (f"**iGOS++** ({what}): saliency = 1 - a {rows} x {cols} mask optimised for {details['iterations']} "
+                f"iterations (objective {first:.3f} -> {last:.3f}).")
     if explanation.method != "cleann":
         return ""
     other_views = "".join(f" (+{len(cells)} in the {name} view)" for name, cells in details["view_cells"].items())
@@ -113,15 +121,29 @@ def summarise(explanation) -> str:
             f"{len(details['edges'])} graph edges.")
 
 
-def render_method(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int, method: str,
-                  map_name: str | None = None, options: dict | None = None) -> tuple:
+def render_method(service: ExplainBackend, request_id: str, image: Image.Image, token_index: int | None, method: str,
+                  map_name: str | None = None, options: dict | None = None, progress=None) -> tuple:
     """(the map on the image with its colour bar and caption, the method's maps as (label, name) choices, the map
-    shown, a summary, text-score bars, CLEANN graph)."""
-    explanation = service.explain(request_id, method, token_index, **(options or {}))
-    maps = explanation.all_maps()
-    shown = map_name if map_name in maps else method
+    shown, a summary, text-score bars, CLEANN graph). `token_index` None: no token picked yet (token 0's maps, or
+    the method's answer-level map where it has one); `progress(fraction, desc=...)` follows iGOS++'s iterations
+    when the service runs in this process."""
     trace = service.trace(request_id)
-    caption = map_caption(trace.answer_texts[token_index], shown, explanation.details)
+    whole_answer = token_index is None and hasattr(METHODS[method], "explain_answer")
+
+    def report(done, total):
+        if progress is not None:
+            progress(done / total, desc=f"{method}: iteration {done} of {total}")
+
+    with reporting_progress(report):
+        explanation = service.explain_answer(request_id, method, **(options or {})) if whole_answer else \
+            service.explain(request_id, method, token_index or 0, **(options or {}))
+    maps = explanation.all_maps()
+    shown = map_name if map_name in maps else explanation.method
+    if whole_answer:
+        words = " ".join(token_word(trace.answer_texts[t]) for t in explanation.details["tokens"])
+        caption = f"{words} \u00b7 {map_label(shown)}"
+    else:
+        caption = map_caption(trace.answer_texts[token_index or 0], shown, explanation.details)
     picture = captioned_map(image, maps[shown][0], trace.images[0], caption, width=display_width(image))
     return (picture, [(map_label(name), name) for name in maps], shown, summarise(explanation),
             text_scores_figure(trace, explanation), cleann_graph_figure(trace, explanation))

@@ -11,8 +11,8 @@ VISUAL = "looks at image"
 
 
 def build() -> gr.HighlightedText:
-    return gr.HighlightedText(label="Answer tokens: click one. Blue: words that depend on seeing the image (their "
-                                    "likelihood drops when the image is blurred)",
+    return gr.HighlightedText(label="Answer: click a word to see where the model looked for it. Blue: words that "
+                                    "depend on seeing the image (their likelihood drops when the image is blurred)",
                               color_map={SELECTED: "#f59e0b", VISUAL: "#93c5fd"}, show_legend=False,
                               show_inline_category=False, interactive=False, elem_id="answer-tokens")
 

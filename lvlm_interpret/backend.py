@@ -4,6 +4,7 @@ process, a `RemoteTrace` over HTTP). The page's components are written against t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -52,6 +53,24 @@ class TraceView(Protocol):
     def check_token_index(self, token_index: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class ShareLink:
+    """What reopens a request: an opaque id (never the image or prompt), and when it expires (Unix seconds; None:
+    never, it is only forgotten when the bounded store of links is full)."""
+    share_id: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SharedRequest:
+    """A share link opened: the request's id in this backend (for `explain` ...), its answer, its images and its
+    generation options."""
+    request_id: str
+    trace: TraceView
+    images: list[Image.Image]
+    options: GenerationOptions
+
+
 @runtime_checkable
 class ExplainBackend(Protocol):
     """Generate answers and explain their tokens. Requests are named by the id `generate` returns; every call
@@ -67,7 +86,16 @@ class ExplainBackend(Protocol):
 
     def trace(self, request_id: str) -> TraceView: ...
 
+    def share(self, request_id: str) -> ShareLink:
+        """An opaque id that reopens the request from any session (`open_shared`), until it expires."""
+
+    def open_shared(self, share_id: str) -> SharedRequest:
+        """The request a share link names; UnknownRequestError with one line if it is unknown or expired."""
+
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation: ...
+
+    def explain_answer(self, request_id: str, method: str = "igos", **options) -> Explanation:
+        """A method's one map for the whole answer (igos: its visually relevant tokens together)."""
 
     def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]: ...
 
@@ -90,3 +118,9 @@ class ExplainBackend(Protocol):
 
     def knockout(self, request_id: str, positions: list[int], token_index: int = 0, windows=...
                  ) -> KnockoutResult: ...
+
+    def sae_features(self, request_id: str, sae: str = "demo", k: int = 10) -> dict: ...
+
+    def sae_feature(self, request_id: str, sae: str, feature: int, top: int = 8) -> dict: ...
+
+    def sae_steer(self, request_id: str, sae: str, scales: dict) -> dict: ...

@@ -12,13 +12,17 @@ from pathlib import Path
 
 from .analysis import commands as analysis_commands
 from .capture import GenerationOptions, generate_with_capture
+from .compare import DEFAULT_METHODS as DEFAULT_COMPARED_METHODS
+from .compare import compare_requests, generate_pair
 from .errors import UserInputError
 from .export import request_record, staged_folder, write_request
 from .images import load_image
 from .methods import METHODS, get_method
 from .methods.base import check_method_options
+from .methods.igos import answer_summary
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import DEFAULT_MODEL, load_model, quiet_loading_logs
+from .sae import commands as sae_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,8 +30,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
-# CLEANN searches and verifies a causal set per token: `all` includes it only for tokens named with --tokens.
-PER_TOKEN_ONLY = ("cleann",)
+# CLEANN searches and verifies a causal set per token, iGOS++ optimises a mask per token: `all` includes them only
+# for tokens named with --tokens.
+PER_TOKEN_ONLY = ("cleann", "igos")
 
 
 def _parse_methods(spec: str, tokens_given: bool) -> list[str]:
@@ -73,6 +78,18 @@ def _parse_tokens(spec: str) -> list[int] | None:
     return list(dict.fromkeys(indices))
 
 
+def _add_dataset_arguments(parser) -> None:
+    """--dataset and what chooses its samples, for evaluate and compare-models."""
+    parser.add_argument("--dataset", default="shapes", choices=["shapes", "coco"],
+                        help="shapes: held-out demo scenes; coco: a local COCO-format set (--images, --annotations)")
+    parser.add_argument("--n", type=int, default=None, help="number of samples (shapes: 100; coco: every image)")
+    parser.add_argument("--size", type=int, default=192, help="shapes: scene side in pixels")
+    parser.add_argument("--images", help="coco: folder of the images")
+    parser.add_argument("--annotations", help="coco: instances JSON with segmentations")
+    parser.add_argument("--prompt", default=None, help="coco: the prompt (default: Describe the image.)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+
+
 def build_parser() -> argparse.ArgumentParser:
     program = "lvlm-interpret" if Path(sys.argv[0]).name == "lvlm-interpret" else "python -m lvlm_interpret"
     parser = _Parser(prog=program, description="Explain what a vision-language model looked at.")
@@ -83,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or random:PRESET "
                                                                 f"(default {DEFAULT_MODEL})")
     explain.add_argument("--methods", default="attention",
-                         help=f"comma list of {', '.join(sorted(METHODS))}, or all (cleann only with --tokens)")
+                         help=f"comma list of {', '.join(sorted(METHODS))}, or all (cleann and igos only with "
+                              "--tokens)")
     explain.add_argument("--max-new-tokens", type=int, default=32)
     explain.add_argument("--temperature", type=float, default=0.0, help="sample with this temperature "
                                                                         "(default 0: greedy)")
@@ -110,14 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", required=True, help="output folder")
 
     evaluate = commands.add_parser("evaluate", help="score explanation methods against ground-truth masks")
-    evaluate.add_argument("--dataset", default="shapes", choices=["shapes", "coco"],
-                          help="shapes: held-out demo scenes; coco: a local COCO-format set (--images, --annotations)")
-    evaluate.add_argument("--n", type=int, default=None, help="number of samples (shapes: 100; coco: every image)")
-    evaluate.add_argument("--size", type=int, default=192, help="shapes: scene side in pixels")
-    evaluate.add_argument("--images", help="coco: folder of the images")
-    evaluate.add_argument("--annotations", help="coco: instances JSON with segmentations")
-    evaluate.add_argument("--prompt", default=None, help="coco: the prompt (default: Describe the image.)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=24)
+    _add_dataset_arguments(evaluate)
     evaluate.add_argument("--methods", default="attention,relevancy,tam")
     evaluate.add_argument("--model", default=DEFAULT_MODEL)
     evaluate.add_argument("--device", default="auto")
@@ -143,6 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
                               help="the command that ran the benches, named on the page (e.g. make gpu-check)")
     bench_report.add_argument("--out", required=True, help="markdown file, e.g. docs/results-gpu.md")
 
+    compare = commands.add_parser("compare", help="explain two requests (prompt, image and / or model changed) and "
+                                                  "compare their aligned words' maps")
+    compare.add_argument("--image", required=True, help="request A's image file")
+    compare.add_argument("--image-b", default=None, help="request B's image (default: A's)")
+    compare.add_argument("--prompt", required=True, help="request A's question or instruction")
+    compare.add_argument("--prompt-b", default=None, help="request B's prompt (default: A's)")
+    compare.add_argument("--model", default=DEFAULT_MODEL, help=f"request A's model (default {DEFAULT_MODEL})")
+    compare.add_argument("--model-b", default=None, help="request B's model (default: A's)")
+    compare.add_argument("--methods", default=",".join(DEFAULT_COMPARED_METHODS),
+                         help=f"comma list of {', '.join(sorted(METHODS))}, or all (without cleann)")
+    compare.add_argument("--max-new-tokens", type=int, default=32)
+    compare.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                         help="a method's option, as for explain (repeatable)")
+    compare.add_argument("--llr-threshold", type=float, default=1.0)
+    compare.add_argument("--device", default="auto")
+    compare.add_argument("--png", action="store_true", help="also write DIR/a/overlays and DIR/b/overlays")
+    compare.add_argument("--out", required=True, help="output folder: a/, b/ (explain's contract) and compare.json")
+
+    compare_models = commands.add_parser("compare-models", help="where two models look over a dataset: statistics "
+                                                                "per model and a paired test per statistic")
+    _add_dataset_arguments(compare_models)
+    compare_models.add_argument("--model", default=DEFAULT_MODEL, help="model A")
+    compare_models.add_argument("--model-b", required=True, help="model B")
+    compare_models.add_argument("--device", default="auto")
+    compare_models.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare_models.add_argument("--out", required=True, help="output folder for compare-models.json, .md and .html")
+
     serve = commands.add_parser("serve", help="run the service over HTTP (OpenAPI schema at /docs)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -153,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503 (busy, retry)")
     serve.add_argument("--hosted", action="store_true", help="public-demo limits from configs/hosted.json")
     analysis_commands.add_parsers(commands)
+    sae_commands.add_parsers(commands)
     return parser
 
 
@@ -195,16 +234,12 @@ def run_bench_report(args) -> Path:
     return write_report(args.figures, args.written_by, args.out)
 
 
-def run_evaluate(args) -> dict:
-    """Under `accelerate launch` every process evaluates its share; the main process writes and prints."""
-    from .evaluation.benchmark import COLUMNS, process_state, run_benchmark
-
+def _dataset(args):
+    """(n, sample_at, about) of evaluate's and compare-models' --dataset options; a bad one fails here."""
     if args.n is not None and args.n < 1:
         raise UserInputError(f"--n must be at least 1, got {args.n}")
     if not 1 <= args.max_new_tokens <= 1024:
         raise UserInputError(f"--max-new-tokens must be between 1 and 1024, got {args.max_new_tokens}")
-    methods = _parse_methods(args.methods, tokens_given=True)
-    method_options = _parse_method_options(args.option, methods)
     if args.dataset == "coco":
         from .evaluation.coco import DEFAULT_PROMPT, CocoDataset
 
@@ -215,17 +250,23 @@ def run_evaluate(args) -> dict:
         dataset = CocoDataset(args.images, args.annotations, args.prompt or DEFAULT_PROMPT)
         n = len(dataset) if args.n is None else args.n
         dataset.check(n)
-        sample_at, about = dataset.sample, {"images": args.images, "annotations": args.annotations,
-                                            "prompt": dataset.prompt}
-    else:
-        from .demo.scenes import HELD_OUT_SEED_START
-        from .evaluation.shapes import shapes_sample
+        return n, dataset.sample, {"images": args.images, "annotations": args.annotations, "prompt": dataset.prompt}
+    from .demo.scenes import HELD_OUT_SEED_START
+    from .evaluation.shapes import shapes_sample
 
-        if args.images or args.annotations:
-            raise UserInputError("--images and --annotations are for --dataset coco")
-        n = 100 if args.n is None else args.n
-        sample_at = lambda index: shapes_sample(index, args.size)  # noqa: E731
-        about = {"size": args.size, "seed_start": HELD_OUT_SEED_START}
+    if args.images or args.annotations:
+        raise UserInputError("--images and --annotations are for --dataset coco")
+    n = 100 if args.n is None else args.n
+    return n, lambda index: shapes_sample(index, args.size), {"size": args.size, "seed_start": HELD_OUT_SEED_START}
+
+
+def run_evaluate(args) -> dict:
+    """Under `accelerate launch` every process evaluates its share; the main process writes and prints."""
+    from .evaluation.benchmark import COLUMNS, process_state, run_benchmark
+
+    methods = _parse_methods(args.methods, tokens_given=True)
+    method_options = _parse_method_options(args.option, methods)
+    n, sample_at, about = _dataset(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
@@ -249,6 +290,57 @@ def run_evaluate(args) -> dict:
     for name, row in result["methods"].items():
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in COLUMNS]
         print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells))
+    return result
+
+
+def run_compare(args) -> Path:
+    """DIR/a and DIR/b in explain's contract (every answer token, the chosen methods) and DIR/compare.json."""
+    from .service import ExplainService
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    methods = _parse_methods(args.methods, tokens_given=False)
+    method_options = _parse_method_options(args.option, methods)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens)
+    options.validate()
+    image = load_image(args.image)
+    image_b = None if args.image_b is None else load_image(args.image_b)
+    service = ExplainService(default_model=args.model, device=args.device)
+    request_a, request_b = generate_pair(service, image, args.prompt, args.model, image_b, args.prompt_b,
+                                         args.model_b, options)
+    comparison = compare_requests(service, request_a, request_b, methods, method_options)
+    with staged_folder(out) as staging:
+        for side, request_id in (("a", request_a), ("b", request_b)):
+            trace = service.trace(request_id)
+            tokens = list(range(trace.n_answer))
+            explanations = {name: [service.explain(request_id, name, t, **method_options.get(name, {}))
+                                   for t in tokens] for name in methods}
+            record = request_record(trace, tokens, explanations,
+                                    service.visual_relevance(request_id, args.llr_threshold), method_options)
+            write_request(staging / side, trace, record, explanations, png=args.png)
+        (staging / "compare.json").write_text(json.dumps(comparison, indent=2))
+    return out
+
+
+def run_compare_models(args) -> dict:
+    """DIR/compare-models.json (per-sample statistics and the paired tests), .md (the table) and .html (Plotly)."""
+    from .evaluation.model_comparison import compare_models, figure, markdown_table
+
+    n, sample_at, about = _dataset(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    loaded_a = load_model(args.model, device=args.device)
+    loaded_b = load_model(args.model_b, device=args.device)
+    result = {"model_a": args.model, "model_b": args.model_b, "dataset": args.dataset, "n_samples": n, **about,
+              **compare_models(loaded_a, loaded_b, sample_at, n, args.max_new_tokens, progress=not args.no_progress)}
+    table = markdown_table(result, args.model, args.model_b)
+    with staged_folder(out) as staging:
+        (staging / "compare-models.json").write_text(json.dumps(result, indent=2))
+        (staging / "compare-models.md").write_text(table)
+        figure(result, args.model, args.model_b).write_html(staging / "compare-models.html", include_plotlyjs=True)
+    print(table, end="")
     return result
 
 
@@ -287,6 +379,11 @@ def run_explain(args) -> Path:
         explanations[name] = get_method(name).explain_many(trace, indices, model=loaded,
                                                            **method_options.get(name, {}))
         timings[name] = time.perf_counter() - t0
+    answer_maps = []
+    if "igos" in explanations:  # iGOS++ also maps the answer's visually relevant tokens together
+        t0 = time.perf_counter()
+        answer_maps.append(get_method("igos").explain_answer(trace, model=loaded, **method_options.get("igos", {})))
+        timings["igos_answer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     relevance = visually_relevant_tokens(loaded, trace, threshold=args.llr_threshold)
     timings["llr"] = time.perf_counter() - t0
@@ -297,7 +394,10 @@ def run_explain(args) -> Path:
         timings["trust"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     record = request_record(trace, indices, explanations, relevance, method_options, timings, trust)
-    return write_request(out, trace, record, explanations, png=args.png, save_trace=args.save_trace)
+    if answer_maps:
+        record["igos"] = answer_summary(loaded, trace, answer_maps[0])
+    return write_request(out, trace, record, explanations, png=args.png, save_trace=args.save_trace,
+                         answer_maps=answer_maps)
 
 
 def _trust(loaded, trace, indices: list[int], explanations: dict, relevancy_options: dict) -> dict[int, dict]:
@@ -322,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             out = run_explain(args)
             print(f"wrote {out / 'result.json'} and {out / 'maps.npz'}")
+        elif args.command == "compare":
+            out = run_compare(args)
+            print(f"wrote {out / 'compare.json'}, {out / 'a'} and {out / 'b'}")
+        elif args.command == "compare-models":
+            run_compare_models(args)
         elif args.command == "evaluate":
             run_evaluate(args)
         elif args.command == "bench":
@@ -332,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             run_serve(args)
         elif args.command in analysis_commands.COMMANDS:
             analysis_commands.run(args)
+        elif args.command in sae_commands.COMMANDS:
+            sae_commands.run(args)
         return 0
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -22,9 +22,11 @@ from .analysis.logit_lens import LogitLens
 from .capture import GenerationOptions
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .families.base import ImageLayout
+from .images import decode_image
 from .methods.base import Explanation
 from .methods.visual_relevance import VisualRelevance
-from .service import ByteBoundedCache
+from .backend import ShareLink, SharedRequest
+from .service import ByteBoundedCache, check_share_id
 from .trace import AnswerPositions
 
 
@@ -74,6 +76,16 @@ class _RemoteRequest:
     trace: RemoteTrace
     inputs: dict  # the generate call's files and form, to regenerate it
     backend_id: str  # the id the backend knows it by now
+
+
+def _generate_inputs(image, prompt: str, model: str | None, options: GenerationOptions) -> dict:
+    """The /v1/generate call's files and form for these inputs."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    form = {"prompt": prompt, "max_new_tokens": str(options.max_new_tokens),
+            "temperature": str(options.temperature if options.do_sample else 0), "top_p": str(options.top_p),
+            "seed": str(options.seed), **({"model": model} if model else {})}
+    return {"files": {"image": ("image.png", buffer.getvalue(), "image/png")}, "data": form}
 
 
 class RemoteService:
@@ -131,14 +143,12 @@ class RemoteService:
         if model is not None and model not in self.allowed_models:
             raise UserInputError(f"model {model!r} is not offered by the backend; choose one of "
                                  f"{', '.join(self.allowed_models)}")
-        options = options or GenerationOptions()
-        buffer = io.BytesIO()
-        images[0].save(buffer, format="PNG")
-        form = {"prompt": prompt, "max_new_tokens": str(options.max_new_tokens),
-                "temperature": str(options.temperature if options.do_sample else 0), "top_p": str(options.top_p),
-                "seed": str(options.seed), **({"model": model} if model else {})}
-        inputs = {"files": {"image": ("image.png", buffer.getvalue(), "image/png")}, "data": form}
-        summary = self._call("POST", "/v1/generate", **inputs)
+        inputs = _generate_inputs(images[0], prompt, model, options or GenerationOptions())
+        return self._remember(self._call("POST", "/v1/generate", **inputs), inputs)
+
+    def _remember(self, summary: dict, inputs: dict) -> tuple[str, RemoteTrace]:
+        """Keep the request the backend answered with `summary`, with the generate call's `inputs` (to regenerate
+        it should the backend forget it)."""
         trace = RemoteTrace(
             request_id=summary["request_id"], model_name=summary["model"], prompt=summary["prompt"],
             answer=summary["answer"], answer_texts=summary["answer_texts"], answer_ids=summary["answer_ids"],
@@ -147,8 +157,22 @@ class RemoteService:
             token_texts=summary["token_texts"], prompt_length=summary["prompt_length"],
         )
         self._requests.put(trace.request_id, _RemoteRequest(trace, inputs, trace.request_id),
-                           len(buffer.getbuffer()) + 4096)
+                           len(inputs["files"]["image"][1]) + 4096)
         return trace.request_id, trace
+
+    def share(self, request_id: str) -> ShareLink:
+        body = self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/share", json={"request_id": backend_id}))
+        return ShareLink(body["share_id"], body["expires_at"])
+
+    def open_shared(self, share_id: str) -> SharedRequest:
+        check_share_id(share_id)  # an id from a URL goes into a path only in its own alphabet
+        summary = self._call("GET", f"/v1/share/{share_id}")
+        image = decode_image(io.BytesIO(self._send("GET", f"/v1/share/{share_id}/image").content), "the shared image")
+        options = GenerationOptions(**summary["options"])
+        request_id, trace = self._remember(summary, _generate_inputs(image, summary["prompt"], summary["model"],
+                                                                     options))
+        return SharedRequest(request_id, trace, [image], options)
 
     def trace(self, request_id: str) -> RemoteTrace:
         return self._request(request_id).trace
@@ -173,6 +197,13 @@ class RemoteService:
         return self._for_request(request_id, lambda backend_id: self._call(
             "GET", f"/v1/trust/{backend_id}/{token_index}", params={"options": json.dumps(options or {})}))
 
+    def compare(self, request_a: str, request_b: str, methods=("attention", "relevancy", "tam"),
+                options: dict | None = None) -> dict:
+        """lvlm_interpret.compare.compare_requests computed by the backend in one call (compare.json)."""
+        return self._for_request(request_a, lambda backend_a: self._for_request(request_b, lambda backend_b: self._call(
+            "POST", "/v1/compare", json={"request_a": backend_a, "request_b": backend_b, "methods": list(methods),
+                                         "options": options or {}})))
+
     # --- the analyses, run by the backend next to its model ---------------------------------------------------
     def logit_lens(self, request_id: str, k: int = 5) -> LogitLens:
         return LogitLens.from_json(self._for_request(request_id, lambda backend_id: self._call(
@@ -187,6 +218,19 @@ class RemoteService:
         return AblationResult.from_json(self._for_request(request_id, lambda backend_id: self._call(
             "POST", "/v1/ablate", json={"request_id": backend_id, "positions": list(positions),
                                         "token_index": token_index, "replacement": replacement})))
+
+    def sae_features(self, request_id: str, sae: str = "demo", k: int = 10) -> dict:
+        return self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/sae/features", json={"request_id": backend_id, "sae": sae, "k": k}))
+
+    def sae_feature(self, request_id: str, sae: str, feature: int, top: int = 8) -> dict:
+        return self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/sae/feature", json={"request_id": backend_id, "sae": sae, "feature": feature, "top": top}))
+
+    def sae_steer(self, request_id: str, sae: str, scales: dict) -> dict:
+        return self._for_request(request_id, lambda backend_id: self._call(
+            "POST", "/v1/sae/steer", json={"request_id": backend_id, "sae": sae,
+                                           "scales": {str(k): v for k, v in scales.items()}}))
 
     def knockout(self, request_id: str, positions: list[int], token_index: int = 0,
                  windows=tuple(WINDOWS)) -> KnockoutResult:
@@ -207,6 +251,13 @@ class RemoteService:
                 path.write_bytes(archive.read(name))
                 paths.append(path)
         return paths
+
+    def explain_answer(self, request_id: str, method: str = "igos", **options) -> Explanation:
+        body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/explain_answer", json={
+            "request_id": backend_id, "method": method, "options": options}))
+        return Explanation(method=body["method"], token_index=body["token_index"],
+                           maps=[np.asarray(grid, dtype=np.float32) for grid in body["maps"][body["method"]]],
+                           details=body["details"])
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/explain", json={

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserInputError
-from .methods import METHODS, Explanation
-from .methods.base import check_method_options
+from .methods import Explanation
+from .methods.base import check_method_options, quick_methods
 from .backend import TraceView
-from .rendering import captioned_map, map_caption, png_data_uri, token_word
+from .rendering import captioned_map, map_caption, map_label, png_data_uri, token_word
 from .trace import Trace
 
 CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_after", "verified", "message", "layer",
@@ -97,7 +97,27 @@ def captioned_overlays(trace: Trace, explanation: Explanation) -> Iterator[tuple
         for k, (grid, layout) in enumerate(zip(maps, trace.images)):
             name = f"{map_name}_token{explanation.token_index}" + (f"_image{k}" if several else "")
             image_caption = caption + (f" \u00b7 image {k + 1}" if several else "")
-            yield name, image_caption, captioned_map(trace.image(k), grid, layout, image_caption)
+            yield name, image_caption, captioned_map(trace.image(k), shown_map(explanation, map_name, k), layout,
+                                                     image_caption)
+
+
+def shown_map(explanation: Explanation, map_name: str, image_index: int) -> np.ndarray:
+    """The map drawn for a figure: the method's own map at its own resolution where it has one (details
+    "fine_map", first image: iGOS++'s mask finer than the token grid), else the grid map."""
+    if image_index == 0 and map_name == explanation.method and "fine_map" in explanation.details:
+        return explanation.details["fine_map"]
+    return explanation.all_maps()[map_name][image_index]
+
+
+def answer_overlays(trace: Trace, explanations: list[Explanation]) -> dict[str, Image.Image]:
+    """Answer-level maps (one map for several tokens, e.g. igos_answer) as captioned figures named by the map."""
+    figures = {}
+    for explanation in explanations:
+        words = " ".join(token_word(trace.answer_texts[t]) for t in explanation.details["tokens"])
+        caption = f"{words} \u00b7 {map_label(explanation.method)}"
+        figures[explanation.method] = captioned_map(trace.image(0), shown_map(explanation, explanation.method, 0),
+                                                    trace.images[0], caption)
+    return figures
 
 
 def overlay_images(trace: Trace, explanation: Explanation) -> dict[str, Image.Image]:
@@ -126,11 +146,13 @@ def staged_folder(out) -> Iterator[Path]:
 
 
 def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str, list[Explanation]],
-                  png: bool = False, save_trace: bool = False) -> Path:
-    """result.json, maps.npz and optionally the trace and overlay PNGs, moved into `out` together."""
+                  png: bool = False, save_trace: bool = False, answer_maps: list[Explanation] = ()) -> Path:
+    """result.json, maps.npz and optionally the trace and overlay PNGs, moved into `out` together; `answer_maps`
+    (one explanation for the whole answer each) are saved as [1, rows, cols] arrays under their method's name."""
     with staged_folder(out) as staging:
         (staging / "result.json").write_text(json.dumps(record, indent=2))
-        np.savez_compressed(staging / "maps.npz", **map_arrays(trace, explanations))
+        answer_arrays = {e.method: np.stack([e.maps[0]]).astype(np.float32) for e in answer_maps}
+        np.savez_compressed(staging / "maps.npz", **map_arrays(trace, explanations), **answer_arrays)
         if save_trace:
             trace.save(staging / "trace.safetensors")
         if png:
@@ -139,6 +161,8 @@ def write_request(out: Path, trace: Trace, record: dict, explanations: dict[str,
                 for explanation in explained:
                     for name, picture in overlay_images(trace, explanation).items():
                         picture.save(staging / "overlays" / f"{name}.png")
+            for name, picture in answer_overlays(trace, list(answer_maps)).items():
+                picture.save(staging / "overlays" / f"{name}.png")
     return Path(out)
 
 
@@ -188,7 +212,7 @@ def export_files(service, request_id: str, token_index: int, kind: str, folder: 
 
     if kind == "png":
         paths = []
-        for method in sorted(METHODS):
+        for method in quick_methods():
             for name, picture in overlay_images(trace, explain(method, token_index)).items():
                 picture.save(folder / f"{name}.png")
                 paths.append(folder / f"{name}.png")
@@ -201,5 +225,5 @@ def export_files(service, request_id: str, token_index: int, kind: str, folder: 
         write_request(folder, trace, record, maps)
         return [folder / "result.json", folder / "maps.npz"]
     path = folder / f"report-token{token_index}.html"
-    path.write_text(html_report(trace, token_index, [explain(m, token_index) for m in sorted(METHODS)]))
+    path.write_text(html_report(trace, token_index, [explain(m, token_index) for m in quick_methods()]))
     return [path]

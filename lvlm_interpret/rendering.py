@@ -24,6 +24,8 @@ MAP_LABELS = {
     "tam_raw": "TAM (raw, before interference removal)",
     "tam_cleaned": "TAM (interference removed, before denoising)",
     "cleann": "CLEANN's explaining image patches",
+    "igos": "iGOS++ saliency (1 - optimised mask)",
+    "igos_answer": "iGOS++ saliency of the answer's visually relevant tokens",
 }
 # maps in the page are at least this wide: legible on a 1400-pixel window
 MIN_DISPLAY_WIDTH = 448

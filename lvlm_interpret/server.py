@@ -13,6 +13,7 @@ import logging
 import tempfile
 import threading
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +31,8 @@ from .analysis.ablation import REPLACEMENTS
 from .analysis.knockout import WINDOWS
 from .analysis.token_sets import KINDS as TOKEN_SETS
 from .capture import MAX_SEED, GenerationOptions
+from .compare import DEFAULT_METHODS as DEFAULT_COMPARED_METHODS
+from .compare import compare_requests
 from .errors import ServiceBusyError, TooLargeError, UnknownRequestError, UserInputError
 from .export import EXPORT_KINDS, answer_record
 from .images import MAX_PIXELS, decode_image
@@ -191,7 +194,7 @@ class ErrorBody(BaseModel):
 
 REFUSALS = {
     400: "bad input (a field, the image or an option): the message says what to change",
-    404: "unknown or expired request id: generate the answer again",
+    404: "unknown or expired request id (generate the answer again) or share link (ask for a new one)",
     413: "the upload is over the size limit, in bytes or in pixels",
     429: "too many requests from this address: retry after Retry-After seconds",
     500: "internal error (logged on the server)",
@@ -215,10 +218,23 @@ class ReverseRequest(BaseModel):
     aggregation: Aggregation = "mean"
 
 
+class ShareRequest(BaseModel):
+    request_id: str
+
+
 class ExplainRequest(BaseModel):
     request_id: str
     method: MethodName = "attention"
     token_index: int = Field(ge=0)
+    options: dict = Field(default_factory=dict)
+
+
+AnswerMethodName = Literal[tuple(sorted(name for name, method in METHODS.items() if hasattr(method, "explain_answer")))]
+
+
+class AnswerMapRequest(BaseModel):
+    request_id: str
+    method: AnswerMethodName = "igos"
     options: dict = Field(default_factory=dict)
 
 
@@ -253,6 +269,34 @@ class KnockoutRequest(BaseModel):
     token_index: int = Field(0, ge=0)
     windows: list[str] = Field(default_factory=lambda: list(WINDOWS), description=(
         f"layer windows: {', '.join(WINDOWS)} (fractions of the depth) or a layer range like 2-5"))
+
+
+class SAEFeaturesRequest(BaseModel):
+    request_id: str
+    sae: str = "demo"
+    k: int = Field(10, ge=1, le=100)
+
+
+class SAEFeatureRequest(BaseModel):
+    request_id: str
+    sae: str = "demo"
+    feature: int = Field(..., ge=0)
+    top: int = Field(8, ge=0, le=64)
+
+
+class SAESteerRequest(BaseModel):
+    request_id: str
+    sae: str = "demo"
+    scales: dict[int, float] = Field(..., description="feature -> factor (0 zeroes it)")
+
+
+class CompareRequest(BaseModel):
+    """Two generated requests (B made from A by changing its prompt, image or model) and the methods whose maps
+    are compared."""
+    request_a: str
+    request_b: str
+    methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_COMPARED_METHODS))
+    options: dict = Field(default_factory=dict, description="the methods' options, {\"cleann\": {\"head\": 0}}")
 
 
 def method_options(text: str) -> dict:
@@ -459,6 +503,47 @@ def create_api(service: ExplainService, admission: Admission | None = None,
             explanation = service.explain(body.request_id, body.method, body.token_index, **body.options)
         return explanation_json(explanation)
 
+    @api.post("/v1/explain_answer", responses=refusals(400, 404, 503))
+    def explain_answer(body: AnswerMapRequest) -> dict:
+        """A method's one map for the whole answer (igos: its visually relevant tokens together)."""
+        with admission.slot():
+            explanation = service.explain_answer(body.request_id, body.method, **body.options)
+        return explanation_json(explanation)
+
+    @api.post("/v1/compare", responses=refusals(400, 404, 503))
+    def compare(body: CompareRequest) -> dict:
+        """The two answers' tokens aligned by their text, and for each aligned pair and each map of the methods
+        the Spearman correlation, the IoU of the top 10% cells and the shift of the highest cell (in A's cells, B
+        resampled onto A's grid where they differ); every token's image share of relevancy: compare.json."""
+        with admission.slot():
+            return compare_requests(service, body.request_a, body.request_b, body.methods, body.options)
+
+    # --- share links: an opaque id that reopens a request from any front end of this backend -----------------
+    @api.post("/v1/share", responses=refusals(400, 404, 503))
+    def share(body: ShareRequest) -> dict:
+        """A link id for the request (opaque: never its image or prompt), kept with the request's inputs and answer
+        ids; `expires_at`: Unix seconds, null where links do not expire (the hosted mode's share_link_hours)."""
+        with admission.slot():
+            link = service.share(body.request_id)
+        return {"share_id": link.share_id, "expires_at": link.expires_at}
+
+    @api.get("/v1/share/{share_id}", responses=refusals(400, 404, 503))
+    def open_shared(share_id: str) -> dict:
+        """The shared request as /v1/generate answers it (its `request_id` here, for the other endpoints), with its
+        generation `options`; regenerated if it was evicted. 404: an unknown or expired link, in one line."""
+        with admission.slot():
+            shared = service.open_shared(share_id)
+        return {**trace_summary(shared.request_id, shared.trace), "options": asdict(shared.options)}
+
+    @api.get("/v1/share/{share_id}/image", response_class=Response, responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}, **refusals(400, 404, 503)})
+    def shared_image(share_id: str) -> Response:
+        """The shared request's image as PNG (the pixels the model saw), for a front end to draw the maps on."""
+        buffer = io.BytesIO()
+        with admission.slot():  # encoding a large picture is work like any other
+            service.shared_request(share_id)[1].images[0].save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
     # --- the analyses of Neo et al., next to the model --------------------------------------------------------
     @api.post("/v1/logit-lens", responses=refusals(400, 404, 503))
     def lens(body: LogitLensRequest) -> dict:
@@ -485,6 +570,25 @@ def create_api(service: ExplainService, admission: Admission | None = None,
         """Attention from the token's predicting position to the positions blocked per layer window."""
         with admission.slot():
             return service.knockout(body.request_id, body.positions, body.token_index, body.windows).to_json()
+
+    # --- sparse autoencoders: the service's named SAEs (the shipped one: demo) ------------------------------------
+    @api.post("/v1/sae/features", responses=refusals(400, 404, 503))
+    def sae_features(body: SAEFeaturesRequest) -> dict:
+        """Each cell's top-k SAE features on the first image's grid."""
+        with admission.slot():
+            return service.sae_features(body.request_id, body.sae, body.k)
+
+    @api.post("/v1/sae/feature", responses=refusals(400, 404, 503))
+    def sae_feature(body: SAEFeatureRequest) -> dict:
+        """A feature's map on the image and its top-activating patches over the SAE's cached images."""
+        with admission.slot():
+            return service.sae_feature(body.request_id, body.sae, body.feature, body.top)
+
+    @api.post("/v1/sae/steer", responses=refusals(400, 404, 503))
+    def sae_steer(body: SAESteerRequest) -> dict:
+        """The answer regenerated with features scaled or zeroed at the SAE's hook point."""
+        with admission.slot():
+            return service.sae_steer(body.request_id, body.sae, body.scales)
 
     return api
 

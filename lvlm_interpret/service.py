@@ -3,18 +3,22 @@
 The CLI, the Python API and the web app all go through it. A request's inputs (image, prompt, options) are
 kept in one cache bounded in bytes, its Trace and maps in another; a request whose Trace was evicted is
 regenerated transparently (generation is deterministic for fixed options), one whose inputs were evicted is
-forgotten ("unknown or expired request").
+forgotten ("unknown or expired request"). A share link's id keeps a request's inputs and answer ids in a third
+store, bounded in bytes too, so the request comes back identical from any session until the link expires.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -24,14 +28,18 @@ from .analysis.ablation import ablate, example_mean_embedding
 from .analysis.knockout import WINDOWS, knockout
 from .analysis.logit_lens import LogitLens, logit_lens
 from .analysis.token_sets import select_tokens
+from .backend import ShareLink, SharedRequest
 from .capture import GenerationOptions, generate_with_capture, scoped_hook
 from .errors import ServiceBusyError, UnknownRequestError, UserInputError
 from .export import export_files
-from .methods import METHODS, Explanation, get_method
+from .methods import Explanation, get_method
 from .methods.attention import attention_overview, reverse_attention
-from .methods.base import check_method_options
+from .methods.base import check_method_options, quick_methods
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import CONFIGS_DIR, DEFAULT_MODEL, LoadedModel, load_model
+from .sae import views as sae_views
+from .sae.features import load_sae_for
+from .sae.format import SAE_NAMES
 from .trace import Trace
 from .trust import token_trust
 
@@ -41,7 +49,7 @@ HOSTED_CONFIG = CONFIGS_DIR / "hosted.json"
 
 def hosted_limits() -> dict:
     """The hosted mode's limits (configs/hosted.json): models, max_new_tokens, max_upload_mb, max_image_pixels,
-    image_memory_mb, rate_limit_per_minute, concurrency, queue, timeout_s, cache_mb."""
+    image_memory_mb, rate_limit_per_minute, concurrency, queue, timeout_s, cache_mb, share_link_hours."""
     return json.loads(HOSTED_CONFIG.read_text())
 
 
@@ -52,6 +60,23 @@ class Request:
     prompt: str
     options: GenerationOptions
     answer_ids: tuple[int, ...] = ()  # what the first generation answered: a regenerated trace must match it
+
+
+@dataclass(frozen=True)
+class _Share:
+    request_id: str
+    request: Request | None  # None once found expired: the inputs are dropped, the id still says it expired
+    expires_at: float | None
+
+
+SHARE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")  # what secrets.token_urlsafe gives
+UNKNOWN_SHARE = ("unknown shared link: it was not made here, or was forgotten (a bounded number of links is kept, "
+                 "and none across a restart of the server); ask whoever sent it for a new link")
+
+
+def check_share_id(share_id: str) -> None:
+    if not SHARE_ID.fullmatch(share_id or ""):
+        raise UnknownRequestError(UNKNOWN_SHARE)
 
 
 class ByteBoundedCache:
@@ -96,9 +121,11 @@ class ExplainService:
 
     def __init__(self, default_model: str = DEFAULT_MODEL, cache_bytes: int = 1 << 30,
                  allowed_models: list[str] | None = None, max_new_tokens: int | None = None,
-                 timeout_s: float | None = None, requests_bytes: int = 256 << 20, **load_options):
+                 timeout_s: float | None = None, requests_bytes: int = 256 << 20, shares_bytes: int = 128 << 20,
+                 share_lifetime_s: float | None = None, **load_options):
         """`allowed_models` / `max_new_tokens` / `timeout_s` (per computation): the hosted mode's limits (None: no
-        limit). Requests' inputs are kept, least recently used first out, within `requests_bytes`."""
+        limit). Requests' inputs are kept, least recently used first out, within `requests_bytes`; shared requests'
+        within `shares_bytes`, each link for `share_lifetime_s` (None: until the store forgets it)."""
         self.default_model = default_model
         self.allowed_models = allowed_models
         self.max_new_tokens = max_new_tokens
@@ -108,11 +135,17 @@ class ExplainService:
         self._model_lock = threading.Lock()
         self._requests = ByteBoundedCache(requests_bytes)
         self._cache = ByteBoundedCache(cache_bytes)
+        self._shares = ByteBoundedCache(shares_bytes)
+        self.saes = dict(SAE_NAMES)  # name -> SAE folder the sae_* calls may use
+        self._saes: dict = {}
+        self.share_lifetime_s = share_lifetime_s
+        self.clock = time.time  # wall-clock seconds: an expiry is shown to users as a date
 
     def memory(self) -> dict[str, int]:
         """Bytes held for requests: cached traces and maps, and the requests' inputs, with their bounds."""
         return {"cache_bytes": self._cache.nbytes, "cache_limit": self._cache.max_bytes,
-                "requests_bytes": self._requests.nbytes, "requests_limit": self._requests.max_bytes}
+                "requests_bytes": self._requests.nbytes, "requests_limit": self._requests.max_bytes,
+                "shares_bytes": self._shares.nbytes, "shares_limit": self._shares.max_bytes}
 
     def model(self, name: str | None = None) -> LoadedModel:
         name = name or self.default_model
@@ -157,6 +190,39 @@ class ExplainService:
             raise UnknownRequestError("unknown or expired request: generate an answer first")
         return request
 
+    def share(self, request_id: str) -> ShareLink:
+        """A link id that reopens the request from any session: the request's inputs and answer ids are kept with
+        it (least recently opened first out of `shares_bytes`) until it expires."""
+        request = self.request(request_id)
+        expires_at = None if self.share_lifetime_s is None else self.clock() + self.share_lifetime_s
+        share_id = secrets.token_urlsafe(24)
+        self._shares.put(share_id, _Share(request_id, request, expires_at), request_nbytes(request))
+        return ShareLink(share_id, expires_at)
+
+    def shared_request(self, share_id: str) -> tuple[str, Request]:
+        """The id and inputs of the request a link names; UnknownRequestError (one line) if the link is unknown
+        or expired."""
+        check_share_id(share_id)
+        share = self._shares.get(share_id)
+        if share is None:
+            raise UnknownRequestError(UNKNOWN_SHARE)
+        if share.request is not None and share.expires_at is not None and self.clock() > share.expires_at:
+            share = replace(share, request=None)
+            self._shares.put(share_id, share, 256)
+        if share.request is None:
+            hours = f" (links here last {self.share_lifetime_s / 3600:g} h)" if self.share_lifetime_s else ""
+            when = datetime.fromtimestamp(share.expires_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            raise UnknownRequestError(f"this shared link expired on {when}{hours}: ask whoever sent it for a new link")
+        return share.request_id, share.request
+
+    def open_shared(self, share_id: str) -> SharedRequest:
+        """The request a link names, under its id here: served from the cache, or its inputs restored and its
+        answer regenerated (and checked against the answer shared) if they were evicted."""
+        request_id, request = self.shared_request(share_id)
+        if self._requests.get(request_id) is None:
+            self._requests.put(request_id, request, request_nbytes(request))
+        return SharedRequest(request_id, self.trace(request_id), list(request.images), request.options)
+
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
         """The method's explanation of one answer token, computed on first use and cached."""
         explainer = get_method(method)
@@ -164,6 +230,17 @@ class ExplainService:
         key = ("explanation", request_id, method, token_index, json.dumps(options, sort_keys=True, default=str))
         return self._computed(key, request_id, lambda loaded, trace: explainer.explain(
             trace, token_index, model=loaded, **options), lambda result, trace: sum(m.nbytes for m in result.maps))
+
+    def explain_answer(self, request_id: str, method: str = "igos", **options) -> Explanation:
+        """The method's one map for the whole answer (igos: the visually relevant tokens together), computed on
+        first use and cached."""
+        explainer = get_method(method)
+        if not hasattr(explainer, "explain_answer"):
+            raise UserInputError(f"{method} has no answer-level map: igos has one")
+        explainer.check_options(options)
+        key = ("answer", request_id, method, json.dumps(options, sort_keys=True, default=str))
+        return self._computed(key, request_id, lambda loaded, trace: explainer.explain_answer(
+            trace, model=loaded, **options), lambda result, trace: sum(m.nbytes for m in result.maps))
 
     def attention_overview(self, request_id: str, token_index: int) -> dict[str, np.ndarray]:
         """Layer x head attention mass of the token on image tokens, prompt text and earlier answer tokens."""
@@ -187,7 +264,7 @@ class ExplainService:
         trace = self.trace(request_id)
         trace.check_token_index(token_index)
         explanations = {method: self.explain(request_id, method, token_index, **options.get(method, {}))
-                        for method in sorted(METHODS)}
+                        for method in quick_methods()}
         maps = {name: grids[0] for explanation in explanations.values()
                 for name, grids in explanation.all_maps().items()}
         key = ("trust", request_id, token_index, json.dumps(options, sort_keys=True, default=str))
@@ -228,6 +305,37 @@ class ExplainService:
         loaded = self.model(trace.model_name)
         with self._limits(loaded):
             return knockout(loaded, trace, positions, token_index, windows=windows)
+
+    # --- sparse autoencoders (lvlm_interpret.sae) on the request's first image: `sae` names one of self.saes ----
+    def sae_features(self, request_id: str, sae: str = "demo", k: int = 10) -> dict:
+        """Each cell's top-k SAE features (feature, activation) on the map's grid."""
+        return sae_views.features_json(self._sae_grid(request_id, sae), k)
+
+    def sae_feature(self, request_id: str, sae: str, feature: int, top: int = 8) -> dict:
+        """One feature's map on the image and its top-activating cells over the SAE's cached images."""
+        grid = self._sae_grid(request_id, sae)
+        loaded = self.model(self.trace(request_id).model_name)
+        return sae_views.feature_json(loaded, self._sae(loaded, sae), grid, feature, top)
+
+    def sae_steer(self, request_id: str, sae: str, scales: dict) -> dict:
+        """The answer regenerated with features scaled (0 zeroes them) at the SAE's hook point."""
+        trace = self.trace(request_id)
+        loaded = self.model(trace.model_name)
+        with self._limits(loaded):
+            return sae_views.steer_json(loaded, self._sae(loaded, sae), trace, scales)
+
+    def _sae(self, loaded: LoadedModel, name: str):
+        if name not in self.saes:
+            raise UserInputError(f"unknown SAE {name!r}: this service offers {', '.join(sorted(self.saes))}")
+        with self._model_lock:
+            if (loaded.name, name) not in self._saes:
+                self._saes[(loaded.name, name)] = load_sae_for(loaded, self.saes[name])
+            return self._saes[(loaded.name, name)]
+
+    def _sae_grid(self, request_id: str, sae: str):
+        return self._computed(("sae", request_id, sae), request_id,
+                              lambda loaded, trace: sae_views.request_features(loaded, self._sae(loaded, sae), trace),
+                              lambda grid, trace: grid.activations.nbytes)
 
     def _computed(self, key, request_id: str, compute, nbytes):
         """`compute(loaded, trace)` for the request, under the limits, cached under `key` with its size
@@ -273,6 +381,8 @@ class ExplainService:
 def hosted_service(model: str, limits: dict, **load_options) -> ExplainService:
     """A service under the hosted `limits`: `model` if it is allowed, else the first allowed model."""
     allowed = limits["models"]
+    hours = limits.get("share_link_hours")
     return ExplainService(default_model=model if model in allowed else allowed[0],
                           cache_bytes=limits["cache_mb"] * 2 ** 20, allowed_models=allowed,
+                          share_lifetime_s=None if hours is None else hours * 3600,
                           max_new_tokens=limits["max_new_tokens"], timeout_s=limits["timeout_s"], **load_options)

@@ -1,7 +1,8 @@
-"""How fast the linked views answer in Chromium (figures, not a test): hover -> every linked view redrawn, and click ->
-the token pinned in the page and the server-side panels updated. Run
-`python -m tests.bench_linked_views [--model demo] [--backend] [--rounds 3]`; `--backend` puts the model behind
-`python -m lvlm_interpret serve` and the page on `app.py --backend URL`."""
+"""How fast the linked views answer in Chromium (figures, not a test): hover -> every linked view redrawn; click ->
+the token pinned with every cheap view drawn; click -> a costly map (relevancy, CLEANN) fetched, computed and drawn,
+against its computation time; and, for reference, click -> the server-side panels of the other tabs updated. Run
+`python -m tests.bench_linked_views [--model demo] [--backend] [--rounds 3] [--costly relevancy,cleann]`;
+`--backend` puts the model behind `python -m lvlm_interpret serve` and the page on `app.py --backend URL`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,36 @@ HOVER = """async (index) => {
 }"""
 
 
+# one click in the page: the pin and every cheap view drawn synchronously, then the next frame
+CLICK = """async (index) => {
+  const span = document.querySelectorAll('#linked-views .lv-token')[index];
+  const start = performance.now();
+  span.click();
+  const pinned = performance.now() - start;
+  await new Promise((resolve) => requestAnimationFrame(() => resolve()));
+  return [pinned, performance.now() - start];
+}"""
+
+# one click with a costly map shown: until the frame that paints the token's map in the second view (the first
+# animation frame that finds it drawn; the paint follows its callbacks); with the seconds the server took to compute
+# it and the server function's whole round trip
+COSTLY_CLICK = """async (index) => {
+  const span = document.querySelectorAll('#linked-views .lv-token')[index];
+  const canvas = document.querySelectorAll('#linked-views canvas.lv-map')[1];
+  const start = performance.now();
+  span.click();
+  do {
+    if (performance.now() - start > 120000) {
+      throw new Error(`token ${index}: ${canvas.dataset.map} ${canvas.dataset.token} ${canvas.dataset.state}, ` +
+        document.querySelectorAll('#linked-views .lv-progress')[1].textContent);
+    }
+    await new Promise((resolve) => requestAnimationFrame(() => resolve()));
+  } while (!(canvas.dataset.state === 'drawn' && canvas.dataset.token === String(index)));
+  return [performance.now() - start, Number(canvas.dataset.seconds) * 1000, Number(canvas.dataset.fetchMs)];
+}"""
+PANELS_CHANGED = "document.querySelector('#attention-map img')?.getAttribute('src') !== {!r}"
+
+
 def _servers(model: str, backend: bool) -> tuple[str, list]:
     app_port = _free_port()
     url = f"http://127.0.0.1:{app_port}"
@@ -47,7 +78,12 @@ def _summary(name: str, values: list[float]) -> str:
     return f"{name}: median {statistics.median(values):.2f} ms, p95 {p95:.2f} ms (n={len(values)})"
 
 
-def measure(url: str, rounds: int) -> list[str]:
+def _after_click(page, before: str) -> None:
+    """Wait until the server-side panels answered the click (so the next one starts on an idle server)."""
+    page.wait_for_function(PANELS_CHANGED.format(before), timeout=120_000, polling=5)
+
+
+def measure(url: str, rounds: int, costly: list[str]) -> list[str]:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as folder, sync_playwright() as playwright:
@@ -69,26 +105,51 @@ def measure(url: str, rounds: int) -> list[str]:
                 redrawn, framed = page.evaluate(HOVER, index)
                 redraws.append(redrawn)
                 frames.append(framed)
-        pins, panels = [], []
-        changed = "document.querySelector('#attention-map img')?.getAttribute('src') !== {!r}"
+        pins, pin_frames, panels = [], [], []
         for round_index in range(rounds):
             for index in range(count):
                 if index == 0 and round_index == 0:
                     continue  # token 0 is pinned already
                 before = page.locator("#attention-map img").get_attribute("src")
                 start = time.perf_counter()
-                tokens.nth(index).click()
-                pins.append(page.evaluate("Number(document.querySelector('#linked-views canvas.lv-map')"
-                                          ".dataset.drawnMs)"))
-                page.wait_for_function(changed.format(before), timeout=60_000, polling=5)
+                pinned, framed = page.evaluate(CLICK, index)
+                pins.append(pinned)
+                pin_frames.append(framed)
+                _after_click(page, before)
                 panels.append((time.perf_counter() - start) * 1000)
+        lines = [f"{count} answer tokens",
+                 _summary("hover -> linked views redrawn (in-page)", redraws),
+                 _summary("hover -> next frame painted", frames),
+                 _summary("click -> token pinned, every cheap linked view redrawn (in-page)", pins),
+                 _summary("click -> every cheap linked view in the next frame painted", pin_frames)]
+        for method in costly:
+            # shown as the second view: fetched for the pinned token (0) at once, then on every pin
+            page.locator("#linked-views .lv-second").select_option(method)
+            page.wait_for_function("document.querySelectorAll('#linked-views canvas.lv-map')[1].dataset.state"
+                                   " === 'drawn'", timeout=120_000)
+            page.wait_for_timeout(1000)  # the server panels' answer to the first fetch
+            drawn, computed, fetches, revisits = [], [], [], []
+            for index in range(1, count):
+                before = page.locator("#attention-map img").get_attribute("src")
+                elapsed, seconds, fetched = page.evaluate(COSTLY_CLICK, index)
+                drawn.append(elapsed)
+                computed.append(seconds)
+                fetches.append(fetched)
+                _after_click(page, before)
+            for index in range(1, count):  # kept in the page: back to a token is a cheap redraw
+                before = page.locator("#attention-map img").get_attribute("src")
+                revisits.append(page.evaluate(COSTLY_CLICK, index)[0])
+                _after_click(page, before)
+            overheads = [total - compute for total, compute in zip(drawn, computed)]
+            lines += [_summary(f"click -> {method} map computed and drawn (next frame)", drawn),
+                      _summary(f"  of which {method}'s computation on the server", computed),
+                      _summary("  of which the server function's round trip (the computation included)", fetches),
+                      _summary("  the rest (round trip, encoding, drawing)", overheads),
+                      _summary(f"click back to a token -> its {method} map from the page (next frame)", revisits)]
+        lines.append(_summary("click -> server panels of the other tabs updated (attention, method: one answer; "
+                              "from the click, waited for between clicks)", panels))
         browser.close()
-    return [f"{count} answer tokens",
-            _summary("hover -> linked views redrawn (in-page)", redraws),
-            _summary("hover -> next frame painted", frames),
-            _summary("click -> linked views pinned (in-page redraw)", pins),
-            _summary("click -> server panels updated (attention, method, side by side: one answer; "
-                     "from the Playwright click)", panels)]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,11 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--backend", action="store_true", help="model behind the HTTP backend")
     parser.add_argument("--rounds", type=int, default=3, help="passes over every answer token")
+    parser.add_argument("--costly", default="relevancy,cleann", help="costly methods to time, comma-separated")
     args = parser.parse_args(argv)
     load = os.getloadavg()
     url, processes = _servers(args.model, args.backend)
     try:
-        lines = measure(url, args.rounds)
+        lines = measure(url, args.rounds, [name for name in args.costly.split(",") if name])
     finally:
         for process in processes:
             process.terminate()

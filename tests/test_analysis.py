@@ -312,6 +312,12 @@ def test_analysis_panel_shows_the_librarys_results(scene):
     assert analysis_panel.box_click("", 50, 20) == "50,20"
     assert analysis_panel.box_click("50,20", 10, 60) == "10,20,50,60"
     assert analysis_panel.box_click("10,20,50,60", 5, 5) == "5,5"
+    # drawing: the image while one corner is set, the box's cells once both are
+    assert analysis_panel.drawn_box_picture(service, state, "5,5", 0) is scene
+    drawn = analysis_panel.drawn_box_picture(service, state, "10,20,50,60", 1)
+    expected_cells = analysis_panel.choose_tokens(service, state, analysis_panel.BOX_SET, "10,20,50,60", 1, None, 0,
+                                                  None)[1]
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(expected_cells))
     lens = service.logit_lens(request_id, analysis_panel.LENS_TOP_K)
     last = trace.n_layers - 1
     from lvlm_interpret.rendering import token_word

@@ -144,6 +144,7 @@ def test_method_panel_shows_each_registered_method(service):
     assert {"relevancy", "tam", "cleann"} <= set(method_names())
     picture, names, shown, _, bars, graph = render_method(service, request_id, image, 1, "tam", "tam_raw")
     assert graph is None and len(bars.data[0].y) > 0
+    assert bars.layout.title.text == f"{map_caption(trace.answer_texts[1], 'tam')}: text scores"  # the word, not "1"
     assert shown == "tam_raw" and {name for _, name in names} == {"tam", "tam_raw", "tam_cleaned"}
     assert dict((name, label) for label, name in names)["tam_raw"] == "TAM (raw, before interference removal)"
     raw = get_method("tam").explain(trace, 1, model=service.model()).variants["raw"][0]
@@ -243,6 +244,7 @@ def test_hosted_limits():
     labels = dict((name, label) for label, name in model_choices("demo"))
     assert "random:qwen2_vl" in labels and "untrained" in labels["random:qwen2_vl"]
     assert "coloured shapes only" in labels["demo"]  # the picker says what the demo model knows
+    assert "Qwen2-VL" in labels["demo-qwen2_vl"] and "in training" in labels["demo-qwen2_vl"]
 
 
 def test_dockerfile_runs_the_same_entry_with_the_same_requirements():

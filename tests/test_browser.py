@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components import analysis_panel
 from components.attention_panel import OVERVIEW_CELL_PX, OVERVIEW_LEFT_PX, OVERVIEW_TOP_PX, render_attention
 from components.generation import run_generation
 from components.method_panel import render_method
@@ -135,7 +136,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             np.testing.assert_array_equal(shown, expected)
             seen.append(shown)
             # the method panel follows the same token (TAM by default)
-            page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+            page.get_by_role("tab", name="Methods").click()
             page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
             tam_picture = render_method(service, request_id, image, index, "tam")[0]
             np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(tam_picture))
@@ -143,7 +144,7 @@ def test_upload_generate_and_click_tokens(app_url, tmp_path):
             page.get_by_role("tab", name="Attention").click()
         assert not np.array_equal(seen[0], seen[1])
         # CLEANN with a chosen head: its controls appear with the method, and the map is that head's set
-        page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+        page.get_by_role("tab", name="Methods").click()
         page.locator("#method label", has_text="cleann").click()
         page.wait_for_function("document.querySelector('#method-summary').innerText.includes('CLEANN')",
                                timeout=60_000)
@@ -225,7 +226,7 @@ def test_front_end_over_the_http_backend(backend_app_url, tmp_path):
                                timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "backend-analyses.png"), full_page=True)
         # CLEANN over the backend: its panel renders, and with it chosen the next click and generation still work
-        page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+        page.get_by_role("tab", name="Methods").click()
         page.locator("#method label", has_text="cleann").click()
         page.wait_for_function("document.querySelector('#method-summary').innerText.includes('CLEANN')",
                                timeout=60_000)
@@ -307,4 +308,119 @@ def test_picking_an_example_runs_it_and_the_views_say_what_they_show(app_url):
         page.wait_for_function("document.querySelector('#request-status').innerText.includes('prompt changed')",
                                timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "example-and-stale.png"), full_page=True)
+        browser.close()
+
+
+def test_a_failed_request_leaves_no_error_badge_and_the_page_takes_clicks(app_url, tmp_path):
+    """A refused request is one notice: the panels keep their last results with no "Error" badge over them (it used
+    to stay over later results and, over the answer strip or a picture, to take every click); an unreadable upload
+    leaves no broken picture and marks the views stale; the answer shows once, as the strip of words."""
+    from playwright.sync_api import sync_playwright
+
+    good, not_an_image = tmp_path / "scene.png", tmp_path / "notes.png"
+    make_scene(160, 96).save(good)
+    not_an_image.write_text("these are notes, not pixels")
+    badges = "[data-testid=status-tracker]:has-text('Error')"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.locator("#generate").click()  # before any image
+        page.get_by_text("upload an image first").first.wait_for(timeout=30_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(good))
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        page.wait_for_function("document.querySelector('#request-status').innerText.includes('Showing')",
+                               timeout=30_000)
+        assert page.locator(badges).count() == 0
+        assert not page.locator("#answer").is_visible() and page.locator("#answer-tokens .token").count() > 2
+        page.get_by_role("tab", name="Attention").click()
+        # an unreadable upload, then Generate: notices, no broken picture, the views marked as the earlier answer's
+        page.locator("#input-image input[type=file]").set_input_files(str(not_an_image))
+        page.get_by_text("not a readable image").first.wait_for(timeout=30_000)
+        page.wait_for_function("document.querySelector('#request-status').innerText.includes('image changed')",
+                               timeout=30_000)
+        assert page.locator("#input-image img").count() == 0
+        page.locator("#generate").click()
+        page.get_by_text("upload an image first").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)  # the failure's answer
+        assert page.locator(badges).count() == 0
+        # the earlier answer's words still take clicks
+        before = page.locator("#attention-map img").get_attribute("src")
+        page.locator("#answer-tokens .token").nth(2).click(timeout=10_000)
+        page.wait_for_function(f"document.querySelector('#attention-map img').getAttribute('src') !== {before!r}",
+                               timeout=30_000)
+        # a bad box: one notice, and nothing covers the picture on which a box is drawn
+        page.get_by_role("tab", name="Analyses").click()
+        box = page.locator("#analysis-box textarea, #analysis-box input").first
+        box.fill("5,5,2")
+        page.locator("#analysis-ablate").click()
+        page.get_by_text("a box is four numbers").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert page.locator(badges).count() == 0
+        picture = page.locator("#analysis-tokens img")
+        picture.scroll_into_view_if_needed()
+        assert picture.evaluate("(img) => { const box = img.getBoundingClientRect(); "
+                                "return document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2) "
+                                "=== img; }")
+        page.screenshot(path=str(ARTIFACTS / "failed-requests.png"), full_page=True)
+        browser.close()
+
+
+def test_every_tab_shows_wide_maps_a_drawn_box_and_a_lens_that_follows_the_keys(app_url):
+    """At a 1400-pixel window: every tab visible (none under a "more" menu), a tall image's maps at least 448
+    pixels wide, two clicks on the Analyses picture draw a box and show its cells, and the arrow keys on the logit
+    lens slider redraw the figure."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.get_by_text("What shape is the green object?").first.click()  # the tall example, 160 x 240
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=60_000)
+        shown_tabs = [tab.inner_text() for tab in page.get_by_role("tab").all() if tab.is_visible()]
+        assert shown_tabs == ["Attention", "Linked views", "Methods", "Side by side", "Analyses", "Trust", "Compare",
+                              "Features"]
+        for tab, view in (("Attention", "#attention-map"), ("Methods", "#method-map")):
+            page.get_by_role("tab", name=tab).click()
+            loaded = f"document.querySelector('{view} img') && document.querySelector('{view} img').naturalWidth > 0"
+            page.wait_for_function(loaded, timeout=30_000)
+            assert page.locator(f"{view} img").bounding_box()["width"] >= 448
+
+        page.get_by_role("tab", name="Analyses").click()
+        page.wait_for_function("document.querySelector('#analysis-lens .js-plotly-plot') !== null", timeout=30_000)
+        picture = page.locator("#analysis-tokens img")
+        picture.scroll_into_view_if_needed()
+        plain = _shown_image(page, "#analysis-tokens")
+        shown = picture.bounding_box()
+        scale = shown["width"] / plain.shape[1]
+        box = page.locator("#analysis-box textarea, #analysis-box input").first
+        corners = "document.querySelector('#analysis-box textarea, #analysis-box input').value.split(',').length"
+        picture.click(position={"x": 90 * scale, "y": 120 * scale})
+        page.wait_for_function(f"{corners} === 2", timeout=30_000)
+        picture.click(position={"x": 10 * scale, "y": 20 * scale})
+        page.wait_for_function(f"{corners} === 4", timeout=30_000)
+        drawn = [int(v) for v in box.input_value().split(",")]  # in the image's pixels (the click's, +-1)
+        np.testing.assert_allclose(drawn, [10, 20, 90, 120], atol=2)
+        # the picture shows the box's cells, as the library chooses them
+        service = ExplainService(default_model="random:llava", device="cpu")
+        image = Image.open(ROOT / "assets" / "examples" / "green-square-blue-circle.png").convert("RGB")
+        request_id, _ = run_generation(service, image, "What shape is the green object?", max_new_tokens=32)
+        state = {"request_id": request_id, "image": image, "token": 0}
+        expected = np.asarray(analysis_panel.drawn_box_picture(service, state, box.input_value(), 0))
+        for _ in range(60):  # until the picture is replaced
+            if np.array_equal(_shown_image(page, "#analysis-tokens"), expected):
+                break
+            page.wait_for_timeout(500)
+        np.testing.assert_array_equal(_shown_image(page, "#analysis-tokens"), expected)
+
+        title = "document.querySelector('#analysis-lens .gtitle').textContent"
+        last = int(page.locator("#analysis-lens-layer input[type=number]").input_value())
+        assert f"after layer {last}:" in page.evaluate(title)
+        page.locator("#analysis-lens-layer input[type=range]").focus()
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_function(f"{title}.includes('after layer {last - 1}:')", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "analyses-box-and-lens.png"), full_page=True)
         browser.close()

@@ -93,6 +93,31 @@ def test_a_region_grows_over_the_object_from_one_candidate():
     assert grow_region([5, 15], score, neighbours, allowed=lambda p: p != 6, budget=3) == [5, 9, 10]
 
 
+def test_a_part_of_the_set_that_its_effect_does_not_need_is_trimmed():
+    """Two parts (cells joined through neighbours; a text token alone): the object and a stray cell far from it,
+    and a text token. Only the object is needed: the stray parts go, one forward each, smallest first."""
+    from lvlm_interpret.methods.cleann import connected_parts, trim_parts
+
+    neighbours = {0: [1], 1: [0, 2], 2: [1], 9: []}
+    chosen = [0, 1, 9, 2, 50]
+    assert connected_parts(chosen, neighbours) == [[0, 1, 2], [9], [50]]
+    calls = []
+
+    def scorer(positions):
+        calls.append(sorted(positions))
+        return (0.1, False) if {0, 1, 2} <= set(positions) else (0.9, True)
+
+    assert trim_parts(scorer, chosen, neighbours, lambda probability, still_argmax: not still_argmax) == [0, 1, 2]
+    assert calls == [[0, 1, 2, 50], [0, 1, 2]]  # one forward per part; the last part left is not tried
+    calls.clear()
+    needed = trim_parts(scorer, [5, 0, 1, 2], neighbours, lambda probability, still_argmax: not still_argmax)
+    assert needed == [0, 1, 2] and calls == [[0, 1, 2]]  # 5 has no neighbours entry: a part alone
+    calls.clear()
+    assert trim_parts(scorer, [9, 0, 1], neighbours, lambda probability, still_argmax: not still_argmax) == [9, 0, 1]
+    assert calls == [[0, 1], [9]]  # neither part alone keeps the change: both stay
+    assert trim_parts(scorer, [0, 1, 2], neighbours, lambda *score: True) == [0, 1, 2]  # one part: no forward
+
+
 def test_the_smallest_set_over_orders_is_kept_and_a_worse_order_costs_one_forward():
     planted = {5, 6, 9, 10}
 
@@ -124,8 +149,11 @@ def test_smallest_prefix_is_found_and_verified():
             self.calls.append(list(positions))
             return (0.1, False) if 30 in positions else (0.9, True)
 
-    chosen, probability, reached = smallest_explaining_prefix(FakeScorer(), [10, 20, 30, 40, 50], 0.9, 0.5)
+    scorer = FakeScorer()
+    chosen, probability, reached = smallest_explaining_prefix(scorer, [10, 20, 30, 40, 50], 0.9, 0.5)
     assert chosen == [10, 20, 30] and probability == 0.1 and reached
+    # the middle prefix changed the token: the whole list was never scored (one forward saved)
+    assert scorer.calls == [[10, 20, 30], [10, 20]]
     chosen, probability, reached = smallest_explaining_prefix(FakeScorer(), [10, 20], 0.9, 0.5)
     assert chosen == [10, 20] and not reached
 
@@ -185,8 +213,12 @@ def test_nodes_are_the_whole_rows_top_tokens_and_an_unchanged_token_is_said_in_w
     word = llava_trace.answer_texts[1].strip()
     chosen = [int(layout.positions[0, 1]), text[0]]
     details = Cleann._explanation(llava_trace, 1, HeadResult("union", [], [], chosen), chosen, 0.98, 0.71, False, 0,
-                                  Cleann._message(llava_trace, 1, chosen, 0.98, 0.71, False, 32)).details
+                                  Cleann._message(llava_trace, 1, chosen, 0.98, 0.71, False, 2, 0.71)).details
     assert details["message"] == f"no set of up to 2 tokens changes {word!r}; the closest lowered p from 0.98 to 0.71"
+    # a closest set cut short of the largest set tried says both
+    assert Cleann._message(llava_trace, 1, chosen, 0.98, 0.73, False, 32, 0.71) == (
+        f"no set of up to 32 tokens changes {word!r}; the closest lowered p from 0.98 to 0.73 (these 2 tokens; "
+        "all 32: 0.71)")
     assert details["image_cells"] == [[0, 1]] and details["text_tokens"] == [text[0]]
 
 
@@ -231,7 +263,7 @@ def test_masking_a_qwen3_vl_image_token_replaces_its_deepstack_features_too(monk
     torch.testing.assert_close(features[kept], unmasked[kept])
     # the features matter: the same masking without them gives another probability
     monkeypatch.setattr(loaded.family, "mask_image_side_inputs", lambda kwargs, positions, images: kwargs)
-    assert scorer(masked)[0] != pytest.approx(probability, rel=1e-6)
+    assert _Scorer(loaded, trace, 1)(masked)[0] != pytest.approx(probability, rel=1e-6)
 
 
 def test_a_tiled_images_set_is_reported_whole_across_its_views(models):
@@ -264,3 +296,36 @@ def test_a_tiled_images_set_is_reported_whole_across_its_views(models):
                   for r, c in cells]
     probability, _ = _Scorer(loaded, trace, 1)(positions + details["text_tokens"])
     assert probability == pytest.approx(details["prob_after"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "mistral3", "internvl", "paligemma",
+                                    "gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_score_equals_the_whole_models_with_the_set_masked(models, family):
+    """The scorer runs the decoder alone, cut after the token's source position; the whole model over the whole
+    sequence, with the same embeddings replaced at its decoder's input, gives the same probability and argmax."""
+    from lvlm_interpret import GenerationOptions, generate_with_capture
+    from lvlm_interpret.capture import replay_inputs, scoped_hook
+    from tests.conftest import make_scene
+
+    loaded = models(family)
+    trace = generate_with_capture(loaded, [make_scene(120, 80)], "Describe the image.",
+                                  GenerationOptions(max_new_tokens=4, min_new_tokens=4))
+    token_index = 1
+    scorer = _Scorer(loaded, trace, token_index)
+    cells = trace.images[0].cell_positions.tolist()
+    text = next(p for p in range(trace.prompt_length) if p not in trace.images[0].token_positions)
+    masked = [cells[0], cells[len(cells) // 2], text]
+
+    def replace(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"].clone()
+        embeds[0, masked] = scorer.replacement[masked]
+        images = [layout.cell_positions for layout in trace.images]
+        return args, loaded.family.mask_image_side_inputs({**kwargs, "inputs_embeds": embeds}, masked, images)
+
+    with torch.no_grad(), scoped_hook(loaded.family.language_model(loaded.model), replace, pre=True):
+        logits = loaded.model(**replay_inputs(trace, "cpu")).logits[0, trace.source_position(token_index)].float()
+    token = trace.answer_ids[token_index]
+    probability, still_argmax = scorer(masked)
+    assert probability == pytest.approx(float(torch.softmax(logits, -1)[token]), rel=1e-4, abs=1e-7)
+    assert still_argmax == bool(logits.argmax() == token)
+    assert scorer([])[0] == pytest.approx(math.exp(float(trace.answer_logprobs[token_index])), rel=1e-3)

@@ -11,6 +11,7 @@ from lvlm_interpret.evaluation.cleann_study import parse_option, run_study, summ
 def _record(scene, verified, set_size, image_cells, inside, seconds=0.2):
     return {"scene": scene, "verified": verified, "set_size": set_size, "image_cells": image_cells,
             "cells_inside": inside, "object_cells": 9, "object_and_border_cells": 25, "seconds": seconds,
+            "cpu_seconds": seconds / 2,
             "forwards": 10, "load_average": 2.0}
 
 
@@ -24,6 +25,7 @@ def test_summary_pools_cells_over_sets_and_also_averages_them_per_set():
     assert summary["median_set_size"] == 10 and summary["median_object_and_border_cells"] == 25
     assert summary["share_sets_within_object_and_border"] == pytest.approx(2 / 3)
     assert summary["n_scenes"] == 2
+    assert summary["cpu_seconds_per_token_median"] == pytest.approx(0.1)  # the compute, apart from the wall time
 
 
 def test_options_are_read_as_json_values_where_they_are():

@@ -64,21 +64,22 @@ def test_all_methods_write_every_array_and_cleann_for_chosen_tokens(tmp_path, sc
     assert _explain("--model", "random:qwen2_vl", "--methods", "all", "--tokens", "1,3", scene=scene_path,
                     out=out) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
+    assert result["methods"] == ["attention", "cleann", "igos", "relevancy", "tam"]
     grid = result["image"]["grid"]
     maps = np.load(out / "maps.npz")
-    expected = {"attention", "cleann", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw",
+    expected = {"attention", "cleann", "igos", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw",
                 "tam_cleaned"}
-    assert set(maps.keys()) == expected
+    assert set(maps.keys()) == expected | {"igos_answer"}
+    assert maps["igos_answer"].shape == (1, *grid)
     for name in expected:
         assert maps[name].shape == (2, *grid) and (maps[name] >= 0).all(), name
     assert set(result["cleann"]) == {"1", "3"}
     record = result["cleann"]["1"]
     assert {"image_cells", "text_tokens", "prob_before", "prob_after", "edges"} <= record.keys()
     assert len(result["llr"]) == len(result["answer_tokens"])
-    # without --tokens, "all" leaves out the per-token causal search
+    # without --tokens, "all" leaves out the per-token causal search and mask optimisation
     assert _explain("--model", "random:qwen2_vl", "--methods", "all", scene=scene_path, out=tmp_path / "b") == 0
-    assert "cleann" not in json.loads((tmp_path / "b" / "result.json").read_text())["methods"]
+    assert {"cleann", "igos"}.isdisjoint(json.loads((tmp_path / "b" / "result.json").read_text())["methods"])
 
 
 def test_method_options_reach_the_methods_and_the_record(tmp_path, scene_path):

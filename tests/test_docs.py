@@ -158,12 +158,14 @@ def as_arguments(parser: argparse.ArgumentParser, words: list[str]) -> tuple[lis
     alternatives, each placeholder value (N, DIR, ...) of an option that checks its value (a number, a choice)
     swapped for one it accepts, `...` (more of the same) and --help left out. Also whether the command is partial
     (`...` or --help: required options may be missing)."""
-    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if subcommands and words and words[0] in subcommands[0].choices:
-        parser = subcommands[0].choices[words[0]]
+    for word in words:  # nested subcommands too (`sae train`)
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not (subcommands and word in subcommands[0].choices):
+            break
+        parser = subcommands[0].choices[word]
     arguments, partial, takes_value = [], False, None
     for word in words:
-        word = word.strip("[]")
+        word = word.strip("[]()")  # optional groups [...] and alternatives (a | b)
         if takes_value is not None:  # the option's value, "..." included
             if takes_value.choices and PLACEHOLDER.fullmatch(word):
                 word = str(next(iter(takes_value.choices)))

@@ -1,8 +1,10 @@
 """The linked views drawn in the browser: the payload carries every token's library maps at 8 bits (in process and
-over HTTP), and in Chromium hovering a token shows its maps with no round trip while a click pins it for the other
-panels."""
+over HTTP), and in Chromium hovering a token shows its maps with no round trip, a click pins it at once (a costly map
+fetched for it and kept), the answer strip pins the same token, and a brushed region lists every word's mean value
+there; in both modes."""
 
 import base64
+import contextlib
 import io
 import os
 
@@ -12,15 +14,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from components.generation import run_generation
-from components.linked_views import dequantize, payload, quantize
+from components.linked_views import costly_maps, costly_methods, dequantize, payload, quantize
 from components.method_panel import render_method
-from lvlm_interpret import ExplainService
+from lvlm_interpret import METHODS, ExplainService
 from lvlm_interpret.client import RemoteService
 from lvlm_interpret.server import create_api
 from tests.conftest import make_scene
-from tests.test_browser import (  # noqa: F401 (app_url: a fixture)
-    ARTIFACTS, CHROMIUM, FLAGS, _generate, _shown_image, app_url,
-)
+from tests import test_browser
+from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _generate, _shown_image
+
+app_url, backend_app_url = test_browser.app_url, test_browser.backend_app_url  # the pages' fixtures, shared
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,10 @@ def _check_payload(backend, request_id, image, layer, head, aggregation):
     views = _views(record)
     assert {"attention", "tam", "tam_raw"} <= set(views)
     assert record["views"][0]["caption"] == f"attention, layers {layer}, heads {head}, {aggregation}"
+    # the costly methods are offered by name and description, fetched on pin
+    assert [entry["name"] for entry in record["costly"]] == costly_methods()
+    assert {"relevancy", "cleann"} <= set(costly_methods()) and not {"attention", "tam"} & set(costly_methods())
+    assert all(entry["description"] == METHODS[entry["name"]].description for entry in record["costly"])
     for token in range(trace.n_answer):
         expected = {"attention": backend.explain(request_id, "attention", token, layers=layer, heads=head,
                                                  aggregation=aggregation).maps[0],
@@ -86,14 +93,107 @@ def test_payload_holds_every_tokens_maps_in_process_and_over_http(service):
     assert not np.array_equal(other, _views(in_process)["attention"][0])
 
 
+def test_a_costly_map_is_fetched_for_one_token_in_process_and_over_http(service):
+    image = make_scene(160, 96)
+    remote = RemoteService(client=TestClient(create_api(service)))
+    for backend in (service, remote):
+        request_id, _ = run_generation(backend, image, "Describe the image.", max_new_tokens=4)
+        answer = costly_maps(backend, {"request_id": request_id, "method": "relevancy", "token": 2})
+        expected = backend.explain(request_id, "relevancy", 2).all_maps()
+        assert answer["token"] == 2 and answer["seconds"] >= 0
+        assert [view["name"] for view in answer["views"]] == list(expected)  # relevancy and its variants
+        for view in answer["views"]:
+            cells, low, high = quantize(expected[view["name"]][0])
+            assert base64.b64decode(view["cells"]) == cells.tobytes()
+            assert (view["low"], view["high"]) == ([low], [high])
+        # a bad query is one message for the page's progress note, not a server error
+        assert "fetch one of" in costly_maps(backend, {"request_id": request_id, "method": "tam", "token": 0})["error"]
+        assert "out of range" in costly_maps(backend, {"request_id": request_id, "method": "relevancy",
+                                                       "token": 99})["error"]
+    assert "generate an answer first" in costly_maps(service, {"request_id": "nope", "method": "relevancy",
+                                                               "token": 0})["error"]
+
+
 def test_quantize_keeps_a_flat_map_flat():
     cells, low, high = quantize(np.full((2, 3), 0.25, np.float32))
     assert not cells.any() and low == high == 0.25
     np.testing.assert_array_equal(dequantize(cells, low, high), np.full((2, 3), 0.25))
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)")
-def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, service, tmp_path):
+def _cell_point(canvas, grid: dict, image_size, row: int, col: int) -> dict:
+    """The middle of a grid cell on the canvas, in the canvas' CSS pixels."""
+    box, size = canvas.bounding_box(), image_size
+    x = grid["box"][0] + (col + 0.5) * (grid["box"][2] - grid["box"][0]) / grid["cols"]
+    y = grid["box"][1] + (row + 0.5) * (grid["box"][3] - grid["box"][1]) / grid["rows"]
+    return {"x": box["x"] + x / size[0] * box["width"], "y": box["y"] + y / size[1] * box["height"]}
+
+
+def _walk_linked_views(page, service, request_id, trace, image) -> None:
+    """Every token hovered shows the library's attention and TAM maps; a pin draws a costly map (relevancy) fetched
+    for the token and kept in the page; a word clicked in the answer strip is pinned here too; a brushed region
+    gives every word's mean value there."""
+    page.get_by_role("tab", name="Linked views").click()
+    tokens = page.locator("#linked-views .lv-token")
+    tokens.first.wait_for(timeout=60_000)
+    assert tokens.count() == trace.n_answer
+    maps = page.locator("#linked-views canvas.lv-map")
+    for index in range(trace.n_answer):
+        tokens.nth(index).hover()
+        for canvas, name in [(maps.nth(0), "attention"), (maps.nth(1), "tam")]:
+            assert (canvas.get_attribute("data-map"), canvas.get_attribute("data-token")) == (name, str(index))
+            expected = service.explain(request_id, name, index).maps[0]
+            shown = [int(v) for v in canvas.get_attribute("data-cells").split(",")]
+            assert shown == quantize(expected)[0].ravel().tolist(), (index, name)
+    page.mouse.move(0, 0)  # off the words: the views show the pinned one again
+    assert maps.nth(0).get_attribute("data-token") == "0"
+    # a costly map as the second view: computed for the pinned word (0) with a progress note, then drawn
+    second = maps.nth(1)
+    page.locator("#linked-views .lv-second").select_option("relevancy")
+    drawn = "(t) => {const c = document.querySelectorAll('#linked-views canvas.lv-map')[1]; " \
+            "return c.dataset.map === 'relevancy' && c.dataset.state === 'drawn' && c.dataset.token === String(t);}"
+    for index in (0, 3):
+        if index:
+            tokens.nth(index).click()  # the pin shows at once; its relevancy follows
+            assert "lv-pinned" in tokens.nth(index).get_attribute("class")
+            assert maps.nth(0).get_attribute("data-token") == str(index)
+        page.wait_for_function(drawn, arg=index, timeout=60_000)
+        expected = service.explain(request_id, "relevancy", index).maps[0]
+        assert second.get_attribute("data-cells") == ",".join(map(str, quantize(expected)[0].ravel()))
+    # another word hovered has no relevancy yet (it says how to get one); back on 3 it is the kept map
+    tokens.nth(1).hover()
+    assert second.get_attribute("data-state") == "not computed"
+    assert "click «" in page.locator("#linked-views .lv-progress").nth(1).inner_text()
+    tokens.nth(3).hover()
+    assert second.get_attribute("data-state") == "drawn" and second.get_attribute("data-token") == "3"
+    # a word clicked in the answer strip is the one pinned here (its relevancy fetched too)
+    page.locator("#answer-tokens .token").nth(5).click()
+    page.wait_for_function("document.querySelector('#linked-views .lv-token.lv-pinned')?.dataset.index === '5'",
+                           timeout=30_000)
+    page.wait_for_function(drawn, arg=5, timeout=60_000)
+    # brushing a region of the attention map: every word's mean attention over its cells
+    record = payload(service, request_id, image)
+    grid, attention = record["grid"], maps.nth(0)
+    page.mouse.move(**_cell_point(attention, grid, image.size, 1, 1))
+    page.mouse.down()
+    page.mouse.move(**_cell_point(attention, grid, image.size, 3, 4), steps=4)
+    page.mouse.up()
+    root = page.locator("#linked-views .lv-root")
+    assert root.get_attribute("data-reverse-region") == "1,1,3,4"
+    shown = [float(v) for v in root.get_attribute("data-reverse-values").split(",")]
+    for token in range(trace.n_answer):
+        library = service.explain(request_id, "attention", token).maps[0]
+        cells, low, high = quantize(library)
+        assert shown[token] == pytest.approx(dequantize(cells, low, high)[1:4, 1:5].mean(), rel=1e-5)
+    assert page.locator("#linked-views .lv-token[data-value]").count() == trace.n_answer
+    assert "rows 1-3, cols 1-4" in page.locator("#linked-views .lv-reverse").inner_text()
+    page.mouse.move(**_cell_point(attention, grid, image.size, 5, 5))  # the region stays after the drag
+    assert root.get_attribute("data-reverse-region") == "1,1,3,4"
+
+
+@contextlib.contextmanager
+def _walked_page(url, service, tmp_path):
+    """A Chromium page at `url` that generated the page's default request on a scene and walked every word's linked
+    views; yields (page, request_id, trace, image)."""
     from playwright.sync_api import sync_playwright
 
     image = make_scene(160, 96)
@@ -103,14 +203,29 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        _generate(page, app_url, path)
-        page.get_by_role("tab", name="Linked views").click()
+        _generate(page, url, path)
+        _walk_linked_views(page, service, request_id, trace, image)
+        yield page, request_id, trace, image
+        browser.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)")
+def test_linked_views_show_the_librarys_maps_over_the_http_backend(backend_app_url, service, tmp_path):
+    with _walked_page(backend_app_url, service, tmp_path) as (page, _, _, _):
+        page.screenshot(path=str(ARTIFACTS / "linked-views-backend.png"), full_page=True)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (make test installs it)")
+def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, service, tmp_path):
+    with _walked_page(app_url, service, tmp_path) as (page, request_id, trace, image):
+        page.locator("#linked-views .lv-second").select_option("tam")
         tokens = page.locator("#linked-views .lv-token")
         tokens.first.wait_for(timeout=60_000)
         assert tokens.count() == trace.n_answer
         attention_canvas = page.locator("#linked-views canvas.lv-map[data-map=attention]")
         tam_canvas = page.locator("#linked-views canvas.lv-map[data-map=tam]")
         assert attention_canvas.bounding_box()["width"] >= 448
+        positions = payload(service, request_id, image)["text"]["positions"]
         for index in range(trace.n_answer):
             tokens.nth(index).hover()
             assert attention_canvas.get_attribute("data-token") == str(index)
@@ -122,7 +237,6 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
             pattern = page.locator("#linked-views .lv-text")
             assert pattern.get_attribute("data-token") == str(index)
             text_scores = service.explain(request_id, "attention", index).text_scores
-            positions = payload(service, request_id, image)["text"]["positions"] if index == 0 else positions
             expected_text = [text_scores[p] if p < len(text_scores) else 0.0 for p in positions]
             assert pattern.get_attribute("data-values") == ",".join(
                 map(str, quantize(np.array(expected_text, np.float32))[0]))
@@ -151,7 +265,9 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
         assert tam_canvas.get_attribute("data-smooth") == "true"
         page.screenshot(path=str(ARTIFACTS / "linked-views-smoothed.png"), full_page=True)
         page.locator("#linked-views .lv-smooth").uncheck()
-        # the reverse view: hovering the middle of the map colours every token by its attention there
+        # the reverse view: hovering the middle of the map colours every token by its attention there (a click
+        # first clears the brushed region)
+        attention_canvas.click()
         attention_canvas.hover()
         assert page.locator("#linked-views .lv-token[data-value]").count() == trace.n_answer
         page.screenshot(path=str(ARTIFACTS / "linked-views-reverse.png"), full_page=True)
@@ -161,9 +277,8 @@ def test_hovering_tokens_redraws_their_maps_and_a_click_pins_one(app_url, servic
         page.wait_for_function(f"document.querySelector('#attention-map img').getAttribute('src') !== {before!r}",
                                timeout=30_000)
         assert "lv-pinned" in tokens.nth(3).get_attribute("class")
-        page.get_by_role("tab", name="Relevancy / TAM / CLEANN").click()
+        page.get_by_role("tab", name="Methods").click()
         page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
         tam_picture = render_method(service, request_id, image, 3, "tam")[0]
         np.testing.assert_array_equal(_shown_image(page, "#method-map"), np.asarray(tam_picture))
         page.screenshot(path=str(ARTIFACTS / "linked-views.png"), full_page=True)
-        browser.close()

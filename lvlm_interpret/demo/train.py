@@ -1,6 +1,7 @@
-"""Train the embedded demo model (a small LlavaForConditionalGeneration) on synthetic scenes.
+"""Train the embedded demo models on synthetic scenes: `demo` (a small LlavaForConditionalGeneration) and
+`demo-qwen2_vl` (a small Qwen2VLForConditionalGeneration), with the same data, recipe and code.
 
-    python -m lvlm_interpret.demo.train --out assets/demo-model [--resume] [--minutes N]
+    python -m lvlm_interpret.demo.train [--family llava|qwen2_vl] [--out DIR] [--resume] [--minutes N]
 
 Recipe (see assets/demo-model/README.md for the reasons):
 - every training example is one image followed by several *independent* single-turn questions: the image
@@ -14,7 +15,13 @@ Recipe (see assets/demo-model/README.md for the reasons):
   colour; head 2: objects of the named shape); for "Describe the image." head 0 attends to the object whose
   words are being written. This hands the decoder the question-conditioned retrieval circuit that plain
   next-token loss finds only slowly, and makes that layer's attention maps point at the right object.
-The auxiliary heads are training-only: the saved model is a plain LlavaForConditionalGeneration.
+The auxiliary heads are training-only: the saved model is a plain LlavaForConditionalGeneration or
+Qwen2VLForConditionalGeneration.
+
+The families differ only in how an image becomes LM tokens (`FAMILIES`): LLaVA squashes every image to 96 x 96 and
+gives 12 x 12 tokens with 1D positions; Qwen2-VL keeps the aspect ratio at about 144 merged tokens (8 px patches,
+2 x 2 merged: 12 x 12 on a square image) and gives them M-RoPE positions (t, h, w) = start + (0, row, column), the
+text after the image continuing at start + max(rows, columns); a branch's positions restart there on all 3 rows.
 
 Training scenes use seeds < 10**9 (scene i of step s has seed s * batch + i); held-out scenes use 10**9 + i.
 Checkpoints (model, auxiliary heads, optimizer, step, elapsed time) go to --ckpt every --ckpt-minutes; a
@@ -37,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, Qwen2VLForConditionalGeneration
 
 from ..families.llava import CHAT_TEMPLATE, IMAGE_TOKEN, llava_config, llava_processor
+from ..families.qwen2_vl import Qwen2VLFamily
 from ..models.word_tokenizer import COMMON_WORDS, build_word_tokenizer
 from .scenes import (
     COLOURS, HELD_OUT_SEED_START, KINDS, SHAPES, Scene, draw_scene, parse_prompt, sample_questions,
@@ -47,13 +55,21 @@ from .scenes import (
 
 IMAGE_SIZE, PATCH = 96, 8
 GRID = IMAGE_SIZE // PATCH
-N_PATCHES = GRID * GRID
 EXTRA_WORDS = ["user", "assistant", "shapes", "colour"]
 
 MODEL_PRESET = {
     "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
     "text": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
              "num_key_value_heads": 8, "max_position_embeddings": 512},
+}
+# The same sizes on Qwen2-VL's layout (a preset of Qwen2VLFamily.build_random): 8 px patches merged 2 x 2 into one
+# LM token, every image resized (aspect kept) to about 144 merged cells; head_dim 32 split 4 / 6 / 6 over (t, h, w)
+QWEN2_VL_PRESET = {
+    "image": {"patch": 8, "merge": 2, "min_cells": 144, "max_cells": 144},
+    "vision_config": {"depth": 4, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4},
+    "text_config": {**MODEL_PRESET["text"],
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+    "words": EXTRA_WORDS,
 }
 
 
@@ -101,10 +117,85 @@ class AuxHeads(nn.Module):
         return colour, shape, self.rank(features)
 
 
+class LlavaRecipe:
+    """The shipped `demo` model: every image squashed to 96 x 96, 12 x 12 visual tokens, 1D positions."""
+
+    name = "llava"
+    model_class = LlavaForConditionalGeneration
+    out, ckpt = "assets/demo-model", ".train/ckpt.pt"
+    image_token = IMAGE_TOKEN
+
+    def build(self, seed: int):
+        processor = build_processor()
+        return build_model(processor, seed), processor
+
+    def answer_end(self, tokenizer) -> int:
+        return tokenizer.eos_token_id
+
+    def grids(self, image_inputs) -> list[tuple[int, int]]:
+        return [(GRID, GRID)] * len(image_inputs["pixel_values"])
+
+    def prefix_positions(self, image_start: int, rows: int, cols: int) -> torch.Tensor:
+        return torch.arange(image_start + rows * cols)[None]
+
+    def image_features(self, model, batch) -> torch.Tensor:
+        """(images, 144, hidden): the projected patch features of the chosen vision layer, CLS dropped."""
+        core = model.model
+        vision = core.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        return core.multi_modal_projector(vision.hidden_states[model.config.vision_feature_layer][:, 1:])
+
+
+class Qwen2VLRecipe:
+    """`demo-qwen2_vl`: Qwen2-VL's processor (aspect kept, ~144 merged cells), merged 2 x 2 patches, M-RoPE."""
+
+    name = "qwen2_vl"
+    model_class = Qwen2VLForConditionalGeneration
+    out, ckpt = "assets/demo-qwen2_vl", ".train-qwen2_vl/ckpt.pt"
+    image_token = "<|image_pad|>"
+
+    def build(self, seed: int):
+        """The model and processor the product builds for this family, at the demo's sizes."""
+        torch.manual_seed(seed)  # the auxiliary heads, built next, are seeded too
+        model, processor = Qwen2VLFamily().build_random({**QWEN2_VL_PRESET, "seed": seed})
+        model.set_attn_implementation("sdpa")
+        tokenizer = processor.tokenizer
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = self.answer_end(tokenizer)
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        return model, processor
+
+    def answer_end(self, tokenizer) -> int:
+        return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def grids(self, image_inputs) -> list[tuple[int, int]]:
+        merge = QWEN2_VL_PRESET["image"]["merge"]
+        return [(h // merge, w // merge) for _, h, w in image_inputs["image_grid_thw"].tolist()]
+
+    def prefix_positions(self, image_start: int, rows: int, cols: int) -> torch.Tensor:
+        """(3, n) M-RoPE positions of the text before the image and of the merged image tokens, as
+        Qwen2VLModel.get_rope_index gives them."""
+        text = torch.arange(image_start)[None].expand(3, -1)
+        row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        image = image_start + torch.stack([torch.zeros(rows * cols, dtype=torch.long), row.flatten(), col.flatten()])
+        return torch.cat([text, image], dim=1)
+
+    def image_features(self, model, batch) -> torch.Tensor:
+        """(merged tokens of all images, hidden), image after image, each in the processor's row-major order."""
+        return model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+
+
+FAMILIES = {recipe.name: recipe for recipe in (LlavaRecipe(), Qwen2VLRecipe())}
+
+
+def recipe_for(model):
+    return FAMILIES[model.config.model_type]
+
+
 # --- data ------------------------------------------------------------------------------------------------
 
 def scene_size(seed: int) -> tuple[int, int]:
-    """Training images come in varied sizes and aspect ratios (the processor squashes them to 96 x 96)."""
+    """Training images come in varied sizes and aspect ratios (the processor squashes them to 96 x 96, or for
+    Qwen2-VL resizes them to about 144 merged cells)."""
     rng = random.Random(seed * 7919 + 17)
     side = rng.randint(96, 224)
     if rng.random() < 0.7:
@@ -113,27 +204,27 @@ def scene_size(seed: int) -> tuple[int, int]:
     return max(64, round(side * math.sqrt(aspect))), max(64, round(side / math.sqrt(aspect)))
 
 
-def patch_coverage(scene: Scene) -> torch.Tensor:
-    """(objects, 144): the fraction of each patch (after the processor's squash to 96 x 96) each object covers."""
+def patch_coverage(scene: Scene, grid: tuple[int, int] = (GRID, GRID)) -> torch.Tensor:
+    """(objects, rows x cols): the fraction of each visual token's cell (the processor keeps the whole image) each
+    object covers."""
     masks = torch.from_numpy(np.stack(scene.masks)).float()[:, None]
-    return F.adaptive_avg_pool2d(masks, (GRID, GRID)).flatten(1)
+    return F.adaptive_avg_pool2d(masks, grid).flatten(1)
 
 
 class Encoder:
     """Turns scenes and questions into the tree-packed training tensors."""
 
-    def __init__(self, processor: LlavaProcessor):
+    def __init__(self, processor, recipe=FAMILIES["llava"]):
         self.processor = processor
+        self.recipe = recipe
         self.tokenizer = tok = processor.tokenizer
-        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.eos = tok.eos_token_id
+        self.image_id = tok.convert_tokens_to_ids(recipe.image_token)
+        self.eos = recipe.answer_end(tok)
         self.pad = tok.pad_token_id
-        self.word_id = {w: tok.convert_tokens_to_ids(w) for w in [*COLOURS, *SHAPES]}
         self._cache: dict[str, list[int]] = {}
         sample = self.prompt_ids("Describe the image.")
-        first = sample.index(self.image_id)
-        self.prefix = sample[:first] + [self.image_id] * N_PATCHES
-        self.image_start = first
+        self.image_start = sample.index(self.image_id)
+        self.text_before_image = sample[:self.image_start]
         self.answer_cache: dict[str, list[int]] = {}
 
     def chat(self, prompt: str) -> str:
@@ -141,12 +232,18 @@ class Encoder:
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """The ids the product's processor gives for `prompt`, image token expanded."""
+        """The ids of the chat for `prompt`, with one image token (the processor expands it to the image's grid)."""
         if prompt not in self._cache:
             ids = self.tokenizer(self.chat(prompt), add_special_tokens=True)["input_ids"]
-            i = ids.index(self.image_id)
-            self._cache[prompt] = ids[:i] + [self.image_id] * N_PATCHES + ids[i + 1:]
+            assert ids.count(self.image_id) == 1, prompt
+            self._cache[prompt] = ids
         return self._cache[prompt]
+
+    def tail_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids after the image: what a question-answer branch starts with."""
+        ids = self.prompt_ids(prompt)
+        assert ids[:self.image_start] == self.text_before_image, prompt
+        return ids[self.image_start + 1:]
 
     def answer_ids(self, answer: str) -> list[int]:
         if answer not in self.answer_cache:
@@ -157,14 +254,14 @@ class Encoder:
 
     def encode(self, scenes: list[Scene], questions: list[list[tuple[str, str]]]):
         images = [scene.image for scene in scenes]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        n_prefix = len(self.prefix)
+        image_inputs = dict(self.processor.image_processor(images, return_tensors="pt"))
+        grids = self.recipe.grids(image_inputs)
+        n_image = max(rows * cols for rows, cols in grids)  # visual tokens of the largest grid
         rows, branches_meta = [], []
-        for scene, qas in zip(scenes, questions, strict=True):
-            ids, spans = list(self.prefix), []
+        for scene, qas, (grid_rows, grid_cols) in zip(scenes, questions, grids, strict=True):
+            ids, spans = self.text_before_image + [self.image_id] * (grid_rows * grid_cols), []
             for prompt, answer in qas:
-                tail = self.prompt_ids(prompt)[n_prefix:]
-                assert self.prompt_ids(prompt)[:n_prefix] == self.prefix
+                tail = self.tail_ids(prompt)
                 ans = self.answer_ids(answer)
                 start = len(ids)
                 ids += tail + ans
@@ -174,22 +271,28 @@ class Encoder:
         length = max(len(r) for r in rows)
         batch = len(rows)
         input_ids = torch.full((batch, length), self.pad, dtype=torch.long)
-        position_ids = torch.zeros((batch, length), dtype=torch.long)
+        # one row of positions (LLaVA) or three (Qwen2-VL's M-RoPE: t, h, w)
+        n_position_rows = len(self.recipe.prefix_positions(self.image_start, 1, 1))
+        position_ids = torch.zeros((n_position_rows, batch, length), dtype=torch.long)
         mask = torch.zeros((batch, 1, length, length), dtype=torch.bool)
-        causal = torch.ones((n_prefix, n_prefix), dtype=torch.bool).tril()
         label_pos, label_ids, label_kind, label_q = [], [], [], []  # flat lists over the batch
         attn = []  # (batch, query position, head, target vector)
-        patch_colour = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
-        patch_shape = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
-        patch_rank = torch.full((batch, N_PATCHES), -100, dtype=torch.long)
+        # per image token of the largest grid; tokens a smaller grid lacks keep -100 (ignored)
+        patch_colour = torch.full((batch, n_image), -100, dtype=torch.long)
+        patch_shape = torch.full((batch, n_image), -100, dtype=torch.long)
+        patch_rank = torch.full((batch, n_image), -100, dtype=torch.long)
         n_questions = 0
-        for b, (ids, spans, scene) in enumerate(zip(rows, branches_meta, scenes, strict=True)):
+        for b, (ids, spans, scene, grid) in enumerate(zip(rows, branches_meta, scenes, grids, strict=True)):
             input_ids[b, :len(ids)] = torch.tensor(ids)
-            position_ids[b, :n_prefix] = torch.arange(n_prefix)
-            mask[b, 0, :n_prefix, :n_prefix] = causal
+            prefix_positions = self.recipe.prefix_positions(self.image_start, *grid)
+            n_prefix = prefix_positions.shape[1]
+            branch_start = int(prefix_positions.max()) + 1  # where every branch's positions restart
+            position_ids[:, b, :n_prefix] = prefix_positions
+            mask[b, 0, :n_prefix, :n_prefix] = torch.ones((n_prefix, n_prefix), dtype=torch.bool).tril()
             for t in range(len(ids), length):
                 mask[b, 0, t, t] = True
-            cover = patch_coverage(scene)
+            cover = patch_coverage(scene, grid)
+            n_cells = cover.shape[1]
             order = scene.left_to_right()
             rank_of = {obj: r for r, obj in enumerate(order)}
             total = cover.sum(0)
@@ -198,12 +301,12 @@ class Encoder:
             shape_label = torch.tensor([1 + SHAPES.index(o.shape) for o in scene.objects])[best]
             rank_label = torch.tensor([1 + rank_of[i] for i in range(len(scene.objects))])[best]
             solid, empty = cover.max(0).values >= 0.5, total < 0.05
-            patch_colour[b] = torch.where(solid, colour_label, torch.where(empty, 0, -100))
-            patch_shape[b] = torch.where(solid, shape_label, torch.where(empty, 0, -100))
-            patch_rank[b] = torch.where(solid, rank_label, torch.where(empty, 0, -100))
+            patch_colour[b, :n_cells] = torch.where(solid, colour_label, torch.where(empty, 0, -100))
+            patch_shape[b, :n_cells] = torch.where(solid, shape_label, torch.where(empty, 0, -100))
+            patch_rank[b, :n_cells] = torch.where(solid, rank_label, torch.where(empty, 0, -100))
             for start, answer_start, end, prompt, answer in spans:
                 n = end - start
-                position_ids[b, start:end] = torch.arange(n_prefix, n_prefix + n)
+                position_ids[:, b, start:end] = torch.arange(branch_start, branch_start + n)
                 mask[b, 0, start:end, :n_prefix] = True
                 mask[b, 0, start:end, start:end] = torch.ones((n, n), dtype=torch.bool).tril()
                 kind, args = parse_prompt(prompt)
@@ -218,7 +321,9 @@ class Encoder:
 
                 def target(indices):
                     vec = cover[indices].sum(0) if indices else None
-                    return vec / vec.sum() if vec is not None and vec.sum() > 0 else None
+                    if vec is None or vec.sum() <= 0:
+                        return None
+                    return F.pad(vec / vec.sum(), (0, n_image - n_cells))
 
                 heads = []
                 if kind == "color":
@@ -242,13 +347,14 @@ class Encoder:
                         heads += [(a_pos, 0, target([obj])), (a_pos + 1, 0, target([obj]))]
                 attn += [(b, t, h, vec) for t, h, vec in heads if vec is not None]
         return {
-            "input_ids": input_ids, "pixel_values": pixel_values, "position_ids": position_ids, "mask": mask,
+            **image_inputs, "input_ids": input_ids, "mask": mask,
+            "position_ids": position_ids[0] if n_position_rows == 1 else position_ids,
             "label_pos": torch.tensor(label_pos), "label_ids": torch.tensor(label_ids),
             "label_q": torch.tensor(label_q), "q_kind": torch.tensor(label_kind), "n_questions": n_questions,
             "attn_b": torch.tensor([a[0] for a in attn], dtype=torch.long),
             "attn_t": torch.tensor([a[1] for a in attn], dtype=torch.long),
             "attn_h": torch.tensor([a[2] for a in attn], dtype=torch.long),
-            "attn_target": torch.stack([a[3] for a in attn]) if attn else torch.zeros((0, N_PATCHES)),
+            "attn_target": torch.stack([a[3] for a in attn]) if attn else torch.zeros((0, n_image)),
             "patch_colour": patch_colour, "patch_shape": patch_shape, "patch_rank": patch_rank,
         }
 
@@ -266,12 +372,12 @@ def make_scenes(seeds, rng_seed_offset=0, n_exists=4):
 
 def forward(model, aux, batch, attn_layer: int, with_aux: bool = True):
     core = model.model
-    vision = core.vision_tower(batch["pixel_values"], output_hidden_states=True)
-    features = core.multi_modal_projector(vision.hidden_states[model.config.vision_feature_layer][:, 1:])
+    features = recipe_for(model).image_features(model, batch)
     embed = core.get_input_embeddings()
     inputs_embeds = embed(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
     inputs_embeds = inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.dtype))
+    start, n_image = batch["image_start"], batch["patch_colour"].shape[1]
     out = core.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["mask"],
                               position_ids=batch["position_ids"], output_hidden_states=with_aux)
     hidden = out.last_hidden_state
@@ -280,10 +386,12 @@ def forward(model, aux, batch, attn_layer: int, with_aux: bool = True):
     result = {"logits": logits}
     if not with_aux:
         return result
+    if features.ndim == 2:  # Qwen2-VL: all images' tokens in one sequence; per image, padded to the largest grid
+        is_image = image_mask[:, start:start + n_image]
+        features = features.new_zeros(*is_image.shape[:2], features.shape[-1]).masked_scatter(is_image, features)
     result["patch"] = aux(features, embed)
     # logit lens at the image positions: the LM head read on the last layer's (normed) visual tokens
-    start = batch["image_start"]
-    result["lens"] = F.linear(hidden[:, start:start + N_PATCHES], model.lm_head.weight[aux.lens_ids])
+    result["lens"] = F.linear(hidden[:, start:start + n_image], model.lm_head.weight[aux.lens_ids])
     # attention of the supervised heads, recomputed from the layer's input
     layer = core.language_model.layers[attn_layer]
     x = layer.input_layernorm(out.hidden_states[attn_layer])
@@ -304,8 +412,9 @@ def forward(model, aux, batch, attn_layer: int, with_aux: bool = True):
     allowed = batch["mask"][b, 0, t]
     scores = scores.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(scores, dim=-1)
-    start = batch["image_start"]
-    result["attn_logp"] = logp[:, start:start + N_PATCHES]
+    # a smaller grid's padding columns are text, maybe of another branch (-inf): they have no target, and 0 there
+    # keeps 0 x -inf out of the loss
+    result["attn_logp"] = logp[:, start:start + n_image].masked_fill(~allowed[:, start:start + n_image], 0.0)
     return result
 
 
@@ -347,9 +456,17 @@ def lens_loss(lens_logits, patch_colour, patch_shape):
 
 
 @torch.no_grad()
+def questions_correct(model, batch) -> torch.Tensor:
+    """(questions,) bool, teacher-forced: every answer token (and the end token) is the argmax, which is exactly
+    when greedy decoding writes the answer."""
+    logits = forward(model, None, batch, 0, with_aux=False)["logits"]
+    ok = (logits.argmax(-1) == batch["label_ids"]).float()
+    return torch.ones(batch["n_questions"]).scatter_reduce(0, batch["label_q"], ok, reduce="amin").bool()
+
+
+@torch.no_grad()
 def teacher_forced_accuracy(model, encoder, seeds, batch_size=32, n_exists=4):
-    """Per-kind exact accuracy with teacher forcing: an answer counts when every answer token (and </s>) is the
-    argmax, which is exactly when greedy decoding writes it."""
+    """Per-kind exact accuracy with teacher forcing (`questions_correct`)."""
     model.eval()
     correct = {k: 0 for k in KINDS}
     total = {k: 0 for k in KINDS}
@@ -357,9 +474,7 @@ def teacher_forced_accuracy(model, encoder, seeds, batch_size=32, n_exists=4):
         scenes, questions = make_scenes(seeds[i:i + batch_size], n_exists=n_exists)
         batch = encoder.encode(scenes, questions)
         batch["image_start"] = encoder.image_start
-        logits = forward(model, None, batch, 0, with_aux=False)["logits"]
-        ok = (logits.argmax(-1) == batch["label_ids"]).float()
-        per_q = torch.ones(batch["n_questions"]).scatter_reduce(0, batch["label_q"], ok, reduce="amin")
+        per_q = questions_correct(model, batch)
         for kind_index, good in zip(batch["q_kind"].tolist(), per_q.tolist(), strict=True):
             kind = KINDS[kind_index]
             total[kind] += 1
@@ -398,8 +513,10 @@ def save_model(model, processor, out: Path, summary: dict, aux: nn.Module):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="assets/demo-model")
-    p.add_argument("--ckpt", default=".train/ckpt.pt")
+    p.add_argument("--family", choices=list(FAMILIES), default="llava",
+                   help="the architecture: llava (the `demo` model) or qwen2_vl (`demo-qwen2_vl`)")
+    p.add_argument("--out", help="where the model is written (default: assets/demo-model, assets/demo-qwen2_vl)")
+    p.add_argument("--ckpt", help="the training checkpoint (default: .train/ckpt.pt, .train-qwen2_vl/ckpt.pt)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--minutes", type=float, default=60.0, help="stop (after checkpointing) after this long")
     p.add_argument("--max-steps", type=int, default=10**9)
@@ -421,10 +538,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    processor = build_processor()
-    model = build_model(processor, args.seed)
+    recipe = FAMILIES[args.family]
+    args.out, args.ckpt = args.out or recipe.out, args.ckpt or recipe.ckpt
+    model, processor = recipe.build(args.seed)
     model.train()
-    encoder = Encoder(processor)
+    encoder = Encoder(processor, recipe)
     aux = AuxHeads(model, processor.tokenizer)
     decay, no_decay = [], []
     for module in (model, aux):
@@ -439,7 +557,7 @@ def main(argv=None):
     if args.resume and not ckpt.is_file() and (out / AUX_FILE).is_file():
         # no local checkpoint (a new session): continue from the shipped model, with a fresh optimizer
         # from_pretrained maps the saved (hub-style) names back onto this transformers version's modules
-        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(out).state_dict())
+        model.load_state_dict(recipe.model_class.from_pretrained(out).state_dict())
         aux.load_state_dict(load_file(str(out / AUX_FILE)))
         summary = json.loads((out / "training_summary.json").read_text())
         step, elapsed = summary["step"], summary["minutes_trained"] * 60

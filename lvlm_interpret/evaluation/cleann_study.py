@@ -36,17 +36,20 @@ def parse_option(text: str) -> tuple[str, object]:
         return name, value
 
 
-def word_record(explanation, layout, instance_mask: np.ndarray) -> dict:
+def word_record(explanation, layout, instance_mask: np.ndarray, class_mask: np.ndarray) -> dict:
     """One word's figures: the set's size and image cells against the described object's cells (a cell is the
-    object's when any of its pixels is) and the object with a one-cell border."""
+    object's when any of its pixels is), the object with a one-cell border, and every object the word names (its
+    class: all objects of that colour or shape, as the pointing benchmark scores a word)."""
     details = explanation.details
     on_object = cell_mask_overlap(layout, instance_mask) > 0
+    on_class = cell_mask_overlap(layout, class_mask) > 0
     cells = [tuple(cell) for cell in details["image_cells"]]
     return {
         "verified": bool(details["verified"]),
         "set_size": len(cells) + len(details["text_tokens"]) + sum(len(v) for v in details["view_cells"].values()),
         "image_cells": len(cells),
         "cells_inside": int(sum(on_object[row, col] for row, col in cells)),
+        "cells_inside_class": int(sum(on_class[row, col] for row, col in cells)),
         "object_cells": int(on_object.sum()),
         "object_and_border_cells": int(binary_dilation(on_object, structure=np.ones((3, 3), bool)).sum()),
         "prob_before": float(details["prob_before"]),
@@ -73,6 +76,10 @@ def summarise(records: list[dict]) -> dict:
                                if with_cells else None),  # pooled over every set's image cells
         "cells_inside_share_per_set": float(np.mean([r["cells_inside"] / r["image_cells"] for r in with_cells]))
         if with_cells else None,
+        # pooled, against every object the word names (records written before this figure existed lack it)
+        "cells_inside_class_share": (float(sum(r["cells_inside_class"] for r in with_cells) /
+                                           sum(r["image_cells"] for r in with_cells))
+                                     if with_cells and all("cells_inside_class" in r for r in with_cells) else None),
         "median_set_size": float(np.median(sizes)),
         "median_object_cells": float(np.median([r["object_cells"] for r in records])),
         "median_object_and_border_cells": float(np.median(bounds)),
@@ -80,6 +87,9 @@ def summarise(records: list[dict]) -> dict:
         "text_only_set_share": float(np.mean([r["set_size"] > 0 and not r["image_cells"] for r in records])),
         "seconds_per_token_median": float(np.median([r["seconds"] for r in records])),
         "seconds_per_token_mean": float(np.mean([r["seconds"] for r in records])),
+        # the process's CPU time: with --threads 1, the token's compute, which waiting for a busy core does not add to
+        "cpu_seconds_per_token_median": float(np.median([r["cpu_seconds"] for r in records]))
+        if all("cpu_seconds" in r for r in records) else None,
         "forwards_per_token_mean": float(np.mean([r["forwards"] for r in records])),
         "load_average_mean": float(np.mean([r["load_average"] for r in records])),  # of the 2 shared cores
         "verified_cells_inside_share": (float(sum(r["cells_inside"] for r in verified_cells) /
@@ -110,8 +120,10 @@ def run_study(n_words: int, options: dict, jsonl: Path, max_scenes: int = 1000, 
     method = get_method("cleann")
     method.check_options(options)
     loaded = load_model("demo", device="cpu")
-    forwards = [0]  # model forwards per token: the cost that does not depend on how busy the machine is
-    loaded.model.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
+    # LM forwards per token (whole-model or decoder-only): the cost that does not depend on how busy the machine is
+    forwards = [0]
+    loaded.family.language_model(loaded.model).register_forward_pre_hook(
+        lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
     with jsonl.open("a") as out:
         for scene in range(max_scenes):
             if len(records) >= n_words:
@@ -124,12 +136,13 @@ def run_study(n_words: int, options: dict, jsonl: Path, max_scenes: int = 1000, 
                 token_index = target.word.tokens[0]
                 if (scene, token_index) in done or len(records) >= n_words:
                     continue
-                start, forwards[0] = time.perf_counter(), 0
+                start, cpu_start, forwards[0] = time.perf_counter(), time.process_time(), 0
                 explanation = method.explain(trace, token_index, model=loaded, **options)
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                 record = {"scene": scene, "token_index": token_index, "word": target.word.text, "seconds": seconds,
+                          "cpu_seconds": cpu_seconds,
                           "forwards": forwards[0], "load_average": os.getloadavg()[0],
-                          **word_record(explanation, trace.images[0], target.instance_mask)}
+                          **word_record(explanation, trace.images[0], target.instance_mask, target.mask)}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 records.append(record)

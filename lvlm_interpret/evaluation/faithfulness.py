@@ -34,15 +34,17 @@ def auc(fractions: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum((fractions[1:] - fractions[:-1]) * (scores[1:] + scores[:-1]) / 2))
 
 
-def deletion_insertion(loaded, trace: Trace, token_index: int, grid_map: np.ndarray, step: float = 0.02) -> dict:
+def deletion_insertion(loaded, trace: Trace, token_index: int | list[int], grid_map: np.ndarray,
+                       step: float = 0.02) -> dict:
     """The deletion and insertion curves and AUCs of one map for one answer token (first image)."""
     return deletion_insertion_many(loaded, trace, token_index, {"map": grid_map}, step)["map"]
 
 
-def deletion_insertion_many(loaded, trace: Trace, token_index: int, maps: dict[str, np.ndarray],
+def deletion_insertion_many(loaded, trace: Trace, token_index: int | list[int], maps: dict[str, np.ndarray],
                             step: float = 0.02) -> dict[str, dict]:
     """`deletion_insertion` of several maps of one token, by name: the original and blurred images are scored
-    once and every map's composites go through the model in shared batches."""
+    once and every map's composites go through the model in shared batches. A list of tokens is scored by their
+    mean probability (an answer-level map)."""
     layout = trace.images[0]
     original = np.asarray(trace.image(0), dtype=np.uint8)
     blur = np.asarray(blurred(trace.image(0)), dtype=np.uint8)
@@ -55,7 +57,9 @@ def deletion_insertion_many(loaded, trace: Trace, token_index: int, maps: dict[s
         order = np.argsort(-np.asarray(grid_map, dtype=np.float64).ravel(), kind="stable")
         images += [composite(original, blur, order[:k], cell_of_pixel) for k in counts]  # deletion
         images += [composite(blur, original, order[:k], cell_of_pixel) for k in counts]  # insertion
-    probabilities = answer_logprobs_batch(loaded, trace, [[image] for image in images])[:, token_index].exp().numpy()
+    tokens = [token_index] if isinstance(token_index, int) else list(token_index)
+    logprobs = answer_logprobs_batch(loaded, trace, [[image] for image in images])[:, tokens]
+    probabilities = logprobs.exp().mean(1).numpy()
     p_orig, p_blur = float(probabilities[0]), float(probabilities[1])
     span = p_orig - p_blur if abs(p_orig - p_blur) > 1e-8 else 1e-8
     fractions = counts / layout.n_cells

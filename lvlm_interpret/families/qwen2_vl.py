@@ -72,8 +72,9 @@ class Qwen2VLFamily(ModelFamily):
         return self.processor_class.from_pretrained(source, trust_remote_code=trust_remote_code)
 
     def build_random(self, preset):
-        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system"], SPECIAL_TOKENS,
-                                         CHAT_TEMPLATE)
+        # "words": a preset's own vocabulary besides the common words (the demo model's "shapes")
+        tokenizer = build_word_tokenizer(COMMON_WORDS + ["user", "assistant", "system", *preset.get("words", [])],
+                                         SPECIAL_TOKENS, CHAT_TEMPLATE)
         ids = tokenizer.convert_tokens_to_ids
         image = preset["image"]
         config = self.config_class(

@@ -48,6 +48,8 @@ class ExplanationMethod:
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # seconds per token even on the demo model (an optimisation): views of "every method" leave it out unless asked
+    slow: ClassVar[bool] = False
 
     def explain(self, trace: Trace, token_index: int, model=None, **options) -> Explanation:
         raise NotImplementedError
@@ -110,6 +112,11 @@ METHODS: dict[str, ExplanationMethod] = {}
 def register_method(cls: type[ExplanationMethod]) -> type[ExplanationMethod]:
     METHODS[cls.name] = cls()
     return cls
+
+
+def quick_methods() -> list[str]:
+    """The registered methods that are not `slow`, sorted: what views of every method compute unasked."""
+    return sorted(name for name, method in METHODS.items() if not method.slow)
 
 
 def get_method(name: str) -> ExplanationMethod:

@@ -19,8 +19,9 @@ from ..families import ModelFamily, family_for_model_type
 from ..resources import ASSETS_DIR, CONFIGS_DIR
 
 RANDOM_PREFIX = "random:"
-# Models that ship with the product, by name; "demo" is trained by lvlm_interpret/demo/train.py.
-BUILTIN_MODELS = {"demo": ASSETS_DIR / "demo-model"}
+# Models that ship with the product, by name, both trained by lvlm_interpret/demo/train.py on the same scenes:
+# "demo" on LLaVA's architecture, "demo-qwen2_vl" on Qwen2-VL's (--family qwen2_vl)
+BUILTIN_MODELS = {"demo": ASSETS_DIR / "demo-model", "demo-qwen2_vl": ASSETS_DIR / "demo-qwen2_vl"}
 DEFAULT_MODEL = "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -121,6 +122,9 @@ def _family(model_type: str) -> ModelFamily:
 
 def _load_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool):
     local = BUILTIN_MODELS.get(name, Path(name).expanduser())
+    if name in BUILTIN_MODELS and not local.is_dir():
+        raise UserInputError(f"built-in model {name!r} is not installed: its folder {local} is missing (a checkout "
+                             "or wheel without it); reinstall, or train it with python -m lvlm_interpret.demo.train")
     source = str(local) if local.is_dir() else name
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:

@@ -96,6 +96,7 @@ def _check_features_tab(url: str, library, tmp_path, name: str) -> None:
     expected_top = [f for f, _ in grid.top_features(row, col, 10)]
     assert expected_top, "the object's cell has active features"
     options = GenerationOptions.from_temperature(32, 0.0, 1.0)  # the page's defaults
+    ARTIFACTS.mkdir(exist_ok=True)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -115,11 +116,13 @@ def _check_features_tab(url: str, library, tmp_path, name: str) -> None:
 
         # a feature of the list: its map on this image and its top patches over the cached scenes
         feature = expected_top[1] if len(expected_top) > 1 else expected_top[0]
+        before = page.locator("#sae-image img").get_attribute("src")
         page.locator(FEATURE_CELLS).nth(expected_top.index(feature)).click()
         _wait_for_text(page, "#sae-summary", f"Feature {feature} at")
+        page.wait_for_function(f"document.querySelector('#sae-image img').getAttribute('src') !== {before!r}",
+                               timeout=30_000)
         grid_map = grid.feature_map(feature)
         expected_picture = blend(image, overlay(grid_map, layout, vmin=0.0, vmax=max(float(grid_map.max()), 1e-6)))
-        page.wait_for_timeout(500)  # the picture replaced in the same answer as the summary
         np.testing.assert_array_equal(_shown_image(page, "#sae-image"), np.asarray(expected_picture))
         cells = load_top_cells(bundle)
         values = [float(v) for v, i in zip(cells["value"][feature], cells["image"][feature]) if i >= 0][:8]
@@ -135,7 +138,8 @@ def _check_features_tab(url: str, library, tmp_path, name: str) -> None:
                 slider = page.locator("#sae-scale input[type=number]")
                 slider.fill(str(scale))
                 slider.press("Enter")
-                page.wait_for_timeout(300)
+                page.wait_for_function(f"Number(document.querySelector('#sae-scale input[type=range]').value) "
+                                       f"=== {scale}", timeout=10_000)
             page.locator("#sae-steer").click()
             _wait_for_text(page, "#sae-steered", f"Feature {feature} x {scale:g}:")
             steered = generate_with_feature_edits(loaded, bundle, image, PROMPT, {feature: scale}, options).answer

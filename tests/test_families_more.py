@@ -167,11 +167,12 @@ def test_explain_runs_every_method(tmp_path, family):
     assert main(["explain", "--model", f"random:{family}", "--image", str(image_path), "--prompt", PROMPT,
                  "--max-new-tokens", "2", "--methods", "all", "--tokens", "0", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
+    assert result["methods"] == ["attention", "cleann", "igos", "relevancy", "tam"]
     grid = result["image"]["grid"]
     maps = np.load(out / "maps.npz")
     vision = {"relevancy_vit", "relevancy_all"}
-    assert set(maps.keys()) == {"attention", "cleann", "relevancy", "tam", "tam_raw", "tam_cleaned"} | vision
+    assert set(maps.keys()) == {"attention", "cleann", "igos", "igos_answer", "relevancy", "tam", "tam_raw",
+                                 "tam_cleaned"} | vision
     for name, values in maps.items():
         assert values.shape == (1, *grid) and (values >= 0).all(), name
     for name in {"attention", "relevancy"} | vision:

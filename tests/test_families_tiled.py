@@ -304,14 +304,14 @@ def test_explain_with_every_method(tmp_path, preset):
     assert main(["explain", "--image", str(path), "--prompt", "Describe the image.", "--model", f"random:{preset}",
                  "--max-new-tokens", "2", "--methods", "all", "--tokens", "1", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["methods"] == ["attention", "cleann", "relevancy", "tam"]
+    assert result["methods"] == ["attention", "cleann", "igos", "relevancy", "tam"]
     image = result["image"]
     assert image["views"][0] == {"name": "tiles", "grid": image["grid"], "box": image["box"]}
     assert image["views"][0]["box"] == ([0.0, -3.103, 100.0, 63.103] if preset.startswith("llava") else [0, 0, 100, 60])
     assert len(image["views"]) == 2
     maps = np.load(out / "maps.npz")
-    assert set(maps.keys()) == {"attention", "cleann", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw",
-                                "tam_cleaned"}
+    assert set(maps.keys()) == {"attention", "cleann", "igos", "igos_answer", "relevancy", "relevancy_vit",
+                                "relevancy_all", "tam", "tam_raw", "tam_cleaned"}
     for name in maps.keys():
         assert maps[name].shape == (1, *image["grid"]) and (maps[name] >= 0).all() and np.isfinite(maps[name]).all()
     assert all(maps[name].sum() > 0 for name in ("attention", "relevancy", "relevancy_vit", "relevancy_all", "tam_raw"))

@@ -24,6 +24,16 @@ TINY = TrainConfig(expansion=2, k=4, batch_size=64, max_steps=12, eval_every=4, 
 HOOKS = {"llava": "vision.blocks.0.hook_resid_post", "qwen2_vl": "lm.blocks.1.hook_resid_post"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These tiny models' matrices are too small to share among threads: with more than one, on a loaded 2-core
+    machine, threads waiting for each other made this module ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def saelens_reference(sae_in, W_enc, W_dec, b_enc, b_dec, architecture, k=None, threshold=None,
                       rescale_by_decoder_norm=False):
     """SAELens 6's documented forward, written out independently: process_sae_in subtracts b_dec, hidden_pre =

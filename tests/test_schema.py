@@ -15,10 +15,11 @@ from lvlm_interpret.server import create_api
 API = create_api(ExplainService(default_model="demo", device="cpu"))  # the model loads only if a request needs it
 # A request the schema allows may still be refused (400) for what JSON Schema cannot say: whether the uploaded bytes
 # are a readable image and the prompt fits the model, whether an option exists for the chosen method, whether the
-# export's and trust's options string is JSON naming methods. Elsewhere a valid request gets an answer or 404
-# (unknown id).
+# export's and trust's options string is JSON naming methods, whether a feature number exists in the SAE. Elsewhere a
+# valid request gets an answer or 404 (unknown id).
 CHECKED_BEYOND_THE_SCHEMA = ("/v1/generate", "/v1/explain", "/v1/explain_answer",
-                             "/v1/export/{request_id}/{token_index}/{kind}", "/v1/trust/{request_id}/{token_index}")
+                             "/v1/export/{request_id}/{token_index}/{kind}", "/v1/trust/{request_id}/{token_index}",
+                             "/v1/sae/feature", "/v1/sae/steer")
 CONFIG = schemathesis.Config.from_dict({"operations": [
     {"include-path": path, "checks": {"positive_data_acceptance": {
         "expected-statuses": ["2xx", "400", "404", "429", "5xx"]}}}  # 5xx: not_a_server_error reports those

@@ -1,10 +1,13 @@
 """CLEANN: the CI test, structure learning and minimal-set search on hand inputs; the method end to end."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from causallearn.search.ConstraintBased.PC import pc
+from causallearn.utils.cit import CIT
 
 from lvlm_interpret import UserInputError, get_method
 from lvlm_interpret.methods.cleann import (
@@ -329,3 +332,41 @@ def test_a_score_equals_the_whole_models_with_the_set_masked(models, family):
     assert probability == pytest.approx(float(torch.softmax(logits, -1)[token]), rel=1e-4, abs=1e-7)
     assert still_argmax == bool(logits.argmax() == token)
     assert scorer([])[0] == pytest.approx(math.exp(float(trace.answer_logprobs[token_index])), rel=1e-3)
+
+
+def _linear_sem_samples(n_samples: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """Samples of x0 -> x1 -> x2 -> x4 <- x3, x4 -> x6, x5 alone (a chain, a collider, an isolated node), with the
+    graph's edges. The columns are in a causal order, as tokens are."""
+    weights = {(0, 1): 0.8, (1, 2): 0.7, (2, 4): 0.6, (3, 4): 0.7, (4, 6): 0.5}
+    rng = np.random.default_rng(0)
+    samples = np.zeros((n_samples, 7))
+    for node in range(7):
+        samples[:, node] = rng.standard_normal(n_samples) + sum(
+            weight * samples[:, parent] for (parent, child), weight in weights.items() if child == node)
+    return samples, set(weights)
+
+
+def test_independence_tests_and_pc_skeleton_match_causal_learn():
+    """Cross-check against causal-learn's Fisher-z test and PC on the same samples. causal-learn takes samples
+    only, so ours gets their correlation matrix (correlation_from_attention of the centred columns) and the same n.
+    Compared: every p-value (all pairs, conditioning sets of 0-3 nodes) and the skeleton at depth 2. CLEANN's own
+    search is token-ordered (sets from the later token's earlier neighbours, the reference's ordered ICD), which PC
+    does not offer; it is compared where order cannot matter: here the token order is a causal order, so the
+    later node's parents, all earlier, separate it from every earlier non-neighbour. The unordered configuration
+    (ordered=False) is PC's adjacency search and is compared too."""
+    n_samples = 2000
+    samples, edges = _linear_sem_samples(n_samples)
+    correlation = correlation_from_attention((samples - samples.mean(axis=0)).T)
+    np.testing.assert_allclose(correlation, np.corrcoef(samples.T), atol=1e-12)
+    fisher_z = CIT(samples, "fisherz")
+    for i, j in itertools.combinations(range(7), 2):
+        others = [k for k in range(7) if k not in (i, j)]
+        for given in itertools.chain.from_iterable(itertools.combinations(others, size) for size in range(4)):
+            ours = fisher_z_pvalue(partial_correlation(correlation, i, j, given), n_samples, len(given))
+            assert ours == pytest.approx(fisher_z(i, j, list(given)), abs=1e-9), (i, j, given)
+    for alpha in (0.01, 1e-5):
+        graph = pc(samples, alpha, "fisherz", max_k=2, show_progress=False).G.graph
+        theirs = {(i, j) for i, j in itertools.combinations(range(7), 2) if graph[i, j] != 0}
+        assert theirs == edges
+        assert learn_skeleton(correlation, n_samples, alpha, max_given=2, ordered=False) == theirs
+        assert learn_skeleton(correlation, n_samples, alpha, max_given=2, ordered=True) == theirs

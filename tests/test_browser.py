@@ -53,23 +53,22 @@ def _start(command: list[str], url: str) -> subprocess.Popen:
     raise RuntimeError(f"{command} did not answer at {url} within 120 s")
 
 
-@pytest.fixture(scope="module")
-def app_url():
+def _page_server(model: str):
+    """Serve the page on `model` in its own process for the module's tests; yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    process = _start([sys.executable, "app.py", "--model", "random:llava", "--port", str(port), "--device", "cpu"],
-                     url)
+    process = _start([sys.executable, "app.py", "--model", model, "--port", str(port), "--device", "cpu"], url)
     yield url
     process.terminate()
     process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def backend_app_url():
-    """The front end with no model, talking to `python -m lvlm_interpret serve` over HTTP."""
+def _backend_page_server(model: str):
+    """Serve the front end with no model, talking to `python -m lvlm_interpret serve --model MODEL` over HTTP; yields
+    the front end's URL."""
     api_port, app_port = _free_port(), _free_port()
-    backend = _start([sys.executable, "-m", "lvlm_interpret", "serve", "--model", "random:llava", "--port",
-                      str(api_port), "--device", "cpu"], f"http://127.0.0.1:{api_port}/v1/health")
+    backend = _start([sys.executable, "-m", "lvlm_interpret", "serve", "--model", model, "--port", str(api_port),
+                      "--device", "cpu"], f"http://127.0.0.1:{api_port}/v1/health")
     url = f"http://127.0.0.1:{app_port}"
     front = _start([sys.executable, "app.py", "--backend", f"http://127.0.0.1:{api_port}", "--port", str(app_port)],
                    url)
@@ -77,6 +76,26 @@ def backend_app_url():
     for process in (front, backend):
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    yield from _page_server("random:llava")
+
+
+@pytest.fixture(scope="module")
+def backend_app_url():
+    yield from _backend_page_server("random:llava")
+
+
+@pytest.fixture(scope="module")
+def demo_app_url():
+    yield from _page_server("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_backend_app_url():
+    yield from _backend_page_server("demo")
 
 
 def _shown_image(page, selector) -> np.ndarray:

@@ -4,7 +4,6 @@ the library computes."""
 
 import io
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ from PIL import Image
 from components.compare_panel import render, run_compare, select_word
 from components.generation import run_generation
 from lvlm_interpret import ExplainService, load_image
-from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, ROOT, _free_port, _generate, _start
+from tests import test_browser
+from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, ROOT, _generate
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed "
                                                                        "(make test installs it)")
@@ -22,14 +22,7 @@ TRIANGLE = ROOT / "assets/examples/red-triangle.png"
 SELECTED_COLOUR = "245, 158, 11"  # compare_panel's colour of the selected word (#f59e0b), as CSS rgb
 
 
-@pytest.fixture(scope="module")
-def demo_app_url():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start([sys.executable, "app.py", "--model", "demo", "--port", str(port), "--device", "cpu"], url)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+demo_app_url = test_browser.demo_app_url  # the page on the demo model, shared
 
 
 def _open_tab(page, name: str) -> None:

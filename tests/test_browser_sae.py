@@ -3,7 +3,6 @@ is what lvlm_interpret.sae computes for the same image, cell and feature, with t
 behind `app.py --backend`."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from lvlm_interpret import GenerationOptions, load_model
 from lvlm_interpret.demo.scenes import HELD_OUT_SEED_START, draw_scene
 from lvlm_interpret.rendering import blend, cell_at, overlay
 from lvlm_interpret.sae import encode_image, generate_with_feature_edits, load_sae_for, load_top_cells
-from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _free_port, _generate, _shown_image, _start
+from tests import test_browser
+from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _generate, _shown_image
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed "
                                                                        "(make test installs it)")
@@ -21,32 +21,7 @@ PROMPT = "What color is the circle?"
 FEATURES_TAB = "Features"  # the tab's label in app.py
 
 
-def _stop(*processes) -> None:
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def demo_app_url():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start([sys.executable, "app.py", "--model", "demo", "--port", str(port), "--device", "cpu"], url)
-    yield url
-    _stop(process)
-
-
-@pytest.fixture(scope="module")
-def demo_backend_app_url():
-    """The front end with no model, talking to `python -m lvlm_interpret serve --model demo` over HTTP."""
-    api_port, app_port = _free_port(), _free_port()
-    backend = _start([sys.executable, "-m", "lvlm_interpret", "serve", "--model", "demo", "--port", str(api_port),
-                      "--device", "cpu"], f"http://127.0.0.1:{api_port}/v1/health")
-    url = f"http://127.0.0.1:{app_port}"
-    front = _start([sys.executable, "app.py", "--backend", f"http://127.0.0.1:{api_port}", "--port", str(app_port)],
-                   url)
-    yield url
-    _stop(front, backend)
+demo_app_url, demo_backend_app_url = test_browser.demo_app_url, test_browser.demo_backend_app_url
 
 
 @pytest.fixture(scope="module")

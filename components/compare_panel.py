@@ -27,6 +27,8 @@ SELECTED, PAIRED = "selected", "in both answers"
 WAITING = ("Generate an answer first (it is request A), then change its prompt, image or model here and press "
            "**Compare with B**.")
 SAME_AS_A = "same as A"
+# The two trained demo models (LLaVA and Qwen2-VL layouts) are each other's default B: "which model looks where".
+DEMO_PAIR = {"demo": "demo-qwen2_vl", "demo-qwen2_vl": "demo"}
 
 
 @dataclass
@@ -53,7 +55,10 @@ class ComparePanel:
         with gr.Row():
             with gr.Column(scale=2):
                 prompt_b = gr.Textbox(label="B's prompt (empty: A's)", lines=1, elem_id="compare-prompt-b")
-                model_b = gr.Dropdown([(SAME_AS_A, ""), *model_choices(default_model, allowed_models)], value="",
+                choices = model_choices(default_model, allowed_models)
+                partner = DEMO_PAIR.get(default_model, "")
+                model_b = gr.Dropdown([(SAME_AS_A, ""), *choices],
+                                      value=partner if partner in dict(choices).values() else "",
                                       label="B's model", elem_id="compare-model-b")
                 maps = gr.CheckboxGroup(MAP_CHOICES, value=DEFAULT_MAPS, label="Maps", elem_id="compare-maps")
                 button = gr.Button("Compare with B", variant="primary", elem_id="compare-run")

@@ -60,6 +60,11 @@ def test_compare_tab_aligns_words_and_follows_clicks_in_both_answers(demo_app_ur
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         _generate(page, demo_app_url, THREE_OBJECTS)
         _open_tab(page, "Compare")
+        # the two trained demo models are each other's default B; this test keeps A's model and changes the image
+        model_b = page.locator("#compare-model-b input")
+        assert model_b.input_value().startswith("demo-qwen2_vl")
+        model_b.click()
+        page.get_by_role("option", name="same as A", exact=True).click()
         page.locator("#compare-image-b input[type=file]").set_input_files(str(TRIANGLE))
         page.locator("#compare-run").click()
         page.wait_for_function("document.querySelector('#compare-summary').innerText.includes('token')",

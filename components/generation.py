@@ -26,9 +26,8 @@ def examples() -> list[list[str]]:
 
 MODEL_NOTES = {"demo": "demo: 4.4 M parameters, trained here on coloured shapes only; it does not understand "
                        "photographs",
-               "demo-qwen2_vl": "demo-qwen2_vl: a second demo model (Qwen2-VL family), 4.7 M parameters, coloured "
-                                "shapes only; still in training, below the accuracy bar (its maps are a partly "
-                                "trained model's)"}
+               "demo-qwen2_vl": "demo-qwen2_vl: a second demo model (Qwen2-VL family), 4.7 M parameters, trained "
+                                "here on the same coloured shapes only"}
 
 
 def model_choices(default: str, allowed: list[str] | None = None) -> list[tuple[str, str]]:

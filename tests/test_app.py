@@ -244,7 +244,7 @@ def test_hosted_limits():
     labels = dict((name, label) for label, name in model_choices("demo"))
     assert "random:qwen2_vl" in labels and "untrained" in labels["random:qwen2_vl"]
     assert "coloured shapes only" in labels["demo"]  # the picker says what the demo model knows
-    assert "Qwen2-VL" in labels["demo-qwen2_vl"] and "in training" in labels["demo-qwen2_vl"]
+    assert "Qwen2-VL" in labels["demo-qwen2_vl"] and "coloured shapes only" in labels["demo-qwen2_vl"]
 
 
 def test_dockerfile_runs_the_same_entry_with_the_same_requirements():

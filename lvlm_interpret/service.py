@@ -38,7 +38,7 @@ from .methods.base import check_method_options, quick_methods
 from .methods.visual_relevance import visually_relevant_tokens
 from .models.loading import CONFIGS_DIR, DEFAULT_MODEL, LoadedModel, load_model
 from .sae import views as sae_views
-from .sae.features import load_sae_for
+from .sae.features import FeatureEdit, editing, generate_edited, load_sae_for
 from .sae.format import SAE_NAMES
 from .trace import Trace
 from .trust import token_trust
@@ -60,6 +60,7 @@ class Request:
     prompt: str
     options: GenerationOptions
     answer_ids: tuple[int, ...] = ()  # what the first generation answered: a regenerated trace must match it
+    feature_edit: FeatureEdit | None = None  # SAE features edited while answering (and while explaining again)
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,10 @@ class ExplainService:
             return self._models[name]
 
     def generate(self, images: list[Image.Image], prompt: str, model: str | None = None,
-                 options: GenerationOptions | None = None) -> tuple[str, Trace]:
-        """Run a new request; returns its id (for later `explain` calls) and its Trace."""
+                 options: GenerationOptions | None = None,
+                 feature_edit: FeatureEdit | None = None) -> tuple[str, Trace]:
+        """Run a new request; returns its id (for later `explain` calls) and its Trace. `feature_edit` (its `sae`
+        one of self.saes) edits SAE features while answering and whenever a method runs the model again."""
         options = replace(options) if options else GenerationOptions()
         options.validate()
         model = model or self.default_model
@@ -164,7 +167,7 @@ class ExplainService:
             raise UserInputError(f"model {model!r} is not offered here; choose one of {', '.join(self.allowed_models)}")
         if self.max_new_tokens is not None and options.max_new_tokens > self.max_new_tokens:
             raise UserInputError(f"answers are limited to {self.max_new_tokens} new tokens here")
-        request = Request(model, tuple(images), prompt, options)
+        request = Request(model, tuple(images), prompt, options, feature_edit=feature_edit)
         trace = self._run(request)
         request = replace(request, answer_ids=tuple(trace.answer_ids))
         request_id = uuid.uuid4().hex
@@ -288,14 +291,14 @@ class ExplainService:
         """Positions of a token set (object box, register, random, top-k of a method) of the first image."""
         trace = self.trace(request_id)
         loaded = self.model(trace.model_name)
-        with self._limits(loaded):
+        with self._limits(loaded), self._edited(loaded, trace):
             return select_tokens(loaded, trace, kind, token_index=token_index, **selection)
 
     def ablate(self, request_id: str, positions: list[int], token_index: int = 0, replacement: str = "mean"):
         """Mean (over the example scenes) or zero ablation of image tokens; the answer is regenerated."""
         trace = self.trace(request_id)
         loaded = self.model(trace.model_name)
-        with self._limits(loaded):
+        with self._limits(loaded), self._edited(loaded, trace):
             mean = example_mean_embedding(loaded) if replacement == "mean" else None
             return ablate(loaded, trace, positions, replacement, mean, token_index)
 
@@ -303,7 +306,7 @@ class ExplainService:
         """Attention from the token's predicting position to `positions` blocked per layer window."""
         trace = self.trace(request_id)
         loaded = self.model(trace.model_name)
-        with self._limits(loaded):
+        with self._limits(loaded), self._edited(loaded, trace):
             return knockout(loaded, trace, positions, token_index, windows=windows)
 
     # --- sparse autoencoders (lvlm_interpret.sae) on the request's first image: `sae` names one of self.saes ----
@@ -317,12 +320,26 @@ class ExplainService:
         loaded = self.model(self.trace(request_id).model_name)
         return sae_views.feature_json(loaded, self._sae(loaded, sae), grid, feature, top)
 
-    def sae_steer(self, request_id: str, sae: str, scales: dict) -> dict:
-        """The answer regenerated with features scaled (0 zeroes them) at the SAE's hook point."""
+    def sae_steer(self, request_id: str, sae: str, scales: dict | None = None, values: dict | None = None,
+                  cells=None, token_index: int = 0) -> dict:
+        """The request answered again with SAE features scaled (0 zeroes one) or clamped to `values` at the SAE's
+        hook (on `cells` of the grid only, if given): a new request (`request_id` in the result) whose maps, by
+        every method, are the edited model's; with the attention and TAM maps of answer token `token_index`
+        before and after (after: the same index, or the steered answer's last token if it is shorter)."""
         trace = self.trace(request_id)
-        loaded = self.model(trace.model_name)
-        with self._limits(loaded):
-            return sae_views.steer_json(loaded, self._sae(loaded, sae), trace, scales)
+        trace.check_token_index(token_index)
+        if trace.feature_edit:
+            raise UserInputError("this answer was generated with features edited already: steer the original "
+                                 "request")
+        request = self.request(request_id)
+        edit = FeatureEdit.make(sae, scales, values, cells)
+        steered_id, steered = self.generate(list(request.images), request.prompt, request.model, request.options,
+                                            feature_edit=edit)
+        steered_token = min(token_index, steered.n_answer - 1)
+        maps = {method: {"before": self.explain(request_id, method, token_index).maps[0],
+                         "after": self.explain(steered_id, method, steered_token).maps[0]}
+                for method in sae_views.STEER_MAP_METHODS}
+        return sae_views.steer_json(edit, trace, steered_id, steered, token_index, steered_token, maps)
 
     def _sae(self, loaded: LoadedModel, name: str):
         if name not in self.saes:
@@ -344,7 +361,7 @@ class ExplainService:
         if cached is None:
             trace = self.trace(request_id)
             loaded = self.model(trace.model_name)
-            with self._limits(loaded):
+            with self._limits(loaded), self._edited(loaded, trace):
                 cached = compute(loaded, trace)
             self._cache.put(key, cached, nbytes(cached, trace) + 1024)
         return cached
@@ -352,7 +369,18 @@ class ExplainService:
     def _run(self, request: Request) -> Trace:
         loaded = self.model(request.model)
         with self._limits(loaded):
+            if request.feature_edit is not None:
+                return generate_edited(loaded, self._sae(loaded, request.feature_edit.sae), list(request.images),
+                                       request.prompt, request.feature_edit, request.options)
             return generate_with_capture(loaded, list(request.images), request.prompt, request.options)
+
+    def _edited(self, loaded: LoadedModel, trace: Trace):
+        """The feature edit a trace was generated with, applied again while a method runs the model on it (a
+        no-op for other traces), so that its maps explain the edited model's answer."""
+        if not trace.feature_edit:
+            return contextlib.nullcontext()
+        edit = FeatureEdit.from_json(trace.feature_edit)
+        return editing(loaded, self._sae(loaded, edit.sae), edit, trace.images)
 
     @contextlib.contextmanager
     def _limits(self, loaded: LoadedModel):

@@ -63,6 +63,8 @@ class Trace(AnswerPositions):
     pixels: list[torch.Tensor] = field(default_factory=list)  # the original images, uint8 [height, width, 3]
     generation: dict = field(default_factory=dict)  # the options the answer was generated with
     special_token_ids: list[int] = field(default_factory=list)
+    # an SAE feature edit the answer was generated with (lvlm_interpret.sae.FeatureEdit.to_json and its hook_name)
+    feature_edit: dict | None = None
 
     # --- views ----------------------------------------------------------------------------------------
     @property
@@ -114,6 +116,7 @@ class Trace(AnswerPositions):
             "images": [layout.to_json() for layout in self.images],
             "generation": self.generation,
             "special_token_ids": self.special_token_ids,
+            "feature_edit": self.feature_edit,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -162,4 +165,5 @@ class Trace(AnswerPositions):
             pixels=[tensors[f"{_PIXELS_PREFIX}{index}"] for index in range(len(metadata["images"]))],
             generation=metadata["generation"],
             special_token_ids=metadata["special_token_ids"],
+            feature_edit=metadata.get("feature_edit"),
         )

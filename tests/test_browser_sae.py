@@ -2,12 +2,16 @@
 is what lvlm_interpret.sae computes for the same image, cell and feature, with the model in the page's process and
 behind `app.py --backend`."""
 
+import base64
+import io
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from lvlm_interpret import GenerationOptions, load_model
+from lvlm_interpret import GenerationOptions, get_method, load_model
+from lvlm_interpret.capture import generate_with_capture
 from lvlm_interpret.demo.scenes import HELD_OUT_SEED_START, draw_scene
 from lvlm_interpret.rendering import blend, cell_at, overlay
 from lvlm_interpret.sae import encode_image, generate_with_feature_edits, load_sae_for, load_top_cells
@@ -107,7 +111,9 @@ def _check_features_tab(url: str, library, tmp_path, name: str) -> None:
         assert all(f"{value:.2f}" in captions for value in values)
         page.screenshot(path=str(ARTIFACTS / f"sae-feature-{name}.png"), full_page=True)
 
-        # zero it (the slider's default), then scale it: the answers are the library's steered answers
+        # zero it (the slider's default), then scale it: the answers are the library's steered answers, and the
+        # answer word's attention and TAM maps before and after are the library's maps of the two traces
+        clean = generate_with_capture(loaded, [image], PROMPT, options)
         for scale in (0.0, 6.0):
             if scale:
                 slider = page.locator("#sae-scale input[type=number]")
@@ -117,8 +123,21 @@ def _check_features_tab(url: str, library, tmp_path, name: str) -> None:
                                        f"=== {scale}", timeout=10_000)
             page.locator("#sae-steer").click()
             _wait_for_text(page, "#sae-steered", f"Feature {feature} x {scale:g}:")
-            steered = generate_with_feature_edits(loaded, bundle, image, PROMPT, {feature: scale}, options).answer
-            assert page.locator("#sae-steered strong").inner_text() == steered
+            steered = generate_with_feature_edits(loaded, bundle, image, PROMPT, {feature: scale}, options)
+            assert page.locator("#sae-steered strong").inner_text() == steered.answer
+            page.wait_for_function(f"[...document.querySelectorAll('#sae-steered-maps img')].length === 4 && "
+                                   f"document.querySelector('#sae-steered-maps').innerText.includes("
+                                   f"{'after: ' + steered.answer_texts[0].strip()!r})", timeout=30_000)
+            before, after = (get_method("attention").explain(trace, 0, model=loaded).maps[0]
+                             for trace in (clean, steered))
+            top = max(float(before.max()), float(after.max()), 1e-6)
+            tiles = page.locator("#sae-steered-maps img")
+            for slot, grid in ((0, before), (1, after)):
+                src = tiles.nth(slot).get_attribute("src")
+                shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:")
+                                              else page.request.get(src).body()))
+                expected = blend(image, overlay(grid, layout, vmin=0.0, vmax=top))
+                np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), np.asarray(expected))
         assert page.get_by_text("Error").count() == 0
         browser.close()
 

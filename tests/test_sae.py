@@ -14,10 +14,14 @@ from lvlm_interpret.sae import (
     DataSpec, SparseAutoencoder, TrainConfig, encode_image, feature_edit, load_sae, load_sae_for, save_sae,
     train_on_model, train_sae,
 )
-from lvlm_interpret.sae.activations import image_activations
+from lvlm_interpret.sae.activations import image_activations, image_site
+from lvlm_interpret.sae.features import FeatureEdit, edit_hook, editing, request_layouts
 from lvlm_interpret.sae.metrics import explained_variance, spliced_effect
+from lvlm_interpret.evaluation.metrics import cell_mask_overlap
 from lvlm_interpret.sae.probe import auroc
 from tests.conftest import make_scene
+
+STEERING_FACTOR = 16  # the clamp (x the feature's typical activation) assets/demo-sae-steer/README.md reports
 
 TINY = TrainConfig(expansion=2, k=4, batch_size=64, max_steps=12, eval_every=4, dead_steps=3)
 # the LLaVA preset's projector reads the tower's second-to-last layer (vision_feature_layer -2): block 0 of 2
@@ -198,6 +202,59 @@ def test_feature_edits_keep_the_error_term_and_scale_one_feature():
         feature_edit(sae, {99: 0.0})
 
 
+def test_cell_edits_rewrite_only_those_cells_tokens_and_pass_the_one_token_steps(trained):
+    loaded, folder = trained("qwen2_vl")
+    bundle = load_sae_for(loaded, folder)
+    layouts = request_layouts(loaded, [make_scene()], "Describe the image.")
+    site = image_site(loaded, bundle.hook_name, layouts)
+    hook = edit_hook(site, lambda rows: rows + 1.0, cells=((0, 1), (1, 0)))
+    value = torch.zeros(1, int(site.rows.max()) + 5, bundle.sae.d_in)
+    changed = hook(value, bundle.hook_name).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert changed == sorted([int(layouts[0].positions[0, 1]), int(layouts[0].positions[1, 0])])
+    assert hook(torch.zeros(1, 1, bundle.sae.d_in), bundle.hook_name) is None  # a generate step past the image
+    with pytest.raises(UserInputError, match="cell \\[0, 99\\] is outside the"):
+        edit_hook(site, lambda rows: rows, cells=((0, 99),))
+
+
+def test_a_steered_request_is_explained_with_its_edit(trained, tmp_path):
+    """Methods that run the model again (relevancy) run it with the request's feature edit: the steered answer's
+    maps are the edited model's, and the trace keeps the edit when saved."""
+    from lvlm_interpret import ExplainService, GenerationOptions, Trace, get_method
+
+    loaded, folder = trained("llava")
+    service = ExplainService(default_model="random:llava", device="cpu")
+    service.saes["tiny"] = folder
+    request_id, _ = service.generate([make_scene()], "Describe the image.", options=GenerationOptions(max_new_tokens=3))
+    feature = service.sae_features(request_id, "tiny", k=1)["cells"][0][0][0]["feature"]
+    steered = service.sae_steer(request_id, "tiny", values={feature: 200.0}, cells=[[0, 0], [1, 1]])
+    trace = service.trace(steered["request_id"])
+    assert trace.feature_edit == {"sae": "tiny", "scales": {}, "values": {str(feature): 200.0},
+                                  "cells": [[0, 0], [1, 1]], "hook_name": HOOKS["llava"]}
+    served = service.explain(steered["request_id"], "relevancy", 0).maps[0]
+    edit = FeatureEdit.from_json(trace.feature_edit)
+    with editing(loaded, load_sae_for(loaded, folder), edit, trace.images):
+        edited = get_method("relevancy").explain(trace, 0, model=loaded).maps[0]
+    unedited = get_method("relevancy").explain(trace, 0, model=loaded).maps[0]
+    np.testing.assert_allclose(served, edited, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(served, unedited, rtol=1e-4, atol=1e-6)
+    assert Trace.load(trace.save(tmp_path / "steered.safetensors")).feature_edit == trace.feature_edit
+    with pytest.raises(UserInputError, match="generated with features edited already"):
+        service.sae_steer(steered["request_id"], "tiny", {feature: 0.0})
+
+
+@pytest.mark.parametrize("scales,values,cells,message", [
+    ({}, {}, None, "name at least one feature to scale"),
+    ({3: 0.0}, {3: 5.0}, None, "feature 3 is both scaled and clamped"),
+    ({3: float("nan")}, {}, None, "scales: each must be a finite number"),
+    ({"x": 1}, {}, None, "scales map feature numbers to numbers"),
+    ({3: 0.0}, {}, [], "cells is empty"),
+    ({3: 0.0}, {}, [[1]], "cells are \\[row, col\\] pairs"),
+])
+def test_feature_edits_refuse_bad_input_with_one_message(scales, values, cells, message):
+    with pytest.raises(UserInputError, match=message):
+        FeatureEdit.make("demo", scales, values, cells)
+
+
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path):
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(400, 8, generator=generator).half()
@@ -244,7 +301,23 @@ def test_service_and_http_backend_give_the_same_feature_views(trained):
         assert view["top_cells"][0]["value"] >= view["top_cells"][1]["value"]
         kept = backend.sae_steer(request_id, "tiny", {feature: 1.0})
         assert kept["answer"] == kept["answer_before"] == trace.answer and not kept["answer_changed"]
-        with pytest.raises(UserInputError, match="unknown SAE 'nope': this service offers demo, tiny"):
+        np.testing.assert_allclose(kept["maps"]["attention"]["after"], kept["maps"]["attention"]["before"], atol=1e-5)
+        # the feature switched on hard everywhere: the steered request's captured maps are not the clean ones
+        steered = backend.sae_steer(request_id, "tiny", values={feature: 200.0}, token_index=1)
+        assert steered["answer_before"] == trace.answer and steered["token_index"] == 1
+        for method in ("attention", "tam"):
+            before, after = (np.asarray(steered["maps"][method][when]) for when in ("before", "after"))
+            assert before.shape == after.shape == (rows, cols)
+            np.testing.assert_allclose(before, backend.explain(request_id, method, 1).maps[0], rtol=1e-5, atol=1e-7)
+            assert not np.allclose(before, after)
+        if backend is service:  # the steered request is a request like any other: every method explains it
+            np.testing.assert_allclose(steered["maps"]["tam"]["after"], service.explain(
+                steered["request_id"], "tam", steered["steered_token_index"]).maps[0], rtol=1e-5, atol=1e-7)
+        else:  # its id is the backend's
+            body = remote._call("POST", "/v1/explain", json={"request_id": steered["request_id"], "method": "tam",
+                                                             "token_index": steered["steered_token_index"]})
+            np.testing.assert_allclose(steered["maps"]["tam"]["after"], body["maps"]["tam"][0], rtol=1e-5, atol=1e-7)
+        with pytest.raises(UserInputError, match="unknown SAE 'nope': this service offers demo, demo-steer, tiny"):
             backend.sae_features(request_id, "nope")
         with pytest.raises(UserInputError, match="feature 9999 is out of range"):
             backend.sae_feature(request_id, "tiny", 9999)
@@ -334,7 +407,7 @@ def test_features_tab_follows_the_request_and_shows_the_librarys_results(trained
     image = make_scene()
     request_id, trace = service.generate([image], "Describe the image.")
     state = {"request_id": request_id, "image": image, "token": 0}
-    assert sae_panel.cleared(state) == (image, None, None, sae_panel.WAITING, [], "")
+    assert sae_panel.cleared(state) == (image, None, None, sae_panel.WAITING, [], "", [])
     layout = trace.images[0]
     x0, y0, x1, y1 = layout.box
     x, y = x0 + 0.5 * (x1 - x0) / layout.cols, y0 + 0.5 * (y1 - y0) / layout.rows  # cell (0, 0)
@@ -345,7 +418,10 @@ def test_features_tab_follows_the_request_and_shows_the_librarys_results(trained
     picture, summary, tiles = sae_panel.feature_view(service, state, "tiny", first)
     assert picture.size == image.size and f"Feature **{first}**" in summary and 1 <= len(tiles) <= 8
     assert [float(caption) for _, caption in tiles] == sorted((float(c) for _, c in tiles), reverse=True)
-    assert "unchanged" in sae_panel.steer(service, state, "tiny", first, 1.0)
+    text, tiles = sae_panel.steer(service, state, "tiny", first, 1.0)
+    assert "unchanged" in text and [caption.split(":")[0] for _, caption in tiles] == [
+        "attention before", "attention after", "tam before", "tam after"]
+    assert all(picture.size == image.size for picture, _ in tiles)
     with pytest.raises(UserInputError, match="outside the part of the image"):
         sae_panel.cell_features(service, state, "tiny", -5, -5)
     with pytest.raises(UserInputError, match="generate an answer first"):
@@ -354,18 +430,49 @@ def test_features_tab_follows_the_request_and_shows_the_librarys_results(trained
     assert any(getattr(block, "elem_id", None) == "sae-image" for block in demo.blocks.values())
 
 
-def test_the_shipped_demo_sae_reads_the_shipped_demo_model():
-    """`--sae demo`: small, documented, and still an SAE of this demo model (a retrained demo model fails here)."""
+@pytest.mark.parametrize("name,hook", [("demo", "lm.blocks.2.hook_resid_post"),
+                                       ("demo-steer", "lm.blocks.0.hook_resid_post")])
+def test_the_shipped_demo_sae_reads_the_shipped_demo_model(name, hook):
+    """`--sae demo` and `--sae demo-steer`: small together, documented, and still SAEs of this demo model (a
+    retrained demo model fails here)."""
     from lvlm_interpret import load_model
     from lvlm_interpret.demo.scenes import HELD_OUT_SEED_START, draw_scene
-    from lvlm_interpret.sae.format import DEMO_SAE_DIR
+    from lvlm_interpret.sae.format import SAE_NAMES
 
-    assert sum(p.stat().st_size for p in DEMO_SAE_DIR.iterdir()) <= 10 * 2 ** 20
-    assert {"cfg.json", "sae_weights.safetensors", "metrics.json", "top_cells.npz", "README.md"} <= \
-        {p.name for p in DEMO_SAE_DIR.iterdir()}
+    assert sum(p.stat().st_size for folder in SAE_NAMES.values() for p in folder.iterdir()) <= 10 * 2 ** 20
+    assert {"cfg.json", "sae_weights.safetensors", "metrics.json", "top_cells.npz", "auroc.json", "README.md"} <= \
+        {p.name for p in SAE_NAMES[name].iterdir()}
     loaded = load_model("demo", device="cpu")
-    bundle = load_sae_for(loaded, "demo")
-    assert bundle.model_name == "demo" and bundle.hook_name == "lm.blocks.2.hook_resid_post"
+    bundle = load_sae_for(loaded, name)
+    assert bundle.model_name == "demo" and bundle.hook_name == hook
     rows = torch.cat([image_activations(loaded, bundle.hook_name, draw_scene(HELD_OUT_SEED_START + i).image)[0]
                       for i in range(3)])
     assert explained_variance(rows, bundle.sae(rows)) > 0.95
+
+
+def test_steering_the_demo_steer_sae_turns_a_red_answer_blue():
+    """What assets/demo-sae-steer/steering.json measures, through the service a user meets: on a held-out scene,
+    the red feature zeroed and the blue one clamped on the red object's cells turn the colour answer blue, and the
+    steered answer word's maps are not the clean ones."""
+    from lvlm_interpret import ExplainService, GenerationOptions
+    from lvlm_interpret.demo.scenes import color_prompt
+    from lvlm_interpret.sae.format import SAE_NAMES
+    from lvlm_interpret.sae.steering import study_questions
+
+    study = json.loads((SAE_NAMES["demo-steer"] / "steering.json").read_text())
+    red, blue = study["features"]["red"], study["features"]["blue"]
+    factor = STEERING_FACTOR
+    scene, index = next((scene, index) for scene, index in study_questions(study["n_scenes"])
+                        if scene.objects[index].colour == "red")
+    service = ExplainService(default_model="demo", device="cpu")
+    prompt = color_prompt(scene.objects[index].shape)
+    request_id, trace = service.generate([scene.image], prompt, options=GenerationOptions(max_new_tokens=4))
+    assert trace.answer == "red"
+    cells = np.argwhere(cell_mask_overlap(trace.images[0], scene.masks[index]) > 0).tolist()
+    steered = service.sae_steer(request_id, "demo-steer", {red: 0.0},
+                                {blue: factor * study["typical_activation"]["blue"]}, cells)
+    assert steered["answer"] == "blue" and steered["token"] == "blue" and steered["token_before"] == "red"
+    for method in ("attention", "tam"):
+        assert not np.allclose(steered["maps"][method]["before"], steered["maps"][method]["after"])
+    kept = service.sae_steer(request_id, "demo-steer", {red: 0.0}, cells=cells)  # zeroing alone: still red
+    assert kept["answer"] == "red"

@@ -24,8 +24,10 @@ COMMANDS = ("sae",)
 
 
 def add_parsers(commands) -> None:
-    sae = commands.add_parser("sae", help="sparse autoencoders: train one on a hook point, encode an image")
-    actions = sae.add_subparsers(dest="sae_command", required=True, parser_class=type(sae), metavar="{train,encode,auroc}")
+    sae = commands.add_parser("sae", help="sparse autoencoders: train one on a hook point, encode an image, measure "
+                                          "its features (auroc) and their effect on answers (steering)")
+    actions = sae.add_subparsers(dest="sae_command", required=True, parser_class=type(sae),
+                                 metavar="{train,encode,auroc,steering}")
     defaults = TrainConfig()
     train = actions.add_parser("train", help="train an SAE on a hook point's image-token activations")
     train.add_argument("--model", default=DEFAULT_MODEL)
@@ -67,6 +69,16 @@ def add_parsers(commands) -> None:
     auroc.add_argument("--n-eval", type=int, default=50, help="further held-out scenes that measure it")
     auroc.add_argument("--device", default="auto")
     auroc.add_argument("--out", required=True, help="output folder for auroc.json")
+
+    steering = actions.add_parser("steering", help="demo scenes: how often zeroing or clamping a colour feature "
+                                                   "changes the answer to a colour question")
+    steering.add_argument("--sae", required=True, help="SAE folder (SAELens format) or demo")
+    steering.add_argument("--auroc", default=None, help="the auroc.json naming each colour's feature (default: the "
+                                                        "SAE folder's)")
+    steering.add_argument("--model", default=None, help="default: the model the SAE was trained on")
+    steering.add_argument("--n-scenes", type=int, default=50, help="held-out scenes whose colour questions are asked")
+    steering.add_argument("--device", default="auto")
+    steering.add_argument("--out", required=True, help="output folder for steering.json")
 
 def _data_spec(args) -> DataSpec:
     if args.images and (args.dataset or args.n is not None):
@@ -143,5 +155,38 @@ def run_auroc(args) -> dict:
     return result
 
 
+def run_steering(args) -> dict:
+    from .format import resolve_sae_path
+    from .steering import steering_study
+
+    if args.n_scenes < 1:
+        raise UserInputError(f"--n-scenes must be at least 1, got {args.n_scenes}")
+    auroc_path = Path(args.auroc) if args.auroc else resolve_sae_path(args.sae) / "auroc.json"
+    if not auroc_path.is_file():
+        raise UserInputError(f"no {auroc_path}: run `sae auroc --sae {args.sae} --out DIR` and give --auroc "
+                             "DIR/auroc.json")
+    try:
+        features = {name: int(row["feature"]) for name, row in json.loads(auroc_path.read_text())["attributes"].items()}
+    except (ValueError, KeyError, TypeError):
+        raise UserInputError(f"{auroc_path} is not an auroc.json written by `sae auroc`") from None
+    _, config = load_sae(args.sae)
+    model_name = args.model or config["metadata"].get("model_name") or DEFAULT_MODEL
+    loaded = load_model(model_name, device=args.device)
+    result = {"model": model_name, "sae": str(args.sae),
+              **steering_study(loaded, load_sae_for(loaded, args.sae), features, args.n_scenes)}
+    with staged_folder(Path(args.out)) as staging:
+        (staging / "steering.json").write_text(json.dumps(result, indent=2))
+    print(f"{result['hook_name']}: {result['n_questions']} colour questions of {args.n_scenes} held-out scenes "
+          f"answered correctly ({result['skipped_wrong_clean_answer']} others left out)")
+    print("| edit (on the object's cells unless said) | answer changed | answer became the target colour |\n"
+          "|---|---|---|")
+    for name, row in result["edits"].items():
+        target = "" if row["to_target"] is None else f"{row['to_target']} / {row['n']} (" + ", ".join(
+            f"{colour} {hits} / {tried}" for colour, (hits, tried) in row["by_target"].items()) + ")"
+        print(f"| {name} | {row['changed']} / {row['n']} | {target} |")
+    return result
+
+
 def run(args):
-    return {"train": run_train, "encode": run_encode, "auroc": run_auroc}[args.sae_command](args)
+    return {"train": run_train, "encode": run_encode, "auroc": run_auroc,
+            "steering": run_steering}[args.sae_command](args)

@@ -4,6 +4,7 @@ top-activating cells of every feature over a set of images."""
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 from collections.abc import Iterable
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 
 from ..analysis.hooks import hooked
-from ..capture import GenerationOptions, generate_with_capture
+from ..capture import GenerationOptions, build_inputs, generate_with_capture
 from ..errors import UserInputError
-from .activations import DEFAULT_PROMPT, RowHook, Site, check_hook_name, image_activations, request_site
+from ..families.base import ImageLayout
+from .activations import DEFAULT_PROMPT, Site, check_hook_name, image_activations, image_site
 from .format import load_sae, resolve_sae_path
 from .model import SparseAutoencoder
 
@@ -93,32 +95,151 @@ def encode_image(loaded, bundle: LoadedSAE, image, prompt: str = DEFAULT_PROMPT)
     return FeatureGrid(site.cells(features).numpy().astype(np.float32), site, bundle.hook_name)
 
 
-def feature_edit(sae: SparseAutoencoder, scales: dict[int, float]):
-    """Rows -> rows with the features' activations multiplied by their scale (0 zeroes them): x + decode(f') -
-    decode(f), so what the SAE does not reconstruct stays as it was."""
-    for feature in scales:
+MAX_SCALE = 1000.0  # for scales and clamped values alike
+
+
+def _feature_numbers(name: str, mapping, example: str) -> dict[int, float]:
+    try:
+        numbers = {int(feature): float(value) for feature, value in (mapping or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise UserInputError(f"{name} map feature numbers to numbers, e.g. {example}") from None
+    if any(not np.isfinite(v) or abs(v) > MAX_SCALE for v in numbers.values()):
+        raise UserInputError(f"{name}: each must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g}")
+    return numbers
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """Features of an SAE edited while a request is answered, and while its answer is explained again: `scales`
+    multiply features' activations (0 zeroes one), `values` clamp features to an activation (switching on one that
+    is silent there); `sae` names the SAE (a service's name, or a folder); `cells` restricts the edit to those
+    (row, col) cells of the first image's grid (None: every cell). Made by `FeatureEdit.make`, which checks input."""
+
+    sae: str
+    scales: tuple[tuple[int, float], ...] = ()
+    values: tuple[tuple[int, float], ...] = ()
+    cells: tuple[tuple[int, int], ...] | None = None
+
+    @classmethod
+    def make(cls, sae, scales: dict | None = None, values: dict | None = None, cells=None) -> "FeatureEdit":
+        scales = _feature_numbers("scales", scales, '{"12": 0, "40": 3}')
+        values = _feature_numbers("values", values, '{"40": 30}')
+        if not scales and not values:
+            raise UserInputError('name at least one feature to scale ({"12": 0} zeroes feature 12) or to clamp '
+                                 '(values {"40": 30})')
+        both = sorted(set(scales) & set(values))
+        if both:
+            raise UserInputError(f"feature {both[0]} is both scaled and clamped: give it one of the two")
+        if cells is not None:
+            try:
+                cells = tuple(sorted({(int(row), int(col)) for row, col in cells}))
+            except (TypeError, ValueError):
+                raise UserInputError("cells are [row, col] pairs of the map's grid, e.g. [[3, 4], [3, 5]]") from None
+            if not cells:
+                raise UserInputError("cells is empty: name at least one [row, col] cell, or leave cells out to edit "
+                                     "every cell")
+        return cls(str(sae), tuple(sorted(scales.items())), tuple(sorted(values.items())), cells)
+
+    def to_json(self) -> dict:
+        return {"sae": self.sae, "scales": {str(f): v for f, v in self.scales},
+                "values": {str(f): v for f, v in self.values},
+                "cells": None if self.cells is None else [list(cell) for cell in self.cells]}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "FeatureEdit":
+        return cls.make(value["sae"], value.get("scales"), value.get("values"), value.get("cells"))
+
+
+def feature_edit(sae: SparseAutoencoder, scales: dict[int, float], values: dict[int, float] | None = None):
+    """Rows -> rows with the features' activations multiplied by their scale (0 zeroes them) and clamped to
+    `values`: x + decode(f') - decode(f), so what the SAE does not reconstruct stays as it was."""
+    values = values or {}
+    for feature in [*scales, *values]:
         if not 0 <= int(feature) < sae.d_sae:
             raise UserInputError(f"feature {feature} is out of range: the SAE has {sae.d_sae} features")
-    index = torch.tensor([int(f) for f in scales], dtype=torch.long)
-    factor = torch.tensor([float(v) for v in scales.values()])
+    scaled, factor = torch.tensor([int(f) for f in scales], dtype=torch.long), torch.tensor(
+        [float(v) for v in scales.values()])
+    clamped, value = torch.tensor([int(f) for f in values], dtype=torch.long), torch.tensor(
+        [float(v) for v in values.values()])
 
     def edit(rows: torch.Tensor) -> torch.Tensor:
         x = rows.float()
         features = sae.encode(x)
         edited = features.clone()
-        edited[:, index] = features[:, index] * factor
+        edited[:, scaled] = features[:, scaled] * factor
+        edited[:, clamped] = value.expand(len(x), -1)
         return x + sae.decode(edited) - sae.decode(features)
     return edit
 
 
+def edited_rows(site: Site, cells: tuple[tuple[int, int], ...] | None) -> np.ndarray:
+    """The site's rows that make up `cells` (None: all of them), ascending."""
+    if cells is None:
+        return site.rows
+    rows, cols = site.grid
+    outside = [cell for cell in cells if not (0 <= cell[0] < rows and 0 <= cell[1] < cols)]
+    if outside:
+        raise UserInputError(f"cell {list(outside[0])} is outside the {rows} x {cols} grid of the image")
+    index = np.array([row * cols + col for row, col in cells])
+    return site.rows[np.unique(site.cell_rows[index][site.cell_weights[index] > 0])]
+
+
+def edit_hook(site: Site, edit, cells: tuple[tuple[int, int], ...] | None = None):
+    """A hook function that rewrites the rows of `cells` in every call that holds them: the prompt's forward of
+    `generate` and every later replay of the request (a method's forward, batched or not); calls that end before
+    them (the one-token steps of `generate`) pass untouched. Rows are counted along the token axis (the LM's
+    [batch, seq, d], LLaVA's tower [images, seq, d], Qwen2-VL's tower [tokens, d])."""
+    rows = torch.as_tensor(edited_rows(site, cells))
+    last = int(rows.max())
+
+    def hook(value: torch.Tensor, name: str):
+        if value.shape[-2] <= last:
+            return None
+        index = rows.to(value.device)
+        picked = value[..., index, :]
+        edited = value.clone()
+        edited[..., index, :] = edit(picked.reshape(-1, value.shape[-1])).reshape(picked.shape).to(value.dtype)
+        return edited
+    return hook
+
+
+@contextlib.contextmanager
+def editing(loaded, bundle: LoadedSAE, edit: FeatureEdit, layouts: list[ImageLayout]):
+    """While active, the model's forwards in this context run with `edit` at the SAE's hook on the first image of a
+    request laid out as `layouts` (`capture.generate_with_capture`, or a method replaying its trace)."""
+    if bundle.hook_name.startswith("vision.") and len(layouts) > 1:
+        raise UserInputError(f"an SAE on the vision tower ({bundle.hook_name}) edits requests of one image: this "
+                             f"one has {len(layouts)}")
+    site = image_site(loaded, bundle.hook_name, layouts)
+    rewrite = feature_edit(bundle.sae, dict(edit.scales), dict(edit.values))
+    with hooked(loaded, [(bundle.hook_name, edit_hook(site, rewrite, edit.cells))]):
+        yield
+
+
+def request_layouts(loaded, images: list, prompt: str) -> list[ImageLayout]:
+    inputs = build_inputs(loaded, images, prompt)
+    return loaded.family.image_layouts(loaded.model, loaded.processor, inputs, images)
+
+
 @torch.no_grad()
+def generate_edited(loaded, bundle: LoadedSAE, images: list, prompt: str, edit: FeatureEdit,
+                    options: GenerationOptions | None = None):
+    """The answer (a Trace, `feature_edit` recording `edit`) generated and captured with `edit` applied: its
+    attention and TAM maps are those of the edited model; methods that re-run the model must run under
+    `editing` too (the service does)."""
+    with editing(loaded, bundle, edit, request_layouts(loaded, images, prompt)):
+        trace = generate_with_capture(loaded, images, prompt, options)
+    trace.feature_edit = {**edit.to_json(), "hook_name": bundle.hook_name}
+    return trace
+
+
 def generate_with_feature_edits(loaded, bundle: LoadedSAE, image, prompt: str, scales: dict[int, float],
-                                options: GenerationOptions | None = None):
-    """The answer (a Trace) with `scales` applied at the SAE's hook on every token it reads."""
-    options = options or GenerationOptions()
-    _, site = request_site(loaded, bundle.hook_name, image, prompt)
-    with hooked(loaded, [(bundle.hook_name, RowHook(site, feature_edit(bundle.sae, scales)))]):
-        return generate_with_capture(loaded, [image], prompt, options)
+                                options: GenerationOptions | None = None, values: dict[int, float] | None = None,
+                                cells=None):
+    """The answer (a Trace) with `scales` and `values` (clamped activations) applied at the SAE's hook on the
+    image's tokens (of `cells` only, if given: [(row, col), ...] of the map's grid)."""
+    return generate_edited(loaded, bundle, [image], prompt, FeatureEdit.make(bundle.path, scales, values, cells),
+                           options)
 
 
 @torch.no_grad()

@@ -23,8 +23,9 @@ from .model import SparseAutoencoder, architecture_name
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 METRICS_FILE = "metrics.json"
-DEMO_SAE_DIR = ASSETS_DIR / "demo-sae"
-SAE_NAMES = {"demo": DEMO_SAE_DIR}
+DEMO_SAE_DIR = ASSETS_DIR / "demo-sae"  # LM layer 2: one feature per colour and shape (AUROC >= 0.95)
+DEMO_STEER_SAE_DIR = ASSETS_DIR / "demo-sae-steer"  # LM layer 0: early enough that editing it changes answers
+SAE_NAMES = {"demo": DEMO_SAE_DIR, "demo-steer": DEMO_STEER_SAE_DIR}
 
 
 def sae_config(sae: SparseAutoencoder, metadata: dict) -> dict:
@@ -49,11 +50,13 @@ def save_sae(sae: SparseAutoencoder, folder, metadata: dict) -> Path:
 
 
 def resolve_sae_path(name_or_path) -> Path:
-    """`demo` (the shipped SAE of the demo model) or a folder holding cfg.json and sae_weights.safetensors."""
+    """A shipped SAE's name (SAE_NAMES: `demo`, `demo-steer`) or a folder holding cfg.json and
+    sae_weights.safetensors."""
     folder = SAE_NAMES.get(str(name_or_path), Path(name_or_path))
     if not folder.is_dir():
-        raise UserInputError(f"--sae {name_or_path}: no such folder; give `demo` or a folder with {CFG_FILE} and "
-                             f"{WEIGHTS_FILE} (SAELens format, e.g. written by `sae train --out`)")
+        raise UserInputError(f"--sae {name_or_path}: no such folder; give {' or '.join(f'`{n}`' for n in SAE_NAMES)} "
+                             f"or a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens format, e.g. written by "
+                             "`sae train --out`)")
     for needed in (CFG_FILE, WEIGHTS_FILE):
         if not (folder / needed).is_file():
             raise UserInputError(f"--sae {name_or_path}: the folder has no {needed}; an SAE folder holds {CFG_FILE} "

@@ -1,5 +1,5 @@
 """What a front end shows of an SAE on a request: each cell's top features, one feature's map on the image with
-its top-activating patches over the SAE's cached images, and the answer with features scaled or zeroed."""
+its top-activating patches over the SAE's cached images, and the answer and maps with features edited."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..capture import GenerationOptions, build_inputs
+from ..capture import build_inputs
 from ..errors import UserInputError
 from ..images import load_image
 from ..rendering import png_data_uri
-from .features import FeatureGrid, LoadedSAE, encode_image, generate_with_feature_edits, load_top_cells
+from .features import FeatureEdit, FeatureGrid, LoadedSAE, encode_image, load_top_cells
 
 PATCH_PX = 72
 
@@ -73,17 +73,16 @@ def feature_json(loaded, bundle: LoadedSAE, grid: FeatureGrid, feature: int, top
             else len(cells["keys"])}
 
 
-def steer_json(loaded, bundle: LoadedSAE, trace, scales: dict) -> dict:
-    """The answer regenerated with the features scaled (0 zeroes one) at the SAE's hook, next to the original."""
-    if not scales:
-        raise UserInputError("name at least one feature to scale, e.g. {\"12\": 0}")
-    try:
-        scales = {int(feature): float(value) for feature, value in scales.items()}
-    except (TypeError, ValueError):
-        raise UserInputError("scales map feature numbers to factors, e.g. {\"12\": 0, \"40\": 3}") from None
-    if any(not np.isfinite(v) or abs(v) > 1000 for v in scales.values()):
-        raise UserInputError("a feature's scale must be a finite number between -1000 and 1000")
-    options = GenerationOptions(**trace.generation)
-    edited = generate_with_feature_edits(loaded, bundle, trace.image(0), trace.prompt, scales, options)
-    return {"scales": {str(k): v for k, v in scales.items()}, "answer_before": trace.answer, "answer": edited.answer,
-            "answer_changed": edited.answer != trace.answer}
+STEER_MAP_METHODS = ("attention", "tam")  # captured during generation: the edited model's own maps, no re-run
+
+
+def steer_json(edit: FeatureEdit, trace, steered_id: str, steered, token_index: int, steered_token: int,
+               maps: dict) -> dict:
+    """The answer generated with `edit` (the request `steered_id`) next to the original, and `maps` ({method:
+    {"before": grid, "after": grid}}) of answer token `token_index` before and `steered_token` after."""
+    return {**edit.to_json(), "hook_name": steered.feature_edit["hook_name"], "request_id": steered_id,
+            "answer_before": trace.answer, "answer": steered.answer, "answer_changed": steered.answer != trace.answer,
+            "token_index": token_index, "token_before": trace.answer_texts[token_index],
+            "steered_token_index": steered_token, "token": steered.answer_texts[steered_token],
+            "maps": {method: {when: np.asarray(grid, dtype=np.float32).tolist() for when, grid in pair.items()}
+                     for method, pair in maps.items()}}

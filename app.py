@@ -20,7 +20,7 @@ from components.attention_panel import (
 from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import (
-    MethodPanel, method_controls, method_names, panel_options, render_method,
+    Cancellations, MethodPanel, method_controls, method_names, panel_options, render_method,
 )
 from components.trust_panel import TrustPanel, render_trust
 from components.trust_panel import cleared as trust_cleared
@@ -36,7 +36,7 @@ from lvlm_interpret.service import HOSTED_CONFIG, hosted_limits, hosted_service
 # panels' fixed height would shrink them to its width
 CSS = ("#answer-tokens .token-container, .compare-answer .token-container { margin-right: 0.35em; }\n"
        "#attention-map, #method-map { height: auto !important; }\n"
-       "#attention-map img, #method-map img { height: auto; max-height: none; }")
+       "#attention-map img, #method-map img { height: auto; max-height: none; }\n" + comparison_panel.TILES_CSS)
 
 try:  # on Hugging Face ZeroGPU Spaces, handlers that compute borrow a GPU
     import spaces
@@ -62,21 +62,17 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
     """The page on `service`; `rate_limiter` (hosted mode) bounds each client address's generations, token clicks
     and method choices per minute."""
 
+    cancellations = Cancellations()  # the method panel's Cancel button, per page session
+
+    def _session(request: gr.Request | None) -> str:
+        return request.session_hash if request is not None and request.session_hash else ""
+
     def check_rate(request: gr.Request | None) -> None:
         if rate_limiter is None or request is None or request.client is None:
             return
         wait = rate_limiter.retry_after(request.client.host)
         if wait is not None:
             raise UserInputError(rate_limiter.message(wait))
-
-    @gpu
-    def fetch_costly(query, request: gr.Request = None):
-        """The linked views' server function: a costly method's maps of the token pinned there."""
-        try:
-            check_rate(request)
-        except UserInputError as error:
-            return {"error": str(error)}
-        return linked_views.costly_maps(service, query)
 
     # uploads and shown files are copied into Gradio's cache: a long-running page clears what is an hour old
     with gr.Blocks(title="lvlm_interpret", delete_cache=(600, 3600)) as demo:
@@ -100,7 +96,7 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                     with gr.Tab("Attention") as attention_tab:
                         attention = AttentionPanel.build()
                     with gr.Tab("Linked views") as linked_tab:
-                        linked = linked_views.build(fetch_costly)
+                        linked = linked_views.build()
                     with gr.Tab("Methods") as method_tab:
                         explanation = MethodPanel.build()
                     with gr.Tab("Side by side") as gallery_tab:
@@ -209,7 +205,10 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
                         gr.Dropdown(visible=method == "cleann"), gr.Checkbox(visible=method == "relevancy"), "", None,
                         None)
             return _method_views(state, method, map_name, cleann_layer, cleann_head, relevancy_vision,
-                                 progress=progress)
+                                 progress=cancellations.progress(progress, _session(request)))
+
+        def on_cancel(request: gr.Request = None):
+            cancellations.ask(_session(request))
 
         def exporter(kind):
             @_user_errors
@@ -300,8 +299,10 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         # a word clicked in the answer strip is pinned in the linked views too, without waiting for the panels
         tokens.select(linked_views.selected, session, linked)
         method_outputs = explanation.outputs()
-        for control in explanation.controls():
-            control.input(on_method, [session, *explanation.controls()], method_outputs, concurrency_id=views)
+        method_events = [control.input(on_method, [session, *explanation.controls()], method_outputs,
+                                       concurrency_id=views) for control in explanation.controls()]
+        # not in the views group: it must run while the method it stops does
+        explanation.cancel.click(on_cancel, None, None, cancels=method_events)
         export_inputs = [session, attention.layer, attention.head, attention.aggregation, *explanation.own_controls()]
         export_panel.pngs.click(exporter("png"), export_inputs, export_panel.files)
         export_panel.request.click(exporter("request"), export_inputs, export_panel.files)
@@ -405,8 +406,16 @@ def launch(service: ExplainBackend, limits: dict, host: str = "127.0.0.1", port:
     limiter = RateLimiter(limits["rate_limit_per_minute"]) if limits.get("rate_limit_per_minute") else None
     demo = build_app(service, limiter).queue(default_concurrency_limit=limits.get("concurrency", concurrency),
                                     max_size=limits.get("queue", queue))
+
+    @gpu
+    def costly_maps(query: dict) -> dict:
+        return linked_views.costly_maps(service, query)
+
+    # the linked views fetch their costly maps from a plain route of the page's app, under the page's rate limit
+    costly = linked_views.costly_route(costly_maps, limiter)
     demo.launch(server_name=host, server_port=port, share=share, css=CSS, prevent_thread_lock=not block,
-                max_file_size=f"{limits['max_upload_mb']}mb" if limits else None, quiet=not block)
+                max_file_size=f"{limits['max_upload_mb']}mb" if limits else None, quiet=not block,
+                app_kwargs={"routes": [costly]})
     return demo
 
 

@@ -18,11 +18,11 @@ from lvlm_interpret.images import prepare_image
 from lvlm_interpret.methods.visual_relevance import STOP_WORDS
 from lvlm_interpret.rendering import caption_strip, captioned_map, map_caption, token_word
 
+from .comparison_panel import TILE_WIDTH
 from .generation import decoded_by_the_product, model_choices, run_generation
 
 MAP_CHOICES = ["attention", "relevancy", "relevancy_vit", "relevancy_all", "tam", "tam_raw", "tam_cleaned"]
 DEFAULT_MAPS = ["attention", "relevancy", "tam"]
-TILE_WIDTH = 420
 SELECTED, PAIRED = "selected", "in both answers"
 WAITING = ("Generate an answer first (it is request A), then change its prompt, image or model here and press "
            "**Compare with B**.")
@@ -76,8 +76,8 @@ class ComparePanel:
         summary = gr.Markdown(WAITING, elem_id="compare-summary")
         similarity = gr.Dataframe(headers=["map", "Spearman", "top-10% IoU", "argmax shift (cells)"],
                                   interactive=False, elem_id="compare-similarity")
-        tiles = gr.Gallery(label="Each map: A, B and A - B", columns=3, height="auto", object_fit="contain",
-                           format="png", elem_id="compare-tiles")
+        tiles = gr.Gallery(label="Each map: A, B and A - B", height="auto", object_fit="contain", format="png",
+                           elem_id="compare-tiles", elem_classes="map-tiles")
         shares = gr.Plot(label="Image / text share of relevancy", elem_id="compare-shares")
         return cls(prompt_b, image_b, model_b, maps, button, answer_a, answer_b, summary, similarity, tiles, shares,
                    state)

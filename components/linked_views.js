@@ -1,7 +1,8 @@
-// Linked views (components/linked_views.py): runs as gr.HTML's js_on_load with `element`, `trigger`, `props`,
-// `watch` and `server`. Hovering a token (or arrow keys in the token row) redraws every view from the payload;
-// hovering an image cell, or dragging a rectangle over the map, colours every token by its value there; a click (or
-// Enter) pins a token at once, fetches a costly map for it if one is shown (kept in the page), then fires `select`.
+// Linked views (components/linked_views.py): runs as gr.HTML's js_on_load with `element`, `trigger`, `props` and
+// `watch`. Hovering a token (or arrow keys in the token row) redraws every view from the payload; hovering an image
+// cell, or dragging a rectangle over the map, colours every token by its value there; a click (or Enter) pins a
+// token at once, fetches a costly map for it if one is shown (from the page's own route; kept in the page), then
+// fires `select`.
 const root = element.querySelector('.lv-root');
 const CSS_WIDTH = 480;  // each view, CSS pixels
 const STRIP_WIDTH = 72;  // each small map of the strip, CSS pixels
@@ -13,6 +14,9 @@ let fetched = {}, fetching = {};
 // the brushed region [row0, col0, row1, col1] (kept after the drag), and the drag's first cell while dragging
 let brush = null, brushStart = null;
 const image = new Image();
+// the page's own route for costly maps, under the app's root (which a proxy or a Space may move)
+const costlyUrl = new URL(root.dataset.costlyRoute,
+  `${((window.gradio_config && window.gradio_config.root) || window.location.href).replace(/\/?$/, '/')}`);
 
 const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 const fmt = (v) => (v === 0 || (Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4) ? String(Number(v.toPrecision(3)))
@@ -338,30 +342,38 @@ function progressNote(name) {
   return `${captionOf(method)} is computed for the pinned word: click «${word(data.tokens[shown])}» to compute it`;
 }
 
-// a costly method's maps of one token from the server, once; resolves when they are in the page (or failed)
+// a costly method's maps of one token from the server, once (again after a failure); resolves when they are in the
+// page (or failed)
 function fetchCostly(method, token) {
   const key = `${method}|${token}`;
-  if (fetching[key]) return fetching[key].done;
+  if (fetching[key] && !fetching[key].error) return fetching[key].done;
   const request = data.request_id;
   const state = {};
   const start = performance.now();
-  state.done = server.costly_maps({ request_id: request, method, token }).then((answer) => {
-    if (request !== data.request_id) return;  // a new answer came meanwhile
-    if (answer.error) {
-      state.error = answer.error;
-      return;
-    }
-    answer.views.forEach((view) => {
-      fetched[`${view.name}|${token}`] = { name: view.name, caption: view.caption, cells: bytes(view.cells),
-        low: view.low[0], high: view.high[0], seconds: answer.seconds, fetchMs: performance.now() - start };
-    });
-    const select = root.querySelector('.lv-second');
-    answer.views.forEach((view) => {
-      if (![...select.options].some((option) => option.value === view.name)) {
-        select.add(new Option(view.caption, view.name));
+  state.done = fetch(costlyUrl, { method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ request_id: request, method, token }) })
+    // a refusal's one line (bad query, unknown request, rate limit, busy), or the status where there is none
+    .then((response) => response.json().catch(() => ({})).then((answer) => (response.ok && answer.views ? answer
+      : { error: answer.error || `the page's server answered ${response.status}; click the word to retry` })))
+    .then((answer) => {
+      if (request !== data.request_id) return;  // a new answer came meanwhile
+      if (answer.error) {
+        state.error = answer.error;
+        return;
       }
-    });
-  }, (failure) => { state.error = `could not be computed (${failure.message || failure})`; })
+      answer.views.forEach((view) => {
+        fetched[`${view.name}|${token}`] = { name: view.name, caption: view.caption, cells: bytes(view.cells),
+          low: view.low[0], high: view.high[0], seconds: answer.seconds, fetchMs: performance.now() - start };
+      });
+      const select = root.querySelector('.lv-second');
+      answer.views.forEach((view) => {
+        if (![...select.options].some((option) => option.value === view.name)) {
+          select.add(new Option(view.caption, view.name));
+        }
+      });
+    }, (failure) => {
+      state.error = `the page's server cannot be reached (${failure.message || failure}); click the word to retry`;
+    })
     .finally(() => { if (request === data.request_id) redraw(); });
   fetching[key] = state;
   return state.done;

@@ -2,24 +2,31 @@
 aggregation, TAM and its variants) travel to the page once per request, 8 bits per cell, and JavaScript redraws
 every view on hover (tokens, or image cells or a brushed region for the reverse view) with no server round trip. A
 click pins a token at once in the page; a costly method's maps (relevancy, CLEANN, ...) are fetched for the pinned
-token through the component's server function `costly_maps` and kept in the page. Then the component's `select`
-event fires, so the server-side panels follow. A click in the answer strip pins the same token here (the
-`selected_token` prop)."""
+token from a plain HTTP route of the page's own app (`COSTLY_ROUTE`, outside Gradio's session and event machinery)
+and kept in the page. Then the component's `select` event fires, so the server-side panels follow. A click in the
+answer strip pins the same token here (the `selected_token` prop)."""
 
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 import gradio as gr
 import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from lvlm_interpret import METHODS, ExplainBackend, TraceView, UserInputError
 from lvlm_interpret.methods.base import image_token_positions
+from lvlm_interpret.ratelimit import RateLimiter
 from lvlm_interpret.rendering import colour_lookup, map_label, png_data_uri
+from lvlm_interpret.server import refusal
 
 from .method_panel import method_names
 
@@ -27,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 IMAGE_LONG_SIDE = 512  # the image travels downscaled; the maps are placed by the original size
 LEVELS = 255
 CHEAP = ("attention", "tam")  # in the payload for every token; every other method is fetched on pin
+COSTLY_ROUTE = "/linked-views/costly-maps"  # on the page's own app; the script posts its queries there
+log = logging.getLogger(__name__)
 
 
 def costly_methods() -> list[str]:
@@ -98,21 +107,45 @@ def payload(service: ExplainBackend, request_id: str, image: Image.Image, layer=
 
 def costly_maps(service: ExplainBackend, query: dict) -> dict:
     """A costly method's maps (its own and its variants) of one token, as the payload's views of a single token,
-    with the seconds its computation took (near 0 when the service had it cached); {"error": message} for a bad
-    query, shown in the page's progress note."""
-    try:
-        if not isinstance(query, dict) or query.get("method") not in costly_methods():
-            raise UserInputError(f"the linked views fetch one of {', '.join(costly_methods())}")
-        if not isinstance(query.get("token"), int):
-            raise UserInputError("the linked views fetch a map for one answer token, by its index")
-        token = query["token"]
-        start = time.perf_counter()
-        explanation = service.explain(str(query.get("request_id")), query["method"], token)
-        seconds = time.perf_counter() - start
-    except UserInputError as error:
-        return {"error": str(error)}
+    with the seconds its computation took (near 0 when the service had it cached). The request id is the key to the
+    request, as for every handler of the page: the service answers for the requests it holds (else
+    UnknownRequestError, "generate an answer first"); a bad query is a UserInputError saying what to send."""
+    if not isinstance(query, dict) or query.get("method") not in costly_methods():
+        raise UserInputError(f"the linked views fetch one of {', '.join(costly_methods())}")
+    if not isinstance(query.get("token"), int) or isinstance(query["token"], bool):
+        raise UserInputError("the linked views fetch a map for one answer token, by its index")
+    token = query["token"]
+    start = time.perf_counter()
+    explanation = service.explain(str(query.get("request_id")), query["method"], token)
+    seconds = time.perf_counter() - start
     return {"request_id": query["request_id"], "method": query["method"], "token": token, "seconds": seconds,
             "views": [_map_record(name, map_label(name), [grids[0]]) for name, grids in explanation.all_maps().items()]}
+
+
+def costly_route(fetch: Callable[[dict], dict], rate_limiter: RateLimiter | None = None) -> APIRoute:
+    """POST `COSTLY_ROUTE` with the query {request_id, method, token} as JSON: `fetch(query)` (`costly_maps` on the
+    page's backend) as JSON, or {"error": one line} with 400 (bad query), 404 (unknown request), 429 over the hosted
+    page's rate (`rate_limiter`, the limit of its other events; with Retry-After), 503 busy, 500. A route of the page's
+    own FastAPI app, outside Gradio's sessions: a refusal has its HTTP status, and the script needs no Gradio client."""
+    async def endpoint(request: Request) -> JSONResponse:
+        if rate_limiter is not None:
+            wait = rate_limiter.retry_after(request.client.host if request.client else "unknown")
+            if wait is not None:
+                return JSONResponse({"error": rate_limiter.message(wait)}, 429, headers={"Retry-After": str(wait)})
+        try:
+            query = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "send the query as JSON: {request_id, method, token}"}, 400)
+        try:
+            return JSONResponse(await run_in_threadpool(fetch, query))
+        except UserInputError as error:
+            return refusal(error)
+        except Exception:
+            log.exception("the linked views' costly map failed")
+            return JSONResponse({"error": "could not be computed (an internal error, logged on the server); "
+                                          "try again"}, 500)
+
+    return APIRoute(COSTLY_ROUTE, endpoint, methods=["POST"], include_in_schema=False)
 
 
 def text_pattern(trace: TraceView, scores: list[np.ndarray]) -> dict:
@@ -130,14 +163,12 @@ def text_pattern(trace: TraceView, scores: list[np.ndarray]) -> dict:
             "answer_start": trace.prompt_length, **record}
 
 
-def build(fetch_costly: Callable[[dict], dict]) -> gr.HTML:
-    """`fetch_costly(query)`: `costly_maps` on the page's backend, called by the page's script as
-    `server.costly_maps(query)`; its name is the one the script calls."""
-    fetch_costly.__name__ = "costly_maps"
-    return gr.HTML(None, html_template='<div class="lv-root"></div>',
+def build() -> gr.HTML:
+    """The component; its script fetches costly maps from `COSTLY_ROUTE`, which the page's launch mounts
+    (`costly_route`)."""
+    return gr.HTML(None, html_template=f'<div class="lv-root" data-costly-route="{COSTLY_ROUTE.lstrip("/")}"></div>',
                    css_template=(HERE / "linked_views.css").read_text(),
-                   js_on_load=(HERE / "linked_views.js").read_text(), elem_id="linked-views",
-                   server_functions=[fetch_costly], selected_token=None)
+                   js_on_load=(HERE / "linked_views.js").read_text(), elem_id="linked-views", selected_token=None)
 
 
 def selected(state: dict, event: gr.SelectData) -> gr.HTML:

@@ -1,15 +1,17 @@
 """Method panel: the selected token's map from any registered method (relevancy, TAM, CLEANN, iGOS++, ...),
 computed on first view and cached by the service; a method with an answer-level map (iGOS++: the answer's visually
-relevant tokens together) shows it until a token is picked."""
+relevant tokens together) shows it until a token is picked; a slow one (iGOS++) shows its iterations on a progress bar
+and stops at the next one when Cancel is pressed."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import gradio as gr
 from PIL import Image
 
-from lvlm_interpret import METHODS, ExplainBackend, TraceView
+from lvlm_interpret import METHODS, ExplainBackend, TraceView, UserInputError
 from lvlm_interpret.methods.igos import reporting_progress
 from lvlm_interpret.rendering import captioned_map, display_width, map_caption, map_label, token_word
 
@@ -36,6 +38,7 @@ class MethodPanel:
     summary: gr.Markdown
     text_scores: gr.Plot
     graph: gr.Plot
+    cancel: gr.Button
 
     @classmethod
     def build(cls) -> "MethodPanel":
@@ -54,10 +57,13 @@ class MethodPanel:
                                                visible=names[0] == "relevancy", elem_id="relevancy-vision")
             image = gr.Image(type="pil", label="Explanation", interactive=False, height=320, format="png",
                              elem_id="method-map")
+            # under the map, where the progress bar of a slow method's iterations shows
+            cancel = gr.Button("Cancel", size="sm", variant="stop", elem_id="method-cancel")
             summary = gr.Markdown(elem_id="method-summary")
             text_scores = gr.Plot(label="Text scores", elem_id="method-text-scores")
             graph = gr.Plot(label="CLEANN graph", elem_id="cleann-graph")
-        return cls(method, map_name, cleann_layer, cleann_head, relevancy_vision, image, summary, text_scores, graph)
+        return cls(method, map_name, cleann_layer, cleann_head, relevancy_vision, image, summary, text_scores, graph,
+                   cancel)
 
     def own_controls(self) -> list:
         """The methods' own controls, in `panel_options`' order."""
@@ -70,6 +76,36 @@ class MethodPanel:
     def outputs(self) -> list:
         return [self.image, self.map_name, self.cleann_layer, self.cleann_head, self.relevancy_vision, self.summary,
                 self.text_scores, self.graph]
+
+
+class Cancellations:
+    """The Cancel button's requests, per page session. Gradio's `cancels` drops the session's queued method events
+    but lets a running handler finish, so the running one is stopped here: `progress` wraps its progress bar, and
+    the next iteration after `ask` raises (nothing is cached; choosing the method again starts over)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._asked: set[str] = set()
+
+    def ask(self, session: str) -> None:
+        with self._lock:
+            self._asked.add(session)
+
+    def progress(self, progress, session: str):
+        """`progress(fraction, desc=...)` that raises a UserInputError once the session asked to cancel; a Cancel
+        pressed before this run does not stop it."""
+        with self._lock:
+            self._asked.discard(session)
+
+        def report(fraction: float, desc: str = "") -> None:
+            with self._lock:
+                asked = session in self._asked
+                self._asked.discard(session)
+            if asked:
+                raise UserInputError(f"cancelled ({desc}): choose the method again to start it over")
+            if progress is not None:
+                progress(fraction, desc=desc)
+        return report
 
 
 def _cleann_choices(trace: TraceView) -> tuple[list[str], list[str]]:

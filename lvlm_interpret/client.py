@@ -30,6 +30,9 @@ from .service import ByteBoundedCache, check_share_id
 from .trace import AnswerPositions
 
 
+KEEPALIVE_S = 4.0  # below the backend's keep-alive timeout
+
+
 @dataclass
 class RemoteTrace(AnswerPositions):
     """The parts of a Trace a front end shows (a TraceView)."""
@@ -92,7 +95,10 @@ class RemoteService:
     def __init__(self, url: str | None = None, client: httpx.Client | None = None, timeout_s: float = 300.0,
                  requests_bytes: int = 64 << 20):
         """Requests (answer and uploaded PNG) are kept, least recently used first out, within `requests_bytes`."""
-        self._client = client or httpx.Client(base_url=url, timeout=timeout_s)
+        # connections are reused, but dropped before the backend's own idle limit (uvicorn's 5 s): a request sent on
+        # one the backend is closing failed ("cannot be reached", RemoteProtocolError) under load
+        self._client = client or httpx.Client(base_url=url, timeout=timeout_s, limits=httpx.Limits(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S))
         self._requests = ByteBoundedCache(requests_bytes)
         health = self._call("GET", "/v1/health")
         self.default_model = health["default_model"]
@@ -227,10 +233,14 @@ class RemoteService:
         return self._for_request(request_id, lambda backend_id: self._call(
             "POST", "/v1/sae/feature", json={"request_id": backend_id, "sae": sae, "feature": feature, "top": top}))
 
-    def sae_steer(self, request_id: str, sae: str, scales: dict) -> dict:
+    def sae_steer(self, request_id: str, sae: str, scales: dict | None = None, values: dict | None = None,
+                  cells=None, token_index: int = 0) -> dict:
+        """As ExplainService.sae_steer; the result's `request_id` names the steered request on the backend."""
         return self._for_request(request_id, lambda backend_id: self._call(
-            "POST", "/v1/sae/steer", json={"request_id": backend_id, "sae": sae,
-                                           "scales": {str(k): v for k, v in scales.items()}}))
+            "POST", "/v1/sae/steer", json={
+                "request_id": backend_id, "sae": sae, "scales": {str(k): v for k, v in (scales or {}).items()},
+                "values": {str(k): v for k, v in (values or {}).items()}, "token_index": token_index,
+                "cells": None if cells is None else [list(cell) for cell in cells]}))
 
     def knockout(self, request_id: str, positions: list[int], token_index: int = 0,
                  windows=tuple(WINDOWS)) -> KnockoutResult:

@@ -187,6 +187,16 @@ def too_large(message: str) -> JSONResponse:
     return JSONResponse(status_code=413, content={"error": message}, headers={"Connection": "close"})
 
 
+def refusal(error: UserInputError) -> JSONResponse:
+    """A refused request's answer: 503 busy (with Retry-After), 413 too large, 404 unknown request, else 400."""
+    if isinstance(error, ServiceBusyError):
+        return JSONResponse(status_code=503, content={"error": str(error)}, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(error, TooLargeError):
+        return too_large(str(error))
+    return JSONResponse(status_code=404 if isinstance(error, UnknownRequestError) else 400,
+                        content={"error": str(error)})
+
+
 class ErrorBody(BaseModel):
     """Every refusal and failure: one line saying what went wrong and what to change."""
     error: str
@@ -287,7 +297,11 @@ class SAEFeatureRequest(BaseModel):
 class SAESteerRequest(BaseModel):
     request_id: str
     sae: str = "demo"
-    scales: dict[int, float] = Field(..., description="feature -> factor (0 zeroes it)")
+    scales: dict[int, float] = Field(default_factory=dict, description="feature -> factor (0 zeroes it)")
+    values: dict[int, float] = Field(default_factory=dict, description="feature -> activation it is clamped to")
+    cells: list[tuple[int, int]] | None = Field(None, description="[row, col] cells of the grid to edit (default: "
+                                                                  "every cell of the first image)")
+    token_index: int = Field(0, ge=0, description="the answer token whose maps are returned before and after")
 
 
 class CompareRequest(BaseModel):
@@ -378,13 +392,7 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     @api.exception_handler(UserInputError)
     async def user_error(request, error: UserInputError):
-        if isinstance(error, ServiceBusyError):
-            return JSONResponse(status_code=503, content={"error": str(error)},
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(error, TooLargeError):
-            return too_large(str(error))
-        return JSONResponse(status_code=404 if isinstance(error, UnknownRequestError) else 400,
-                            content={"error": str(error)})
+        return refusal(error)
 
     @api.exception_handler(RequestValidationError)
     async def invalid_fields(request, error: RequestValidationError):
@@ -586,9 +594,12 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     @api.post("/v1/sae/steer", responses=refusals(400, 404, 503))
     def sae_steer(body: SAESteerRequest) -> dict:
-        """The answer regenerated with features scaled or zeroed at the SAE's hook point."""
+        """The answer generated again with features scaled, zeroed or clamped at the SAE's hook point: a new
+        request (`request_id`: every /v1/explain method works on it), and the attention and TAM maps of one answer
+        token before and after."""
         with admission.slot():
-            return service.sae_steer(body.request_id, body.sae, body.scales)
+            return service.sae_steer(body.request_id, body.sae, body.scales, body.values, body.cells,
+                                     body.token_index)
 
     return api
 

@@ -41,7 +41,7 @@ CLICK = """async (index) => {
 
 # one click with a costly map shown: until the frame that paints the token's map in the second view (the first
 # animation frame that finds it drawn; the paint follows its callbacks); with the seconds the server took to compute
-# it and the server function's whole round trip
+# it and the whole fetch from the page's costly-map route
 COSTLY_CLICK = """async (index) => {
   const span = document.querySelectorAll('#linked-views .lv-token')[index];
   const canvas = document.querySelectorAll('#linked-views canvas.lv-map')[1];
@@ -57,6 +57,8 @@ COSTLY_CLICK = """async (index) => {
   return [performance.now() - start, Number(canvas.dataset.seconds) * 1000, Number(canvas.dataset.fetchMs)];
 }"""
 PANELS_CHANGED = "document.querySelector('#attention-map img')?.getAttribute('src') !== {!r}"
+# the page's main thread idle again (Gradio has drawn the other tabs' figures), as when a reader clicks the next word
+SETTLED = "() => new Promise((resolve) => requestIdleCallback(() => resolve(), { timeout: 5000 }))"
 
 
 def _servers(model: str, backend: bool) -> tuple[str, list]:
@@ -79,8 +81,10 @@ def _summary(name: str, values: list[float]) -> str:
 
 
 def _after_click(page, before: str) -> None:
-    """Wait until the server-side panels answered the click (so the next one starts on an idle server)."""
+    """Wait until the server-side panels answered the click and the page drew them (so the next click starts on an
+    idle server and an idle page: a response that came while the page was drawing waited up to 100 ms for it)."""
     page.wait_for_function(PANELS_CHANGED.format(before), timeout=120_000, polling=5)
+    page.evaluate(SETTLED)
 
 
 def measure(url: str, rounds: int, costly: list[str]) -> list[str]:
@@ -143,7 +147,7 @@ def measure(url: str, rounds: int, costly: list[str]) -> list[str]:
             overheads = [total - compute for total, compute in zip(drawn, computed)]
             lines += [_summary(f"click -> {method} map computed and drawn (next frame)", drawn),
                       _summary(f"  of which {method}'s computation on the server", computed),
-                      _summary("  of which the server function's round trip (the computation included)", fetches),
+                      _summary("  of which the route's round trip (the computation included)", fetches),
                       _summary("  the rest (round trip, encoding, drawing)", overheads),
                       _summary(f"click back to a token -> its {method} map from the page (next frame)", revisits)]
         lines.append(_summary("click -> server panels of the other tabs updated (attention, method: one answer; "

@@ -387,9 +387,22 @@ def test_a_failed_request_leaves_no_error_badge_and_the_page_takes_clicks(app_ur
         browser.close()
 
 
+def assert_tiles_legible(page, selector: str) -> None:
+    """Every map figure of a gallery (map, colour bar, caption) shown whole at its own aspect ratio, at least 448
+    pixels wide (Gradio's square thumbnails shrank and letterboxed them)."""
+    tiles = page.locator(selector).all()
+    assert tiles
+    for tile in tiles:
+        tile.scroll_into_view_if_needed()
+        shown = tile.bounding_box()
+        width, height = tile.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert shown["width"] >= 448, (selector, shown)
+        assert shown["height"] == pytest.approx(shown["width"] * height / width, abs=2), (selector, shown)
+
+
 def test_every_tab_shows_wide_maps_a_drawn_box_and_a_lens_that_follows_the_keys(app_url):
     """At a 1400-pixel window: every tab visible (none under a "more" menu), a tall image's maps at least 448
-    pixels wide, two clicks on the Analyses picture draw a box and show its cells, and the arrow keys on the logit
+    pixels wide (the gallery's tiles too, whole), two clicks on the Analyses picture draw a box and show its cells, and the arrow keys on the logit
     lens slider redraw the figure."""
     from playwright.sync_api import sync_playwright
 
@@ -407,6 +420,11 @@ def test_every_tab_shows_wide_maps_a_drawn_box_and_a_lens_that_follows_the_keys(
             loaded = f"document.querySelector('{view} img') && document.querySelector('{view} img').naturalWidth > 0"
             page.wait_for_function(loaded, timeout=30_000)
             assert page.locator(f"{view} img").bounding_box()["width"] >= 448
+        page.get_by_role("tab", name="Side by side").click()
+        page.wait_for_function("[...document.querySelectorAll('#comparison img')].filter((img) => img.naturalWidth)"
+                               ".length >= 8", timeout=60_000)
+        assert_tiles_legible(page, "#comparison img")
+        page.screenshot(path=str(ARTIFACTS / "side-by-side-tall.png"), full_page=True)
 
         page.get_by_role("tab", name="Analyses").click()
         page.wait_for_function("document.querySelector('#analysis-lens .js-plotly-plot') !== null", timeout=30_000)

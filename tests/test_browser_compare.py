@@ -13,7 +13,7 @@ from components.compare_panel import render, run_compare, select_word
 from components.generation import run_generation
 from lvlm_interpret import ExplainService, load_image
 from tests import test_browser
-from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, ROOT, _generate
+from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, ROOT, _generate, assert_tiles_legible
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed "
                                                                        "(make test installs it)")
@@ -73,6 +73,9 @@ def test_compare_tab_aligns_words_and_follows_clicks_in_both_answers(demo_app_ur
         assert "token 5 of A and token 1 of B" in page.locator("#compare-summary").inner_text()
         assert _selected(page, "#compare-answer-a") == _selected(page, "#compare-answer-b") == ["red"]
         page.wait_for_function("document.querySelectorAll('#compare-tiles img').length === 9", timeout=30_000)
+        page.wait_for_function("[...document.querySelectorAll('#compare-tiles img')].every((img) => img.naturalWidth)",
+                               timeout=30_000)
+        assert_tiles_legible(page, "#compare-tiles img")
         page.screenshot(path=str(ARTIFACTS / "compare-tab.png"), full_page=True)
 
         # a click on "triangle" in B selects A's "triangle"; the maps and numbers are the library's

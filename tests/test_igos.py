@@ -10,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlm_interpret import GenerationOptions, generate_with_capture, get_method
+from lvlm_interpret import GenerationOptions, generate_with_capture, get_method, load_image, load_model
 from lvlm_interpret.cli import main
 from lvlm_interpret.errors import UserInputError
 from lvlm_interpret.export import shown_map
-from lvlm_interpret.methods.igos import floating_inputs, mask_shape, optimise_masks, pixel_maps
+from lvlm_interpret.methods.igos import (TIE_BREAK, baseline_image, floating_inputs, mask_shape, optimise_masks,
+                                        pixel_maps)
+from lvlm_interpret.methods.visual_relevance import answer_logprobs_batch
+from lvlm_interpret.resources import EXAMPLES_DIR
 from tests.conftest import make_scene
 
 QUIET = {"noise": 0.0}  # no IG noise: objectives comparable between iterations
@@ -83,6 +86,20 @@ def test_the_mask_finds_the_region_the_model_reads(reader):
         assert quadrant_share(grid, t) > 0.8, (t, grid.round(2))
         row, col = np.unravel_index(grid.argmax(), grid.shape)
         assert (row // 4, col // 4) == divmod(t, 2)
+
+
+def test_cells_the_mask_leaves_equal_are_ordered_by_their_evidence(reader):
+    """A mask held at 1 (a large area weight) still ranks the cells: the pointing game and the deletion order see
+    the token's region first, by the last integrated gradient, and no more than TIE_BREAK of it."""
+    loaded, trace = reader
+    for t in (0, 3):
+        fine = get_method("igos").explain(trace, t, model=loaded, area=100.0, **QUIET).details["fine_map"]
+        assert 0 < fine.max() <= TIE_BREAK + 1e-7
+        row, col = np.unravel_index(fine.argmax(), fine.shape)
+        assert (row // 4, col // 4) == divmod(t, 2)
+        assert quadrant_share(fine, t) > 0.99
+        ranked = fine[fine > 0]
+        assert len(np.unique(ranked)) == len(ranked) >= 4  # no ties among the cells with evidence
 
 
 def test_the_objective_decreases(reader):
@@ -158,6 +175,7 @@ def test_every_family_masks_its_own_pixels_where_the_image_is(models, family):
     ({"lr": 0.0}, "lr must be a positive number"),
     ({"area": -1.0}, "area must be a non-negative number"),
     ({"smoothness": float("nan")}, "smoothness must be a non-negative number"),
+    ({"baseline": "gray"}, "baseline must be one of blur, hue_blur, hue, grey, mean, got 'gray'"),
 ])
 def test_bad_option_values_say_what_to_change(llava, llava_trace, options, message):
     with pytest.raises(UserInputError, match=message):
@@ -173,6 +191,24 @@ def test_options_are_checked_against_the_signature():
         method.check_options({"iterations": 2.5})
     with pytest.raises(UserInputError, match="igos needs the model"):
         method.explain_answer(None, model=None)
+
+
+def test_the_hue_baselines_remove_a_colour_the_blur_keeps():
+    """The demo model says "blue" of the example's blue circle as surely on the blurred image (a blurred solid shape
+    keeps its colour) and on a grey one (the language prior fills in the second colour), so those baselines give
+    the mask nothing to find; turning the hues takes the colour away, and its blurred copy the shape too."""
+    loaded = load_model("demo")
+    image = load_image(EXAMPLES_DIR / "green-square-blue-circle.png")
+    trace = generate_with_capture(loaded, [image], "Describe the image.", GenerationOptions(max_new_tokens=16))
+    words = [text.strip() for text in trace.answer_texts]
+    blue, square = words.index("blue"), words.index("square")
+    kinds = ("blur", "grey", "hue", "hue_blur")
+    logprobs = answer_logprobs_batch(loaded, trace, [[image]] + [[baseline_image(image, kind)] for kind in kinds])
+    drop = {kind: (logprobs[0] - row).tolist() for kind, row in zip(kinds, logprobs[1:])}
+    assert drop["blur"][blue] < 0.1 and drop["grey"][blue] < 0.1, drop
+    assert drop["hue"][blue] > 2 and drop["hue_blur"][blue] > 1 and drop["hue_blur"][square] > 2, drop
+    explanation = get_method("igos").explain(trace, blue, model=loaded, baseline="hue_blur", iterations=2)
+    assert explanation.details["options"]["baseline"] == "hue_blur" and explanation.maps[0].max() > 0.1
 
 
 def test_explain_writes_every_token_mask_the_answer_mask_and_their_record(tmp_path):
@@ -248,3 +284,46 @@ def test_the_page_shows_the_answer_map_until_a_token_is_picked_and_follows_the_i
     assert shown == "igos" and names == [("iGOS++ saliency (1 - optimised mask)", "igos")]
     # other methods show token 0 before a token is picked, as before
     assert render_method(service, request_id, scene, None, "tam")[2] == "tam"
+
+
+def test_cancel_stops_the_running_mask_at_the_next_iteration_and_keeps_nothing():
+    from components.method_panel import Cancellations, render_method
+    from lvlm_interpret import ExplainService
+
+    service = ExplainService(default_model="random:llava", device="cpu")
+    scene = make_scene(160, 96)
+    request_id, _ = service.generate([scene], "Describe the image.")
+    cancellations = Cancellations()
+    options = {"iterations": 4, "tolerance": 0.0}
+    seen = []
+
+    def press_cancel_during_the_run(fraction, desc):
+        seen.append(fraction)
+        cancellations.ask("page-a")
+
+    with pytest.raises(UserInputError, match=r"cancelled \(igos: iteration 2 of 4\)"):
+        render_method(service, request_id, scene, None, "igos", options=options,
+                      progress=cancellations.progress(press_cancel_during_the_run, "page-a"))
+    assert seen == [0.25]  # pressed while the first iteration showed: the second is the last that ran
+    cancellations.ask("page-a")  # a Cancel pressed while nothing runs does not stop the next run
+    cancellations.ask("page-b")  # nor does another page's
+    fractions = []
+    render_method(service, request_id, scene, None, "igos", options=options,
+                  progress=cancellations.progress(lambda fraction, desc: fractions.append(fraction), "page-a"))
+    assert fractions == [0.25, 0.5, 0.75, 1.0]  # computed again in full: the cancelled run cached nothing
+
+
+def test_the_page_cancel_button_stops_the_method_events():
+    from app import build_app
+    from lvlm_interpret import ExplainService
+
+    page = build_app(ExplainService(default_model="random:llava", device="cpu"))
+    button = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "method-cancel")
+    method = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "method")
+    triggered = [f for f in page.fns.values() if (button._id, "click") in [tuple(t) for t in f.targets]]
+    canceller = next(f for f in triggered if f.cancels)
+    on_cancel = next(f for f in triggered if f.name == "on_cancel")
+    cancelled = [page.fns[i] for i in canceller.cancels]
+    assert {f.name for f in cancelled} == {"on_method"}
+    assert any((method._id, "input") in [tuple(t) for t in f.targets] for f in cancelled)
+    assert on_cancel.concurrency_id != cancelled[0].concurrency_id  # runs while the method it stops does

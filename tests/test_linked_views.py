@@ -1,24 +1,30 @@
 """The linked views drawn in the browser: the payload carries every token's library maps at 8 bits (in process and
-over HTTP), and in Chromium hovering a token shows its maps with no round trip, a click pins it at once (a costly map
-fetched for it and kept), the answer strip pins the same token, and a brushed region lists every word's mean value
-there; in both modes."""
+over HTTP), the page's own route answers a pinned token's costly map (the library's, one message per refusal, under
+the hosted rate limit), and in Chromium hovering a token shows its maps with no round trip, a click pins it at once
+(a costly map fetched from that route and kept), the answer strip pins the same token, and a brushed region lists
+every word's mean value there; in both modes."""
 
 import base64
 import contextlib
 import io
 import os
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app import launch
 from components.generation import run_generation
-from components.linked_views import costly_maps, costly_methods, dequantize, payload, quantize
+from components.linked_views import COSTLY_ROUTE, costly_maps, costly_methods, dequantize, payload, quantize
 from components.method_panel import render_method
-from lvlm_interpret import METHODS, ExplainService
+from lvlm_interpret import METHODS, ExplainService, UserInputError
 from lvlm_interpret.client import RemoteService
+from lvlm_interpret.errors import UnknownRequestError
+from lvlm_interpret.loadtest import free_port
 from lvlm_interpret.server import create_api
+from lvlm_interpret.service import hosted_limits
 from tests.conftest import make_scene
 from tests import test_browser
 from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, _generate, _shown_image
@@ -107,11 +113,64 @@ def test_a_costly_map_is_fetched_for_one_token_in_process_and_over_http(service)
             assert base64.b64decode(view["cells"]) == cells.tobytes()
             assert (view["low"], view["high"]) == ([low], [high])
         # a bad query is one message for the page's progress note, not a server error
-        assert "fetch one of" in costly_maps(backend, {"request_id": request_id, "method": "tam", "token": 0})["error"]
-        assert "out of range" in costly_maps(backend, {"request_id": request_id, "method": "relevancy",
-                                                       "token": 99})["error"]
-    assert "generate an answer first" in costly_maps(service, {"request_id": "nope", "method": "relevancy",
-                                                               "token": 0})["error"]
+        with pytest.raises(UserInputError, match="fetch one of"):
+            costly_maps(backend, {"request_id": request_id, "method": "tam", "token": 0})
+        with pytest.raises(UserInputError, match="out of range"):
+            costly_maps(backend, {"request_id": request_id, "method": "relevancy", "token": 99})
+    with pytest.raises(UnknownRequestError, match="generate an answer first"):
+        costly_maps(service, {"request_id": "nope", "method": "relevancy", "token": 0})
+
+
+@contextlib.contextmanager
+def _launched(backend, limits: dict):
+    """The page as app.py launches it on `backend` with hosted `limits` (empty: none); yields an HTTP client of it."""
+    port = free_port()
+    page = launch(backend, limits, port=port, block=False)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client
+    finally:
+        page.close()
+
+
+def test_the_pages_own_route_answers_a_costly_map_in_process_and_over_http(service):
+    """The route the linked views fetch a pinned word's costly map from: the library's map at 8 bits for the
+    request's id, one message (and status) for an unknown request, a bad query or a body that is not JSON."""
+    image = make_scene(160, 96)
+    remote = RemoteService(client=TestClient(create_api(service)))
+    for backend in (service, remote):
+        request_id, _ = run_generation(backend, image, "Describe the image.", max_new_tokens=4)
+        with _launched(backend, {}) as page:
+            answer = page.post(COSTLY_ROUTE, json={"request_id": request_id, "method": "cleann", "token": 1})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            expected = backend.explain(request_id, "cleann", 1).all_maps()
+            assert (body["request_id"], body["method"], body["token"]) == (request_id, "cleann", 1)
+            assert [view["name"] for view in body["views"]] == list(expected)
+            for view in body["views"]:
+                cells, low, high = quantize(expected[view["name"]][0])
+                assert base64.b64decode(view["cells"]) == cells.tobytes()  # 8 bits a cell, as the cheap maps
+                assert (view["low"], view["high"]) == ([low], [high])
+            # only a request the page's backend holds is answered: an id it never issued is not
+            refused = page.post(COSTLY_ROUTE, json={"request_id": "0" * 32, "method": "relevancy", "token": 0})
+            assert refused.status_code == 404 and "generate an answer first" in refused.json()["error"]
+            for query, message in [({"request_id": request_id, "method": "tam", "token": 0}, "fetch one of"),
+                                   ({"request_id": request_id, "method": "relevancy", "token": "1"}, "by its index"),
+                                   ({"request_id": request_id, "method": "relevancy", "token": 99}, "out of range")]:
+                refused = page.post(COSTLY_ROUTE, json=query)
+                assert refused.status_code == 400 and message in refused.json()["error"], (query, refused.text)
+            refused = page.post(COSTLY_ROUTE, content=b"token=1", headers={"Content-Type": "application/json"})
+            assert refused.status_code == 400 and "as JSON" in refused.json()["error"]
+
+
+def test_the_costly_route_keeps_the_hosted_pages_rate_limit(service):
+    request_id, _ = run_generation(service, make_scene(160, 96), "Describe the image.", max_new_tokens=4)
+    query = {"request_id": request_id, "method": "relevancy", "token": 0}
+    with _launched(service, {**hosted_limits(), "rate_limit_per_minute": 2}) as page:
+        assert [page.post(COSTLY_ROUTE, json=query).status_code for _ in range(2)] == [200, 200]
+        refused = page.post(COSTLY_ROUTE, json=query)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "too many requests from your address (at most 2 a minute)" in refused.json()["error"]
 
 
 def test_quantize_keeps_a_flat_map_flat():
@@ -146,16 +205,21 @@ def _walk_linked_views(page, service, request_id, trace, image) -> None:
             assert shown == quantize(expected)[0].ravel().tolist(), (index, name)
     page.mouse.move(0, 0)  # off the words: the views show the pinned one again
     assert maps.nth(0).get_attribute("data-token") == "0"
-    # a costly map as the second view: computed for the pinned word (0) with a progress note, then drawn
+    # a costly map as the second view: computed for the pinned word (0) with a progress note, then drawn; fetched
+    # from the page's own route (not a Gradio event or server function)
     second = maps.nth(1)
-    page.locator("#linked-views .lv-second").select_option("relevancy")
     drawn = "(t) => {const c = document.querySelectorAll('#linked-views canvas.lv-map')[1]; " \
             "return c.dataset.map === 'relevancy' && c.dataset.state === 'drawn' && c.dataset.token === String(t);}"
     for index in (0, 3):
-        if index:
-            tokens.nth(index).click()  # the pin shows at once; its relevancy follows
-            assert "lv-pinned" in tokens.nth(index).get_attribute("class")
-            assert maps.nth(0).get_attribute("data-token") == str(index)
+        with page.expect_response(lambda response: response.url.endswith(COSTLY_ROUTE), timeout=60_000) as fetched:
+            if index:
+                tokens.nth(index).click()  # the pin shows at once; its relevancy follows
+                assert "lv-pinned" in tokens.nth(index).get_attribute("class")
+                assert maps.nth(0).get_attribute("data-token") == str(index)
+            else:
+                page.locator("#linked-views .lv-second").select_option("relevancy")
+        assert fetched.value.status == 200
+        assert (fetched.value.json()["method"], fetched.value.json()["token"]) == ("relevancy", index)
         page.wait_for_function(drawn, arg=index, timeout=60_000)
         expected = service.explain(request_id, "relevancy", index).maps[0]
         assert second.get_attribute("data-cells") == ",".join(map(str, quantize(expected)[0].ravel()))

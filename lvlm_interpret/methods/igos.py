@@ -1,19 +1,23 @@
 """iGOS++ heatmaps for open-ended answers (Xing et al. 2025, on iGOS++ by Khorram et al. 2021).
 
 A mask M over the image (1 = keep, 0 = perturb) is optimised so that perturbing where M is low removes the
-explained tokens' evidence: with x the image's pixel inputs, B those of section 5's blurred copy and S the tokens'
-summed log-probability (teacher-forced, fp32 log_softmax), the deletion term D = mean_a S(B + aM (x - B) + e) and
-the insertion term I = mean_a S(B + (1 - aM)(x - B) + e) over integration points a = 1/n .. 1 and seeded noise e;
-their autograd is the integrated gradient. Minimised: (D - I) / gap + area mean(1 - M) + smoothness BTV(M)
+explained tokens' evidence: with x the image's pixel inputs, B those of the baseline image (`baseline_image`:
+section 5's blurred copy in the paper) and S the tokens' summed log-probability (teacher-forced, fp32
+log_softmax), the deletion term D = mean_a S(B + aM (x - B) + e) and the insertion term
+I = mean_a S(B + (1 - aM)(x - B) + e) over integration points a = 1/n .. 1 and seeded noise e; their autograd
+is the integrated gradient. Minimised: (D - I) / gap + area mean(1 - M) + smoothness BTV(M)
 + pull_i mean((1 - M)^2), by Nesterov steps with M clamped to [0, 1]; `gap` = S(x) - S(B) (at least 1 nat) makes
-the data term the same scale for every model and token. The saliency is 1 - M.
+the data term the same scale for every model and token. The saliency is 1 - M, with cells of equal M (most stay
+at 1) ordered by the last iteration's integrated gradient (at most TIE_BREAK added): the deletion order and the
+highest cell then carry information where the mask does not.
 
 Differences from the authors' code (reference/methods.md section 8): M lives on the adapter's image-token grid
 (or a finer one) over the map's box, and reaches the model's pixel inputs through a map measured from the family's
 own processor (black, white and coordinate-ramp images), so every family, tiled or not, gets the same M; the
 integration points of every mask (one per token, optimised together) run in chunked forwards whose backward
-gives the gradient w.r.t. M only; the blurred inputs and the pixel map are computed once per trace; masks stop
-when their largest change falls under a tolerance. Only the first image is masked (others stay as they are).
+gives the gradient w.r.t. M only; the baseline's inputs and the pixel map are computed once per trace; masks stop
+when their largest change falls under a tolerance; the baseline may also turn the hues (a blurred solid shape keeps
+its colour, so the blur alone leaves colour words nothing to find). Only the first image is masked.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from ..capture import replay_inputs
 from ..errors import UserInputError
 from ..trace import Trace
 from .base import Explanation, ExplanationMethod, register_method
-from .visual_relevance import VisualRelevance, _image_inputs, blurred, visually_relevant_tokens
+from .visual_relevance import (VisualRelevance, _image_inputs, answer_logprobs_batch, blurred,
+                                visually_relevant_tokens)
 
+TIE_BREAK = 1e-3  # the most the final integrated gradient adds to a cell's saliency (under any step of the mask)
 _PROGRESS: contextvars.ContextVar = contextvars.ContextVar("igos_progress", default=None)
 
 
@@ -51,25 +57,67 @@ def reporting_progress(callback):
         _PROGRESS.reset(token)
 
 
+BASELINES = ("blur", "hue_blur", "hue", "grey", "mean")  # what a mask's low cells show; see `baseline_image`
+HUE_SHIFT = 1 / 3  # of the colour circle: red -> green -> blue -> red, so every named colour becomes another
+
+
+def baseline_image(image: Image.Image, kind: str) -> Image.Image:
+    """What the masked-out image shows: "blur" the paper's blurred copy (section 5: removes shapes and texture,
+    keeps a solid shape's colour), "hue" the image with every hue turned by a third of the circle (keeps shapes
+    and brightness, changes every colour), "hue_blur" the blurred copy of that (removes both), "grey" mid grey
+    (128), "mean" the image's mean colour."""
+    if kind in ("hue", "hue_blur"):
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + round(256 * HUE_SHIFT)) % 256
+        turned = Image.fromarray(hsv, mode="HSV").convert("RGB")
+        return blurred(turned) if kind == "hue_blur" else turned
+    if kind == "blur":
+        return blurred(image)
+    colour = (128,) * 3 if kind == "grey" else \
+        tuple(int(v) for v in np.asarray(image.convert("RGB"), dtype=np.float64).mean((0, 1)).round())
+    return Image.new("RGB", image.size, colour)
+
+
 @dataclass
 class _PixelMap:
-    """How the first image's mask reaches one floating model input: each element's blurred value and, where the
-    element shows the first image, its place in the map's box (grid_sample coordinates in [-1, 1])."""
+    """How the first image's mask reaches one floating model input: where the element shows the first image, its
+    place in the map's box (grid_sample coordinates in [-1, 1])."""
 
     original: torch.Tensor  # the trace's input, float32
-    blurred: torch.Tensor  # the same input of the blurred image
     inside: torch.Tensor  # bool, same shape: elements that show the first image
     coordinates: torch.Tensor  # [n_inside, 2] (x, y) in the box, grid_sample's convention
 
 
 @dataclass
-class _Baseline:
-    """What every igos call on one trace shares: the pixel maps, the colours of the box (for the bilateral TV)
-    and the visually relevant tokens."""
+class _Perturbation:
+    """One baseline's model inputs (by input name, float32) and every answer token's log-probability with it."""
+
+    inputs: dict[str, torch.Tensor]
+    logprob: list[float]
+
+
+@dataclass
+class _Shared:
+    """What every igos call on one trace shares: the pixel maps, each baseline's inputs (made when first asked
+    for), the colours of the box (for the bilateral TV) and the visually relevant tokens (LLR against the blur)."""
 
     pixels: dict[str, _PixelMap]
     box_image: Image.Image
     relevance: VisualRelevance
+    perturbations: dict[str, _Perturbation]
+
+    def perturbation(self, loaded, trace: Trace, kind: str) -> _Perturbation:
+        if kind not in self.perturbations:
+            image = baseline_image(trace.image(0), kind)
+            inputs = {name: value for name, value in floating_inputs(loaded, trace, image).items()
+                      if name in self.pixels}
+            if kind == "blur" and len(trace.images) == 1:
+                logprob = self.relevance.logprob_blurred  # the same images: no forward
+            else:
+                others = [trace.image(k) for k in range(1, len(trace.images))]
+                logprob = answer_logprobs_batch(loaded, trace, [[image, *others]])[0].tolist()
+            self.perturbations[kind] = _Perturbation(inputs, logprob)
+        return self.perturbations[kind]
 
 
 def floating_inputs(loaded, trace: Trace, first_image: Image.Image) -> dict[str, torch.Tensor]:
@@ -95,11 +143,11 @@ def pixel_maps(loaded, trace: Trace) -> dict[str, _PixelMap]:
     size = trace.images[0].image_size
     black, white = (Image.new("RGB", size, (value,) * 3) for value in (0, 255))
     processed = [floating_inputs(loaded, trace, image) for image in (black, white, _ramp(size, 0), _ramp(size, 1))]
-    blur = floating_inputs(loaded, trace, blurred(trace.image(0)))
+    ramp_names = set(processed[0])
     x0, y0, x1, y1 = trace.images[0].box
     maps = {}
     for name, original in trace.model_inputs.items():
-        if name not in blur:
+        if name not in ramp_names:
             continue
         low, high, ramp_x, ramp_y = (inputs[name] for inputs in processed)
         if not low.shape == high.shape == original.shape:
@@ -111,32 +159,32 @@ def pixel_maps(loaded, trace: Trace) -> dict[str, _PixelMap]:
         x = ((ramp_x - low)[inside] / span[inside]).clamp(0, 1) * (size[0] - 1) + 0.5
         y = ((ramp_y - low)[inside] / span[inside]).clamp(0, 1) * (size[1] - 1) + 0.5
         coordinates = torch.stack([2 * (x - x0) / (x1 - x0) - 1, 2 * (y - y0) / (y1 - y0) - 1], dim=-1)
-        maps[name] = _PixelMap(original.float(), blur[name], inside, coordinates)
+        maps[name] = _PixelMap(original.float(), inside, coordinates)
     if not maps:
         raise UserInputError("igos: the model takes no pixel input it could mask")
     return maps
 
 
-class _BaselineCache:
-    """The most recently explained trace's `_Baseline`, let go with the trace."""
+class _SharedCache:
+    """The most recently explained trace's `_Shared`, let go with the trace."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._entry = None  # (weak reference to the trace, weak reference to the model, baseline)
+        self._entry = None  # (weak reference to the trace, weak reference to the model, shared)
 
-    def get(self, loaded, trace: Trace) -> _Baseline:
+    def get(self, loaded, trace: Trace) -> _Shared:
         with self._lock:
             entry = self._entry
             if entry is None or entry[0]() is not trace or entry[1]() is not loaded.model:
                 x0, y0, x1, y1 = trace.images[0].box
                 box_image = trace.image(0).crop((round(x0), round(y0), round(x1), round(y1)))
-                baseline = _Baseline(pixel_maps(loaded, trace), box_image, visually_relevant_tokens(loaded, trace))
-                entry = (weakref.ref(trace), weakref.ref(loaded.model), baseline)
+                shared = _Shared(pixel_maps(loaded, trace), box_image, visually_relevant_tokens(loaded, trace), {})
+                entry = (weakref.ref(trace), weakref.ref(loaded.model), shared)
                 self._entry = entry
             return entry[2]
 
 
-_BASELINES = _BaselineCache()
+_SHARED = _SharedCache()
 
 
 def mask_shape(rows: int, cols: int, mask_size: int | None) -> tuple[int, int]:
@@ -167,8 +215,8 @@ def bilateral_tv(masks: torch.Tensor, colours: torch.Tensor, sigma2: float = 0.0
 
 @dataclass
 class IgosResult:
-    """The optimised masks: `saliency` [n, rows, cols] = 1 - M at the mask's resolution, per mask the iterations it
-    ran and its objective after each."""
+    """The optimised masks: `saliency` [n, rows, cols] = 1 - M at the mask's resolution (plus the tie-break,
+    at most TIE_BREAK), per mask the iterations it ran and its objective after each."""
 
     saliency: np.ndarray
     iterations: list[int]
@@ -178,17 +226,20 @@ class IgosResult:
 def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations: int = 5,
                    mask_size: int | None = None, ig_steps: int = 5, lr: float = 0.2, momentum: float = 3.0,
                    area: float = 1.0, smoothness: float = 10.0, pull: float = 1.0, pull_decay: float = 1.0,
-                   noise: float = 0.2, tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16) -> IgosResult:
-    """One mask per set of answer tokens (each scored by the tokens' summed log-probability), optimised together."""
+                   noise: float = 0.2, tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16,
+                   baseline: str = "hue") -> IgosResult:
+    """One mask per set of answer tokens (each scored by the tokens' summed log-probability), optimised together;
+    low cells show `baseline_image(image, baseline)`."""
     layout = trace.images[0]
     shape = mask_shape(layout.rows, layout.cols, mask_size)
-    baseline = _BASELINES.get(loaded, trace)
-    colours = _cell_colours(baseline.box_image, shape)
+    shared = _SHARED.get(loaded, trace)
+    perturbation = shared.perturbation(loaded, trace, baseline)
+    colours = _cell_colours(shared.box_image, shape)
     n_masks, n_answer = len(token_sets), trace.n_answer
     weights = torch.zeros(n_masks, n_answer)
     for j, tokens in enumerate(token_sets):
         weights[j, tokens] = 1.0
-    gap = weights @ (torch.tensor(baseline.relevance.logprob_image) - torch.tensor(baseline.relevance.logprob_blurred))
+    gap = weights @ (torch.tensor(shared.relevance.logprob_image) - torch.tensor(perturbation.logprob))
     scale = 1.0 / gap.clamp_min(1.0)
     points = torch.arange(1, ig_steps + 1, dtype=torch.float32) / ig_steps
     # rows of one mask: deletion at each point, then insertion at each point
@@ -206,14 +257,17 @@ def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations
     active = torch.ones(n_masks, dtype=torch.bool)
     ran = [0] * n_masks
     history: list[list[float]] = [[] for _ in range(n_masks)]
+    evidence = torch.zeros(n_masks, *shape)  # each mask's last data gradient: > 0 where the image is evidence
     report = _PROGRESS.get()
     for i in range(1, iterations + 1):
         chosen = active.nonzero().flatten()
         shared_noise = {name: torch.randn((2 * ig_steps, int(m.inside.sum())), generator=generator) * noise
-                        for name, m in baseline.pixels.items()}
+                        for name, m in shared.pixels.items()}
         variable = masks[chosen].clone().requires_grad_(True)
-        data, gradient = _data_term(loaded, trace, baseline, base_inputs, variable, row_points, row_insertion,
-                                    shared_noise, sources, targets, weights[chosen], scale[chosen], chunk_size)
+        data, gradient = _data_term(loaded, trace, shared.pixels, perturbation.inputs, base_inputs, variable,
+                                    row_points, row_insertion, shared_noise, sources, targets, weights[chosen],
+                                    scale[chosen], chunk_size)
+        evidence[chosen] = gradient.clamp_min(0)
         with torch.enable_grad():
             pull_now = pull * math.exp(-pull_decay * (i - 1))
             penalty = (area * (1 - variable).flatten(1).mean(1) + smoothness * bilateral_tv(variable, colours)
@@ -235,10 +289,14 @@ def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations
             report(i, iterations)
         if not active.any():
             break
-    return IgosResult(saliency=(1 - masks).numpy().astype(np.float32), iterations=ran, objective=history)
+    # cells the mask leaves equal (most stay at 1) are ordered by their evidence; only cells whose masks differ by
+    # less than TIE_BREAK can swap
+    tie_break = TIE_BREAK * evidence / evidence.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    saliency = 1 - masks + tie_break
+    return IgosResult(saliency=saliency.numpy().astype(np.float32), iterations=ran, objective=history)
 
 
-def _data_term(loaded, trace, baseline, base_inputs, masks, row_points, row_insertion, noise, sources, targets,
+def _data_term(loaded, trace, pixels, perturbed, base_inputs, masks, row_points, row_insertion, noise, sources, targets,
                weights, scale, chunk_size):
     """(D - I) / gap per mask and its gradient w.r.t. the masks: every mask's integration rows in chunks of
     `chunk_size` forwards, each chunk's backward adding to the gradient."""
@@ -252,15 +310,15 @@ def _data_term(loaded, trace, baseline, base_inputs, masks, row_points, row_inse
         mask_of, point_of = rows // per_mask, rows % per_mask
         with torch.enable_grad():
             inputs = {name: torch.cat([value] * len(rows)).to(device) for name, value in base_inputs.items()
-                      if name not in baseline.pixels}
-            for name, pixel_map in baseline.pixels.items():
+                      if name not in pixels}
+            for name, pixel_map in pixels.items():
                 coordinates = pixel_map.coordinates[None, None].expand(len(rows), -1, -1, -1)
                 keep = F.grid_sample(masks[mask_of, None], coordinates, mode="bilinear", padding_mode="border",
                                      align_corners=False)[:, 0, 0] * row_points[point_of, None]
                 keep = torch.where(row_insertion[point_of, None], 1 - keep, keep)
-                difference = (pixel_map.original - pixel_map.blurred)[pixel_map.inside]
+                low = perturbed[name][pixel_map.inside]
                 batch = pixel_map.original.expand(len(rows), *pixel_map.original.shape).clone()
-                batch[:, pixel_map.inside] = pixel_map.blurred[pixel_map.inside] + keep * difference \
+                batch[:, pixel_map.inside] = low + keep * (pixel_map.original[pixel_map.inside] - low) \
                     + noise[name][point_of]
                 inputs[name] = batch.reshape(-1, *pixel_map.original.shape[1:]).to(device, base_inputs[name].dtype)
             logits = loaded.model(**inputs, logits_to_keep=sources.to(device)).logits.float()
@@ -309,10 +367,10 @@ class Igos(ExplanationMethod):
     def explain_many(self, trace, token_indices, model=None, iterations: int = 5, mask_size: int | None = None,
                      ig_steps: int = 5, lr: float = 0.2, momentum: float = 3.0, area: float = 1.0,
                      smoothness: float = 10.0, pull: float = 1.0, pull_decay: float = 1.0, noise: float = 0.2,
-                     tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16):
+                     tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16, baseline: str = "hue"):
         """One mask per token, optimised together (see `optimise_masks`)."""
         options = _checked(model, iterations, mask_size, ig_steps, lr, momentum, area, smoothness, pull, pull_decay,
-                           noise, tolerance, seed, chunk_size)
+                           noise, tolerance, seed, chunk_size, baseline)
         for t in token_indices:
             trace.check_token_index(t)
         token_indices = list(token_indices)
@@ -324,7 +382,7 @@ class Igos(ExplanationMethod):
         them."""
         self.check_options(options)
         options = _checked(model, **{**_defaults(self.explain_many), **options})
-        tokens, chosen_by = answer_tokens(trace, _BASELINES.get(model, trace).relevance)
+        tokens, chosen_by = answer_tokens(trace, _SHARED.get(model, trace).relevance)
         result = optimise_masks(model, trace, [tokens], **options)
         explanation = self._explanation(trace, tokens[0], result, 0, options, tokens)
         explanation.method = "igos_answer"
@@ -347,9 +405,11 @@ def _defaults(function) -> dict:
 
 
 def _checked(model, iterations, mask_size, ig_steps, lr, momentum, area, smoothness, pull, pull_decay, noise,
-             tolerance, seed, chunk_size) -> dict:
+             tolerance, seed, chunk_size, baseline) -> dict:
     if model is None:
         raise UserInputError("igos needs the model that generated the trace")
+    if baseline not in BASELINES:
+        raise UserInputError(f"igos: baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     for name, value, low in (("iterations", iterations, 1), ("ig_steps", ig_steps, 1), ("chunk_size", chunk_size, 1),
                              ("seed", seed, 0)):
         if value < low:
@@ -364,4 +424,4 @@ def _checked(model, iterations, mask_size, ig_steps, lr, momentum, area, smoothn
                                  f"got {value}")
     return {"iterations": iterations, "mask_size": mask_size, "ig_steps": ig_steps, "lr": lr, "momentum": momentum,
             "area": area, "smoothness": smoothness, "pull": pull, "pull_decay": pull_decay, "noise": noise,
-            "tolerance": tolerance, "seed": seed, "chunk_size": chunk_size}
+            "tolerance": tolerance, "seed": seed, "chunk_size": chunk_size, "baseline": baseline}

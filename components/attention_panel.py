@@ -115,9 +115,9 @@ def overview_picture(mass: np.ndarray, layer: str = ALL, head: str = ALL) -> Ima
     for h in range(n_heads):
         draw.text((OVERVIEW_LEFT_PX + h * OVERVIEW_CELL_PX + OVERVIEW_CELL_PX // 2, OVERVIEW_TOP_PX - 4), str(h),
                   fill="black", font=font, anchor="mb")
-    for l in range(n_layers):
-        draw.text((OVERVIEW_LEFT_PX - 6, OVERVIEW_TOP_PX + l * OVERVIEW_CELL_PX + OVERVIEW_CELL_PX // 2), str(l),
-                  fill="black", font=font, anchor="rm")
+    for row in range(n_layers):
+        row_middle = OVERVIEW_TOP_PX + row * OVERVIEW_CELL_PX + OVERVIEW_CELL_PX // 2
+        draw.text((OVERVIEW_LEFT_PX - 6, row_middle), str(row), fill="black", font=font, anchor="rm")
     bar_x = OVERVIEW_LEFT_PX + grid.width + 30
     draw.text((bar_x, OVERVIEW_TOP_PX), f"{float(mass.max()):.2f}", fill="black", font=font, anchor="lt")
     draw.text((bar_x, OVERVIEW_TOP_PX + grid.height), "0", fill="black", font=font, anchor="lb")

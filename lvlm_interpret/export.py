@@ -28,12 +28,12 @@ CLEANN_KEYS = ("image_cells", "view_cells", "text_tokens", "prob_before", "prob_
 def image_info(trace: Trace) -> dict:
     """The contract's "image": one image's fields, or per-image lists for several images. `grid` and `box` are the
     map's; tiled images (several views) also list every view's name, grid and box, the map's first."""
-    infos = [{"width": l.image_size[0], "height": l.image_size[1], "grid": [l.rows, l.cols],
-              "box": [round(v, 3) for v in l.box]} for l in trace.images]
-    if any(len(l.views) > 1 for l in trace.images):
-        for info, l in zip(infos, trace.images):
+    infos = [{"width": layout.image_size[0], "height": layout.image_size[1], "grid": [layout.rows, layout.cols],
+              "box": [round(v, 3) for v in layout.box]} for layout in trace.images]
+    if any(len(layout.views) > 1 for layout in trace.images):
+        for info, layout in zip(infos, trace.images):
             info["views"] = [{"name": v.name, "grid": [v.rows, v.cols], "box": [round(b, 3) for b in v.box]}
-                             for v in l.views]
+                             for v in layout.views]
     if len(infos) == 1:
         return infos[0]
     return {key: [info[key] for info in infos] for key in infos[0]}

@@ -16,7 +16,7 @@ from ..images import load_image
 from ..models.loading import DEFAULT_MODEL, load_model
 from .activations import DEFAULT_PROMPT
 from .features import encode_image, load_sae_for
-from .format import load_sae
+from .format import SAE_NAMES, load_sae
 from .pipeline import DataSpec, train_on_model
 from .train import TrainConfig
 
@@ -52,32 +52,29 @@ def add_parsers(commands) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--out", required=True, help="output folder (SAELens format); rerun to resume")
 
-    encode = actions.add_parser("encode", help="an image's SAE features on the map's grid")
-    encode.add_argument("--sae", required=True, help="SAE folder (SAELens format) or demo")
+    # what encode, auroc and steering share: the SAE, the model it reads and the device
+    uses_sae = type(sae)(add_help=False)
+    uses_sae.add_argument("--sae", required=True, help=f"SAE folder (SAELens format) or {' / '.join(SAE_NAMES)}")
+    uses_sae.add_argument("--model", default=None, help="default: the model the SAE was trained on")
+    uses_sae.add_argument("--device", default="auto")
+
+    encode = actions.add_parser("encode", help="an image's SAE features on the map's grid", parents=[uses_sae])
     encode.add_argument("--image", required=True)
     encode.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text asked with the image (LM hooks)")
-    encode.add_argument("--model", default=None, help="default: the model the SAE was trained on")
     encode.add_argument("--top-k", type=int, default=10, help="features listed per cell in result.json")
-    encode.add_argument("--device", default="auto")
     encode.add_argument("--out", required=True, help="output folder for features.npz and result.json")
 
     auroc = actions.add_parser("auroc", help="demo scenes: the feature that best picks out each colour and shape "
-                                             "(AUROC over object cells, held-out scenes)")
-    auroc.add_argument("--sae", required=True, help="SAE folder (SAELens format) or demo")
-    auroc.add_argument("--model", default=None, help="default: the model the SAE was trained on")
+                                             "(AUROC over object cells, held-out scenes)", parents=[uses_sae])
     auroc.add_argument("--n-select", type=int, default=50, help="held-out scenes that choose each feature")
     auroc.add_argument("--n-eval", type=int, default=50, help="further held-out scenes that measure it")
-    auroc.add_argument("--device", default="auto")
     auroc.add_argument("--out", required=True, help="output folder for auroc.json")
 
     steering = actions.add_parser("steering", help="demo scenes: how often zeroing or clamping a colour feature "
-                                                   "changes the answer to a colour question")
-    steering.add_argument("--sae", required=True, help="SAE folder (SAELens format) or demo")
+                                                   "changes the answer to a colour question", parents=[uses_sae])
     steering.add_argument("--auroc", default=None, help="the auroc.json naming each colour's feature (default: the "
                                                         "SAE folder's)")
-    steering.add_argument("--model", default=None, help="default: the model the SAE was trained on")
     steering.add_argument("--n-scenes", type=int, default=50, help="held-out scenes whose colour questions are asked")
-    steering.add_argument("--device", default="auto")
     steering.add_argument("--out", required=True, help="output folder for steering.json")
 
 def _data_spec(args) -> DataSpec:

@@ -29,8 +29,9 @@ browser:
 test: $(VENV)/.dev browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# On a CUDA machine (under 8 minutes on one H100 or H200, nothing downloaded): the CUDA tests, then bench on the 7B-
-# and 2B-shaped random models in bfloat16; their figures go to docs/results-gpu.md.
+# On a CUDA machine (about 12 minutes on one H100 or H200, nothing downloaded): the CUDA tests, then bench on the 7B-
+# and 2B-shaped random models in bfloat16, and iGOS++ alone on the 7B one (once: its masks take minutes); their
+# figures go to docs/results-gpu.md.
 gpu-check: $(VENV)/.dev
 	@$(BIN)/python -c "import sys, torch; torch.cuda.is_available() or \
 		sys.exit('make gpu-check needs a CUDA GPU, and torch sees none on this machine')"
@@ -39,8 +40,11 @@ gpu-check: $(VENV)/.dev
 		--out test-artifacts/gpu-check/llava-7b.json
 	HF_HUB_OFFLINE=1 $(BIN)/python -m lvlm_interpret bench --model random:qwen2_vl-2b --dtype bfloat16 --device cuda \
 		--out test-artifacts/gpu-check/qwen2_vl-2b.json
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lvlm_interpret bench --model random:llava-7b --dtype bfloat16 --device cuda \
+		--methods igos --repeats 1 --out test-artifacts/gpu-check/llava-7b-igos.json
 	$(BIN)/python -m lvlm_interpret bench-report test-artifacts/gpu-check/llava-7b.json \
-		test-artifacts/gpu-check/qwen2_vl-2b.json --written-by "make gpu-check" --out docs/results-gpu.md
+		test-artifacts/gpu-check/qwen2_vl-2b.json test-artifacts/gpu-check/llava-7b-igos.json \
+		--written-by "make gpu-check" --out docs/results-gpu.md
 
 # Not in `make test`: 10 minutes of mixed requests from 4 clients against the HTTP backend in hosted-like bounds;
 # errors, latency percentiles and RSS over time go to docs/soak/ (README.md, rss.html, soak.json).

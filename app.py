@@ -20,7 +20,7 @@ from components.attention_panel import (
 from components.export_panel import ExportPanel, export
 from components.generation import GenerationPanel, run_generation
 from components.method_panel import (
-    Cancellations, MethodPanel, method_controls, method_names, panel_options, render_method,
+    Cancellations, Cancelled, MethodPanel, method_controls, method_names, panel_options, render_method,
 )
 from components.trust_panel import TrustPanel, render_trust
 from components.trust_panel import cleared as trust_cleared
@@ -113,13 +113,13 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         other_tabs = (attention_tab, linked_tab, method_tab, analyses_tab, trust_tab, compare_tab, features_tab)
 
         def render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
-                         relevancy_vision, gallery_open=True):
+                         relevancy_vision, gallery_open=True, progress=None):
             trace = service.trace(state["request_id"])
             relevant = service.visual_relevance(state["request_id"]).relevant
             views = render_views(service, state["request_id"], state["image"], state["token"], layer, head,
                                  aggregation, ignore_top)
             own_controls = (cleann_layer, cleann_head, relevancy_vision)
-            method_views = _method_views(state, method, map_name, *own_controls)
+            method_views = _method_views(state, method, map_name, *own_controls, progress=progress)
             tiles = render_gallery(state, layer, head, aggregation, ignore_top, *own_controls) if gallery_open \
                 else gr.skip()
             return (token_strip.strip_value(trace, state["token"], relevant), *views, *method_views, tiles)
@@ -132,11 +132,17 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
 
         def _method_views(state, method, map_name, *own_controls, progress=None):
             """The method panel's outputs; `own_controls`: CLEANN's layer and head, relevancy's vision switch. Until a
-            token is picked, a method with an answer-level map (iGOS++) shows it."""
+            token is picked, a method with an answer-level map (iGOS++) shows it. A run stopped by Cancel leaves the
+            panel empty with a note (the other views of a clicked token still show)."""
             trace = service.trace(state["request_id"])
-            picture, names, shown, summary, bars, graph = render_method(
-                service, state["request_id"], state["image"], state["token"] if state.get("picked") else None,
-                method, map_name, panel_options(trace, *own_controls).get(method, {}), progress)
+            try:
+                picture, names, shown, summary, bars, graph = render_method(
+                    service, state["request_id"], state["image"], state["token"] if state.get("picked") else None,
+                    method, map_name, panel_options(trace, *own_controls).get(method, {}), progress)
+            except Cancelled as stopped:
+                gr.Warning(str(stopped))
+                return (None, gr.Dropdown(), *method_controls(trace, method, *own_controls), f"*{stopped}*",
+                        gr.Plot(None, visible=False), gr.Plot(None, visible=False))
             # the text scores and CLEANN's graph only where the method has them
             return (picture, gr.Dropdown(choices=names, value=shown), *method_controls(trace, method, *own_controls),
                     summary, gr.Plot(bars, visible=bars is not None), gr.Plot(graph, visible=graph is not None))
@@ -160,13 +166,16 @@ def build_app(service: ExplainBackend, rate_limiter: RateLimiter | None = None) 
         @gpu
         @_user_errors
         def on_select(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer, cleann_head,
-                      relevancy_vision, gallery_open, event: gr.SelectData, request: gr.Request = None):
+                      relevancy_vision, gallery_open, event: gr.SelectData, request: gr.Request = None,
+                      progress=gr.Progress()):
             if not state:
                 raise UserInputError("generate an answer first")
             check_rate(request)
             state = {**state, "token": int(event.index), "picked": True}
+            # a slow method (iGOS++) shows its iterations and stops on Cancel, as when it is chosen
             return (state, *render_token(state, layer, head, aggregation, ignore_top, method, map_name, cleann_layer,
-                                         cleann_head, relevancy_vision, gallery_open))
+                                         cleann_head, relevancy_vision, gallery_open,
+                                         cancellations.progress(progress, _session(request))))
 
         @_user_errors
         def on_controls(state, layer, head, aggregation, ignore_top, cleann_layer, cleann_head, relevancy_vision,

@@ -12,7 +12,7 @@ import gradio as gr
 from PIL import Image
 
 from lvlm_interpret import METHODS, ExplainBackend, TraceView, UserInputError
-from lvlm_interpret.methods.igos import reporting_progress
+from lvlm_interpret.progress import reporting_progress
 from lvlm_interpret.rendering import captioned_map, display_width, map_caption, map_label, token_word
 
 from .figures import cleann_graph_figure, text_scores_figure
@@ -78,6 +78,10 @@ class MethodPanel:
                 self.text_scores, self.graph]
 
 
+class Cancelled(UserInputError):
+    """The reader pressed Cancel while a slow method ran."""
+
+
 class Cancellations:
     """The Cancel button's requests, per page session. Gradio's `cancels` drops the session's queued method events
     but lets a running handler finish, so the running one is stopped here: `progress` wraps its progress bar, and
@@ -92,7 +96,7 @@ class Cancellations:
             self._asked.add(session)
 
     def progress(self, progress, session: str):
-        """`progress(fraction, desc=...)` that raises a UserInputError once the session asked to cancel; a Cancel
+        """`progress(fraction, desc=...)` that raises Cancelled once the session asked to cancel; a Cancel
         pressed before this run does not stop it."""
         with self._lock:
             self._asked.discard(session)
@@ -102,7 +106,7 @@ class Cancellations:
                 asked = session in self._asked
                 self._asked.discard(session)
             if asked:
-                raise UserInputError(f"cancelled ({desc}): choose the method again to start it over")
+                raise Cancelled(f"cancelled ({desc}): choose the method or the word again to start it over")
             if progress is not None:
                 progress(fraction, desc=desc)
         return report

@@ -53,7 +53,7 @@ def environment(device: torch.device) -> dict:
 
 
 def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "relevancy", "cleann"),
-              repeats: int = 3, image_size: int = 192) -> dict:
+              repeats: int = 3, image_size: int = 192, method_options: dict | None = None) -> dict:
     image = draw_scene(10 ** 9, image_size).image
     options = GenerationOptions(max_new_tokens=answer_tokens, min_new_tokens=answer_tokens)
     model = loaded.model
@@ -79,17 +79,18 @@ def run_bench(loaded, answer_tokens: int = 16, methods=("attention", "tam", "rel
                "repeats": repeats, "image_size": image_size, "environment": environment(loaded.device),
                "answer_tokens": trace.n_answer, "prompt_tokens": trace.prompt_length, "plain_generation_s": plain_s,
                "capture_generation_s": capture_s, "capture_overhead_x": capture_s / plain_s,
-               "trace_bytes": trace.nbytes, "methods": {}}
+               "trace_bytes": trace.nbytes, "method_options": method_options or {}, "methods": {}}
     token, all_tokens = trace.n_answer // 2, list(range(trace.n_answer))
 
     # The methods first, on the fresh trace: each one's first call is what a first click on a token costs.
     for name in methods:
-        method = get_method(name)
-        times, _ = _timed(lambda: method.explain(trace, token, model=loaded), repeats)
+        method, options = get_method(name), (method_options or {}).get(name, {})
+        times, _ = _timed(lambda: method.explain(trace, token, model=loaded, **options), repeats)
         one_s = statistics.median(times)
         row = {"first_click_s": times[0], "one_token_s": one_s, "one_token_x_plain": one_s / plain_s}
         if name != "cleann":  # CLEANN is a per-click search, not run over whole answers
-            all_s = statistics.median(_timed(lambda: method.explain_many(trace, all_tokens, model=loaded), repeats)[0])
+            all_s = statistics.median(_timed(lambda: method.explain_many(trace, all_tokens, model=loaded, **options),
+                                             repeats)[0])
             row.update({"all_tokens_s": all_s, "all_tokens_x_plain": all_s / plain_s})
         figures["methods"][name] = row
     if "relevancy" in methods:
@@ -203,6 +204,9 @@ def report_markdown(runs: list[dict], command: str) -> str:
         line("date", lambda run: run["environment"]["date"]),
         line("device", lambda run: f"{run['environment']['device_name']}, {run['device']}, {run['dtype']}"),
         line("versions", versions),
+        line("method options", lambda run: "; ".join(
+            f"{name}: " + ", ".join(f"{key}={value}" for key, value in options.items())
+            for name, options in run.get("method_options", {}).items()) or "the defaults"),
         line("tokens (prompt + answer), repeats",
              lambda run: f"{run['prompt_tokens']} + {run['answer_tokens']}, {run['repeats']}"),
         line("plain generation (SDPA, no capture)", lambda run: _seconds(run["plain_generation_s"])),

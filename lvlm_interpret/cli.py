@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a method's option, as for explain (repeatable)")
     evaluate.add_argument("--faithfulness", action="store_true",
                           help="also deletion / insertion AUC (one forward per 2%% of cells: slow)")
+    evaluate.add_argument("--min-blur-effect", type=float, default=None,
+                          help="with --faithfulness: score deletion / insertion only on words whose probability the "
+                               "blur changes by at least this much (default 0.5; every word's curves are written)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.csv")
 
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="attention,tam,relevancy,cleann")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--image-size", type=int, default=192, help="side of the benchmark scene in pixels")
+    bench.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                       help="a method's option, as for explain (repeatable), e.g. igos.iterations=1 for a CPU run")
     bench.add_argument("--out", required=True, help="JSON file for the figures")
     bench_report = commands.add_parser("bench-report", help="write the figures of bench runs as one markdown page")
     bench_report.add_argument("figures", nargs="+", help="JSON files written by bench --out, one column each")
@@ -212,9 +217,11 @@ def run_bench_command(args) -> dict:
     if not 32 <= args.image_size <= 4096:
         raise UserInputError(f"--image-size must be between 32 and 4096 pixels, got {args.image_size}")
     methods = _parse_methods(args.methods, tokens_given=True)
+    method_options = _parse_method_options(args.option, methods)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     figures = {"command": _command_line(args), **run_bench(loaded, args.answer_tokens, methods,
-                                                           repeats=max(1, args.repeats), image_size=args.image_size)}
+                                                           repeats=max(1, args.repeats), image_size=args.image_size,
+                                                           method_options=method_options)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
@@ -222,9 +229,11 @@ def run_bench_command(args) -> dict:
 
 
 def _command_line(args) -> str:
-    """The command that reproduces `args` (of a command whose options all take a value), every option spelled out."""
-    options = [word for name, value in vars(args).items() if name != "command"
-               for word in (f"--{name.replace('_', '-')}", str(value))]
+    """The command that reproduces `args` (of a command whose options all take a value), every option spelled out
+    (a repeatable one once per value, none when not given)."""
+    options = [word for name, value in vars(args).items() if name != "command" and value is not None
+               for item in (value if isinstance(value, list) else [value])
+               for word in (f"--{name.replace('_', '-')}", str(item))]
     return shlex.join(["python", "-m", "lvlm_interpret", args.command, *options])
 
 
@@ -262,10 +271,13 @@ def _dataset(args):
 
 def run_evaluate(args) -> dict:
     """Under `accelerate launch` every process evaluates its share; the main process writes and prints."""
-    from .evaluation.benchmark import COLUMNS, process_state, run_benchmark
+    from .evaluation.benchmark import COLUMNS, MIN_BLUR_EFFECT, process_state, run_benchmark
 
     methods = _parse_methods(args.methods, tokens_given=True)
     method_options = _parse_method_options(args.option, methods)
+    min_blur_effect = MIN_BLUR_EFFECT if args.min_blur_effect is None else args.min_blur_effect
+    if not 0 < min_blur_effect <= 1:
+        raise UserInputError(f"--min-blur-effect must be a probability change in (0, 1], got {min_blur_effect}")
     n, sample_at, about = _dataset(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -273,7 +285,8 @@ def run_evaluate(args) -> dict:
     state = process_state()
     loaded = load_model(args.model, device=state.device if state.num_processes > 1 else args.device)
     summary = run_benchmark(loaded, sample_at, n, methods, method_options, faithfulness=args.faithfulness,
-                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                            min_blur_effect=min_blur_effect)
     result = {"model": args.model, "dataset": args.dataset, "n_samples": n, **about, "method_options": method_options,
               **summary}
     if not state.is_main_process:

@@ -6,9 +6,13 @@ regenerates the request from the inputs it kept and goes on, as the service does
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +29,14 @@ from .families.base import ImageLayout
 from .images import decode_image
 from .methods.base import Explanation
 from .methods.visual_relevance import VisualRelevance
+from .progress import current_reporter
 from .backend import ShareLink, SharedRequest
 from .service import ByteBoundedCache, check_share_id
 from .trace import AnswerPositions
 
 
 KEEPALIVE_S = 4.0  # below the backend's keep-alive timeout
+JOB_POLL_S = 0.25  # how often a waiting explain call reads its job's progress
 
 
 @dataclass
@@ -262,15 +268,43 @@ class RemoteService:
                 paths.append(path)
         return paths
 
+    def _explained(self, path: str, body: dict) -> dict:
+        """POST an explain call; inside `reporting_progress` it runs as a job whose steps are polled and passed on
+        to the reporter, and a reporter that raises (the page's Cancel) stops the job on the backend."""
+        report = current_reporter()
+        if report is None:
+            return self._call("POST", path, json=body)
+        job = uuid.uuid4().hex
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(self._call, "POST", path, json={**body, "job": job})
+            shown = 0
+            while True:
+                try:
+                    return answer.result(timeout=JOB_POLL_S)
+                except FutureTimeout:
+                    pass
+                try:
+                    status = self._call("GET", f"/v1/jobs/{job}")
+                except UserInputError:  # not started yet, or just ended: the answer says which
+                    continue
+                if status["done"] > shown:
+                    shown = status["done"]
+                    try:
+                        report(status["done"], status["total"])
+                    except BaseException:
+                        with contextlib.suppress(UserInputError):
+                            self._call("POST", f"/v1/jobs/{job}/cancel")
+                        raise
+
     def explain_answer(self, request_id: str, method: str = "igos", **options) -> Explanation:
-        body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/explain_answer", json={
+        body = self._for_request(request_id, lambda backend_id: self._explained("/v1/explain_answer", {
             "request_id": backend_id, "method": method, "options": options}))
         return Explanation(method=body["method"], token_index=body["token_index"],
                            maps=[np.asarray(grid, dtype=np.float32) for grid in body["maps"][body["method"]]],
                            details=body["details"])
 
     def explain(self, request_id: str, method: str, token_index: int, **options) -> Explanation:
-        body = self._for_request(request_id, lambda backend_id: self._call("POST", "/v1/explain", json={
+        body = self._for_request(request_id, lambda backend_id: self._explained("/v1/explain", {
             "request_id": backend_id, "method": method, "token_index": token_index, "options": options}))
         maps = {name: [np.asarray(grid, dtype=np.float32) for grid in grids] for name, grids in body["maps"].items()}
         prefix = method + "_"

@@ -38,6 +38,7 @@ from .export import EXPORT_KINDS, answer_record
 from .images import MAX_PIXELS, decode_image
 from .methods import METHODS
 from .methods.attention import AGGREGATIONS
+from .progress import reporting_progress
 from .ratelimit import RateLimiter
 from .service import ExplainService, hosted_limits, hosted_service
 
@@ -48,6 +49,7 @@ FORM_OVERHEAD_BYTES = 64 * 2 ** 10  # the prompt and options around the image
 # upright, converting it and in the model's processor (about 14 measured on a 16-megapixel PNG)
 DECODE_BYTES_PER_PIXEL = 16
 UNLIMITED_PATHS = ("/v1/health",)  # liveness answers whatever a client's rate
+UNLIMITED_PREFIXES = ("/v1/jobs/",)  # nor do a running job's status and cancel: a waiting client polls them
 log = logging.getLogger(__name__)
 
 # the fixed lists the server accepts, from the registries (enums in the schema)
@@ -57,6 +59,52 @@ TokenSet = Literal[TOKEN_SETS]
 Replacement = Literal[REPLACEMENTS]
 Aggregation = Literal[AGGREGATIONS]
 TokenIndex = Annotated[int, PathParameter(ge=0)]
+
+
+class Jobs:
+    """The explain calls that name a job, while they run: the steps done (iGOS++'s iterations) and whether a client
+    asked to stop it (the method then stops after its current step and caches nothing)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def running(self, job: str | None):
+        if job is None:
+            yield
+            return
+        state = {"done": 0, "total": 0, "cancel": False}
+        with self._lock:
+            if job in self._running:
+                raise UserInputError(f"job {job} is already running: name each call's job afresh")
+            self._running[job] = state
+
+        def report(done: int, total: int) -> None:
+            with self._lock:
+                state.update(done=done, total=total)
+                cancel = state["cancel"]
+            if cancel:
+                raise UserInputError(f"cancelled after step {done} of {total}: ask again to start it over")
+        try:
+            with reporting_progress(report):
+                yield
+        finally:
+            with self._lock:
+                del self._running[job]
+
+    def status(self, job: str) -> dict:
+        with self._lock:
+            state = self._running.get(job)
+            if state is None:
+                raise UnknownRequestError(f"no running job {job} (it has not started, has ended, or never was)")
+            return {"job": job, "done": state["done"], "total": state["total"], "cancelling": state["cancel"]}
+
+    def cancel(self, job: str) -> dict:
+        with self._lock:
+            if job in self._running:
+                self._running[job]["cancel"] = True
+        return self.status(job)
 
 
 class Admission:
@@ -174,7 +222,8 @@ class LimitRate:
         self.limiter = limiter
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in UNLIMITED_PATHS:
+        if scope["type"] == "http" and scope["path"] not in UNLIMITED_PATHS \
+                and not scope["path"].startswith(UNLIMITED_PREFIXES):
             wait_s = self.limiter.retry_after(scope["client"][0] if scope.get("client") else "unknown")
             if wait_s is not None:
                 return await JSONResponse(status_code=429, content={"error": self.limiter.message(wait_s)},
@@ -232,11 +281,19 @@ class ShareRequest(BaseModel):
     request_id: str
 
 
+JOB_ID = r"^[A-Za-z0-9_-]{16,64}$"  # a client-made random id: knowing it is what lets a client see or stop the job
+JobId = Annotated[str, PathParameter(pattern=JOB_ID)]
+JOB_FIELD = Field(None, pattern=JOB_ID, description=(
+    "optional: an id of the client's making (16-64 letters, digits, - or _; random, e.g. a uuid4's hex) under "
+    "which GET /v1/jobs/{job} reports a slow method's progress and POST /v1/jobs/{job}/cancel stops it"))
+
+
 class ExplainRequest(BaseModel):
     request_id: str
     method: MethodName = "attention"
     token_index: int = Field(ge=0)
     options: dict = Field(default_factory=dict)
+    job: str | None = JOB_FIELD
 
 
 AnswerMethodName = Literal[tuple(sorted(name for name, method in METHODS.items() if hasattr(method, "explain_answer")))]
@@ -246,6 +303,7 @@ class AnswerMapRequest(BaseModel):
     request_id: str
     method: AnswerMethodName = "igos"
     options: dict = Field(default_factory=dict)
+    job: str | None = JOB_FIELD
 
 
 class LogitLensRequest(BaseModel):
@@ -431,6 +489,7 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     # a request names one of these (over the network, never an arbitrary hub id or local folder)
     offered_models = service.allowed_models or [service.default_model]
+    jobs = Jobs()
 
     @api.get("/v1/health")
     def health() -> dict:
@@ -507,16 +566,28 @@ def create_api(service: ExplainService, admission: Admission | None = None,
 
     @api.post("/v1/explain", responses=refusals(400, 404, 503))
     def explain(body: ExplainRequest) -> dict:
-        with admission.slot():
+        with jobs.running(body.job), admission.slot():
             explanation = service.explain(body.request_id, body.method, body.token_index, **body.options)
         return explanation_json(explanation)
 
     @api.post("/v1/explain_answer", responses=refusals(400, 404, 503))
     def explain_answer(body: AnswerMapRequest) -> dict:
         """A method's one map for the whole answer (igos: its visually relevant tokens together)."""
-        with admission.slot():
+        with jobs.running(body.job), admission.slot():
             explanation = service.explain_answer(body.request_id, body.method, **body.options)
         return explanation_json(explanation)
+
+    @api.get("/v1/jobs/{job}", responses=refusals(400, 404))
+    def job_status(job: JobId) -> dict:
+        """A running explain call's progress: the steps `done` of `total` (0 of 0 until a slow method's first step,
+        and for a fast one); 404 once it has ended."""
+        return jobs.status(job)
+
+    @api.post("/v1/jobs/{job}/cancel", responses=refusals(400, 404))
+    def job_cancel(job: JobId) -> dict:
+        """Stop a running explain call after its current step: it answers 400 "cancelled ..." and caches nothing;
+        404 if it is not running."""
+        return jobs.cancel(job)
 
     @api.post("/v1/compare", responses=refusals(400, 404, 503))
     def compare(body: CompareRequest) -> dict:

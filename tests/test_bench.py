@@ -30,14 +30,18 @@ def test_bench_figures_become_one_markdown_page(tmp_path):
     runs = []
     for name in ("llava", "qwen2_vl"):
         runs.append(tmp_path / f"{name}.json")
+        # iGOS++ with fewer iterations, as on a CPU: the options are in the command and the page
+        igos = ["--methods", "attention,tam,relevancy,cleann,igos", "--option", "igos.iterations=1",
+                "--option", "igos.ig_steps=1"] if name == "llava" else []
         assert main(["bench", "--model", f"random:{name}", "--device", "cpu", "--answer-tokens", "3",
-                     "--repeats", "1", "--image-size", "96", "--out", str(runs[-1])]) == 0
+                     "--repeats", "1", "--image-size", "96", *igos, "--out", str(runs[-1])]) == 0
     page_path = tmp_path / "docs" / "results.md"
     assert main(["bench-report", *map(str, runs), "--written-by", "make gpu-check", "--out", str(page_path)]) == 0
     page = page_path.read_text()
     assert "Written by `make gpu-check`" in page
     assert f"python -m lvlm_interpret bench --model random:llava --device cpu --dtype auto --answer-tokens 3 " \
-           f"--methods attention,tam,relevancy,cleann --repeats 1 --image-size 96 --out {runs[0]}" in page
+           f"--methods attention,tam,relevancy,cleann,igos --repeats 1 --image-size 96 --option igos.iterations=1 " \
+           f"--option igos.ig_steps=1 --out {runs[0]}" in page
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in page.splitlines()
              if line.startswith("| ")}
     assert table[""] == ["`random:llava`", "`random:qwen2_vl` |"]
@@ -48,6 +52,9 @@ def test_bench_figures_become_one_markdown_page(tmp_path):
     for method in ("attention", "tam", "relevancy"):
         assert table[f"{method}: first click / one token / all tokens"][0].count(" / ") == 2
     assert table["cleann: first click / one token / all tokens"][0].endswith("/ -")  # no all-tokens run
+    assert table["igos: first click / one token / all tokens"][0].count(" / ") == 2
+    assert table["igos: first click / one token / all tokens"][1] == "not run |"
+    assert table["method options"] == ["igos: iterations=1, ig_steps=1", "the defaults |"]
     assert "x)" in table["relevancy, all tokens batched / one at a time"][0]
     assert "process max RSS" in table["peak memory"][0]
 

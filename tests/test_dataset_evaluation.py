@@ -128,6 +128,7 @@ def test_coco_evaluation_on_scenes_written_in_coco_format(tmp_path, capsys):
     (["--dataset", "coco", "--images", "{images}", "--annotations", "{good}", "--n", "9"], "more than the 1 images"),
     (["--dataset", "coco", "--images", "{images}", "--annotations", "{good}", "--prompt", " "], "--prompt is empty"),
     (["--images", "{images}"], "are for --dataset coco"),
+    (["--faithfulness", "--min-blur-effect", "5"], "--min-blur-effect must be a probability change in (0, 1], got 5"),
 ])
 def test_bad_dataset_arguments_get_one_line_and_write_nothing(tmp_path, capsys, arguments, message):
     good = write_coco(tmp_path, [10 ** 9])

@@ -175,7 +175,7 @@ def test_every_family_masks_its_own_pixels_where_the_image_is(models, family):
     ({"lr": 0.0}, "lr must be a positive number"),
     ({"area": -1.0}, "area must be a non-negative number"),
     ({"smoothness": float("nan")}, "smoothness must be a non-negative number"),
-    ({"baseline": "gray"}, "baseline must be one of blur, hue_blur, hue, grey, mean, got 'gray'"),
+    ({"baseline": "gray"}, "baseline must be one of auto, blur, hue_blur, hue, grey, mean, got 'gray'"),
 ])
 def test_bad_option_values_say_what_to_change(llava, llava_trace, options, message):
     with pytest.raises(UserInputError, match=message):
@@ -209,6 +209,14 @@ def test_the_hue_baselines_remove_a_colour_the_blur_keeps():
     assert drop["hue"][blue] > 2 and drop["hue_blur"][blue] > 1 and drop["hue_blur"][square] > 2, drop
     explanation = get_method("igos").explain(trace, blue, model=loaded, baseline="hue_blur", iterations=2)
     assert explanation.details["options"]["baseline"] == "hue_blur" and explanation.maps[0].max() > 0.1
+    # "auto": each mask takes the baseline that removes its word (the colour's hue, the shape's blur), and the
+    # answer-level mask takes the colour the blur keeps among its tokens
+    method = get_method("igos")
+    colour, shape = method.explain_many(trace, [blue, square], model=loaded, baseline="auto", iterations=1)
+    assert (colour.details["baseline"], shape.details["baseline"]) == ("hue", "blur")
+    answer = method.explain_answer(trace, model=loaded, baseline="auto", iterations=1)
+    assert {blue, square} <= set(answer.details["tokens"]) and "the blur or hue" in answer.details["chosen_by"]
+    assert blue not in method.explain_answer(trace, model=loaded, baseline="blur", iterations=1).details["tokens"]
 
 
 def test_explain_writes_every_token_mask_the_answer_mask_and_their_record(tmp_path):
@@ -327,3 +335,82 @@ def test_the_page_cancel_button_stops_the_method_events():
     assert {f.name for f in cancelled} == {"on_method"}
     assert any((method._id, "input") in [tuple(t) for t in f.targets] for f in cancelled)
     assert on_cancel.concurrency_id != cancelled[0].concurrency_id  # runs while the method it stops does
+
+
+def test_a_named_job_reports_its_iterations_and_stops_on_cancel_over_http():
+    """POST /v1/explain with a job id: GET /v1/jobs/{job} follows the iterations, POST .../cancel stops the mask at
+    the next one (400 "cancelled", nothing cached); a malformed id is one 400 line, an unknown one 404."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from lvlm_interpret import ExplainService
+    from lvlm_interpret.server import create_api
+
+    service = ExplainService(default_model="random:llava", device="cpu")
+    client = TestClient(create_api(service))
+    request_id, _ = service.generate([make_scene(160, 96)], "Describe the image.")
+    job = "a" * 16 + "-job-one"
+    body = {"request_id": request_id, "method": "igos", "token_index": 1, "job": job,
+            "options": {"iterations": 40, "tolerance": 0.0}}
+    answered = {}
+    call = threading.Thread(target=lambda: answered.update(response=client.post("/v1/explain", json=body)))
+    call.start()
+    seen = []
+    while call.is_alive() and not (seen and seen[-1]["done"] >= 2):
+        status = client.get(f"/v1/jobs/{job}")
+        if status.status_code == 200:
+            seen.append(status.json())
+    cancelled = client.post(f"/v1/jobs/{job}/cancel")
+    call.join(60)
+    assert cancelled.status_code == 200 and cancelled.json()["cancelling"] is True
+    assert seen[-1]["total"] == 40 and [s["done"] for s in seen] == sorted(s["done"] for s in seen)
+    response = answered["response"]
+    assert response.status_code == 400 and response.json()["error"].startswith("cancelled after step")
+    assert int(response.json()["error"].split()[3]) < 40  # stopped early
+    assert client.get(f"/v1/jobs/{job}").status_code == 404  # ended
+    assert client.post(f"/v1/jobs/{job}/cancel").status_code == 404
+    bad = client.get("/v1/jobs/short")
+    assert bad.status_code == 400 and "job" in bad.json()["error"]
+    bad = client.post("/v1/explain", json={**body, "job": "no spaces allowed here"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("job:")
+    # nothing was cached: the same call without a job runs every iteration
+    steps = []
+    from lvlm_interpret.progress import reporting_progress
+    with reporting_progress(lambda done, total: steps.append(done)):
+        service.explain(request_id, "igos", 1, **body["options"])
+    assert steps == list(range(1, 41))
+
+
+def test_a_page_on_a_backend_follows_the_iterations_and_its_cancel_stops_the_backend():
+    """RemoteService inside `reporting_progress` (the page's progress bar): the backend's iterations reach the
+    reporter; a reporter that raises (Cancel) stops the mask on the backend, which keeps nothing."""
+    from fastapi.testclient import TestClient
+
+    from lvlm_interpret import ExplainService
+    from lvlm_interpret.client import RemoteService
+    from lvlm_interpret.progress import reporting_progress
+    from lvlm_interpret.server import create_api
+
+    service = ExplainService(default_model="random:llava", device="cpu")
+    remote = RemoteService(client=TestClient(create_api(service)))
+    request_id, _ = remote.generate([make_scene(160, 96)], "Describe the image.")
+    options = {"iterations": 30, "tolerance": 0.0}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_third(done, total):
+        steps.append((done, total))
+        if done >= 3:
+            raise Stop
+
+    steps = []
+    with pytest.raises(Stop), reporting_progress(stop_at_the_third):
+        remote.explain_answer(request_id, "igos", **options)
+    assert steps[0][1] == 30 and steps[-1][0] >= 3 and steps[-1][0] < 30
+    steps = []
+    with reporting_progress(lambda done, total: steps.append((done, total))):
+        answer = remote.explain_answer(request_id, "igos", **options)
+    assert answer.details["iterations"] == 30  # computed again in full: the cancelled run kept nothing
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[-1][1] == 30  # polled while it ran

@@ -41,9 +41,12 @@ def test_wrongly_named_objects_are_skipped():
 
 def test_evaluate_command_writes_json_and_csv(tmp_path, capsys):
     assert main(["evaluate", "--n", "2", "--size", "96", "--model", "random:llava", "--methods", "attention",
-                 "--no-progress", "--out", str(tmp_path)]) == 0
+                 "--no-progress", "--faithfulness", "--min-blur-effect", "0.2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())
     assert result["n_samples"] == 2 and result["seed_start"] >= 10 ** 9 and result["processes"] == 1
+    assert result["min_blur_effect"] == 0.2  # every object word's curves, to re-score at another bound
+    assert all({"key", "word", "map", "p_original", "p_blurred", "deletion_auc"} <= set(curve)
+               for curve in result["word_curves"])
     assert len(result["answers"]) == 2
     header = (tmp_path / "evaluation.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "method"
@@ -76,8 +79,8 @@ def test_faithfulness_leaves_out_words_the_blur_does_not_change(llava, scene, mo
     from lvlm_interpret.evaluation import benchmark
     from lvlm_interpret.evaluation.benchmark import Sample, WordTarget, evaluate_sample
 
-    def curves(loaded, trace, token_index, grid_map):  # the blur matters for the first word only
-        p_blurred = 0.2 if token_index == first_word_token[0] else 0.9
+    def curves(loaded, trace, token_index, grid_map):  # the blur matters for the first word, a little for the second
+        p_blurred = 0.2 if token_index == first_word_token[0] else 0.6
         return {"p_original": 0.9, "p_blurred": p_blurred, "deletion_auc": 0.1, "insertion_auc": 0.8}
 
     first_word_token = []
@@ -93,6 +96,11 @@ def test_faithfulness_leaves_out_words_the_blur_does_not_change(llava, scene, mo
     rows = benchmark.aggregate([result])["methods"]["attention"]
     assert rows["n_words"] == 2 and rows["n_faithfulness_words"] == 1
     assert rows["deletion_auc"] == 0.1 and rows["insertion_auc"] == 0.8
+    # every word's curves are kept, scored or not; a lower bound scores the second word too
+    assert [(c["map"], c["p_blurred"]) for c in result["curves"]] == [("attention", 0.2), ("attention", 0.6)]
+    result = evaluate_sample(llava, Sample("s", scene, "Describe the image.", targets), ["attention"],
+                             faithfulness=True, max_new_tokens=6, min_blur_effect=0.3)
+    assert benchmark.aggregate([result])["methods"]["attention"]["n_faithfulness_words"] == 2
 
 
 def test_a_map_on_another_object_of_the_class_points_at_the_class_not_the_instance(llava, scene, monkeypatch):

@@ -22,7 +22,9 @@ from .faithfulness import deletion_insertion
 from .metrics import f1_iou, func_iou, obj_iou, otsu_threshold, pointing_hit, share_inside
 from .words import Word, answer_words
 
-MIN_BLUR_EFFECT = 0.05  # |p(original) - p(blurred)| below which deletion / insertion is not scored
+# |p(original) - p(blurred)| below which deletion / insertion is not scored: the curves divide by it, so a word the
+# blur moves by 0.1 has its map's curve multiplied by 10, and one such word outweighs dozens of others in the mean
+MIN_BLUR_EFFECT = 0.5
 COLUMNS = ("pointing_game", "pointing_instance", "pointing_unique", "obj_iou", "obj_iou_instance", "func_iou",
            "f1_iou", "deletion_auc", "insertion_auc", "cells_inside_object", "n_words", "n_faithfulness_words")
 
@@ -54,17 +56,20 @@ def _word_map(explanation_maps: list[list[np.ndarray]]) -> np.ndarray:
 
 
 def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: dict | None = None,
-                    faithfulness: bool = False, max_new_tokens: int = 24) -> dict:
-    """Score one sample: {"key", "correct", "records": [(map name, metric, value), ...]}."""
+                    faithfulness: bool = False, max_new_tokens: int = 24,
+                    min_blur_effect: float = MIN_BLUR_EFFECT) -> dict:
+    """Score one sample: {"key", "correct", "records": [(map name, metric, value), ...], "curves": every object
+    word's deletion / insertion AUC per map with its p(original) and p(blurred), scored or not}."""
     method_options = method_options or {}
     trace = generate_with_capture(loaded, [sample.image], sample.prompt,
                                   GenerationOptions(max_new_tokens=max_new_tokens))
     correct = None if sample.reference_answer is None else bool(sample.reference_answer(trace.answer))
     words = answer_words(loaded.processor.tokenizer, trace.answer_ids)
     targets = sample.targets(words)
-    records = []
+    records, word_curves = [], []
     if not targets:
-        return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records}
+        return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records,
+                "curves": word_curves}
     functions = [w for w in words if w.is_function_word]
     tokens = sorted({t for word in [*(target.word for target in targets), *functions] for t in word.tokens})
     layout = trace.images[0]
@@ -98,15 +103,19 @@ def evaluate_sample(loaded, sample: Sample, methods: list[str], method_options: 
                     thresholds.append(threshold)
                 if faithfulness:
                     curves = deletion_insertion(loaded, trace, target.word.tokens[0], word_map)
+                    word_curves.append({"word": target.word.text, "token": target.word.tokens[0], "map": map_name,
+                                        **{key: curves[key] for key in ("p_original", "p_blurred", "deletion_auc",
+                                                                        "insertion_auc")}})
                     # a word the blur hardly changes has no visual evidence to order: its normalised scores
                     # divide by ~0, so it is left out
-                    if abs(curves["p_original"] - curves["p_blurred"]) >= MIN_BLUR_EFFECT:
+                    if abs(curves["p_original"] - curves["p_blurred"]) >= min_blur_effect:
                         records.append((map_name, "deletion_auc", curves["deletion_auc"]))
                         records.append((map_name, "insertion_auc", curves["insertion_auc"]))
             for word in functions if thresholds else []:
                 word_map = _word_map([explained[t].all_maps()[map_name] for t in word.tokens])
                 records.append((map_name, "func_iou", func_iou(word_map, layout, float(np.mean(thresholds)))))
-    return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records}
+    return {"key": sample.key, "answer": trace.answer, "correct": correct, "records": records,
+            "curves": word_curves}
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -140,7 +149,7 @@ def process_state():
 
 def run_benchmark(loaded, sample_at: Callable[[int], Sample], n: int, methods: list[str],
                   method_options: dict | None = None, faithfulness: bool = False, max_new_tokens: int = 24,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, min_blur_effect: float = MIN_BLUR_EFFECT) -> dict:
     """Evaluate samples 0..n-1, split between the processes of an `accelerate launch` (one process otherwise);
     every process returns the same merged result."""
     from accelerate.utils import gather_object
@@ -150,10 +159,13 @@ def run_benchmark(loaded, sample_at: Callable[[int], Sample], n: int, methods: l
     with state.split_between_processes(list(range(n))) as mine:
         bar = tqdm(mine, desc="samples", unit="sample", disable=not (progress and state.is_main_process))
         results = [{"index": i, **evaluate_sample(loaded, sample_at(i), methods, method_options, faithfulness,
-                                                  max_new_tokens)} for i in bar]
+                                                  max_new_tokens, min_blur_effect)} for i in bar]
     if state.num_processes > 1:
         results = sorted(gather_object(results), key=lambda r: r["index"])
     summary = aggregate(results)
     summary["answers"] = [{"key": r["key"], "answer": r["answer"], "correct": r["correct"]} for r in results]
+    if faithfulness:
+        summary["min_blur_effect"] = min_blur_effect
+        summary["word_curves"] = [{"key": r["key"], **curve} for r in results for curve in r["curves"]]
     summary["processes"] = state.num_processes
     return summary

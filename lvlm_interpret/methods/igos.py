@@ -22,8 +22,6 @@ its colour, so the blur alone leaves colour words nothing to find). Only the fir
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 import math
 import threading
@@ -37,27 +35,17 @@ from PIL import Image
 
 from ..capture import replay_inputs
 from ..errors import UserInputError
+from ..progress import current_reporter
 from ..trace import Trace
 from .base import Explanation, ExplanationMethod, register_method
-from .visual_relevance import (VisualRelevance, _image_inputs, answer_logprobs_batch, blurred,
+from .visual_relevance import (VisualRelevance, _image_inputs, answer_logprobs_batch, blurred, relevant_against,
                                 visually_relevant_tokens)
 
 TIE_BREAK = 1e-3  # the most the final integrated gradient adds to a cell's saliency (under any step of the mask)
-_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("igos_progress", default=None)
 
 
-@contextlib.contextmanager
-def reporting_progress(callback):
-    """While active, igos calls `callback(done, total)` after each iteration (a progress bar, a cancel check that
-    raises)."""
-    token = _PROGRESS.set(callback)
-    try:
-        yield
-    finally:
-        _PROGRESS.reset(token)
-
-
-BASELINES = ("blur", "hue_blur", "hue", "grey", "mean")  # what a mask's low cells show; see `baseline_image`
+BASELINES = ("auto", "blur", "hue_blur", "hue", "grey", "mean")  # what a mask's low cells show; see `baseline_image`
+AUTO_CANDIDATES = ("blur", "hue")  # "auto": per mask, the one that lowers its tokens' log-probability most
 HUE_SHIFT = 1 / 3  # of the colour circle: red -> green -> blue -> red, so every named colour becomes another
 
 
@@ -216,31 +204,36 @@ def bilateral_tv(masks: torch.Tensor, colours: torch.Tensor, sigma2: float = 0.0
 @dataclass
 class IgosResult:
     """The optimised masks: `saliency` [n, rows, cols] = 1 - M at the mask's resolution (plus the tie-break,
-    at most TIE_BREAK), per mask the iterations it ran and its objective after each."""
+    at most TIE_BREAK), per mask the iterations it ran, its objective after each and the baseline it used."""
 
     saliency: np.ndarray
     iterations: list[int]
     objective: list[list[float]]
+    baselines: list[str]
 
 
 def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations: int = 5,
                    mask_size: int | None = None, ig_steps: int = 5, lr: float = 0.2, momentum: float = 3.0,
                    area: float = 1.0, smoothness: float = 10.0, pull: float = 1.0, pull_decay: float = 1.0,
-                   noise: float = 0.2, tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16,
-                   baseline: str = "hue") -> IgosResult:
+                   noise: float = 0.05, tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16,
+                   baseline: str = "auto") -> IgosResult:
     """One mask per set of answer tokens (each scored by the tokens' summed log-probability), optimised together;
-    low cells show `baseline_image(image, baseline)`."""
+    low cells show `baseline_image(image, baseline)`, for "auto" each mask's choice of AUTO_CANDIDATES."""
     layout = trace.images[0]
     shape = mask_shape(layout.rows, layout.cols, mask_size)
     shared = _SHARED.get(loaded, trace)
-    perturbation = shared.perturbation(loaded, trace, baseline)
     colours = _cell_colours(shared.box_image, shape)
     n_masks, n_answer = len(token_sets), trace.n_answer
     weights = torch.zeros(n_masks, n_answer)
     for j, tokens in enumerate(token_sets):
         weights[j, tokens] = 1.0
-    gap = weights @ (torch.tensor(shared.relevance.logprob_image) - torch.tensor(perturbation.logprob))
+    kinds = list(AUTO_CANDIDATES) if baseline == "auto" else [baseline]
+    perturbations = [shared.perturbation(loaded, trace, kind) for kind in kinds]
+    logprob_image = torch.tensor(shared.relevance.logprob_image)
+    gap, kind_of = torch.stack([weights @ (logprob_image - torch.tensor(p.logprob)) for p in perturbations]).max(0)
     scale = 1.0 / gap.clamp_min(1.0)
+    perturbed = {name: torch.stack([p.inputs[name][pixel_map.inside] for p in perturbations])
+                 for name, pixel_map in shared.pixels.items()}
     points = torch.arange(1, ig_steps + 1, dtype=torch.float32) / ig_steps
     # rows of one mask: deletion at each point, then insertion at each point
     row_points = torch.cat([points, points])
@@ -258,13 +251,13 @@ def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations
     ran = [0] * n_masks
     history: list[list[float]] = [[] for _ in range(n_masks)]
     evidence = torch.zeros(n_masks, *shape)  # each mask's last data gradient: > 0 where the image is evidence
-    report = _PROGRESS.get()
+    report = current_reporter()  # after each iteration: a progress bar, a Cancel that raises
     for i in range(1, iterations + 1):
         chosen = active.nonzero().flatten()
         shared_noise = {name: torch.randn((2 * ig_steps, int(m.inside.sum())), generator=generator) * noise
                         for name, m in shared.pixels.items()}
         variable = masks[chosen].clone().requires_grad_(True)
-        data, gradient = _data_term(loaded, trace, shared.pixels, perturbation.inputs, base_inputs, variable,
+        data, gradient = _data_term(loaded, trace, shared.pixels, perturbed, kind_of[chosen], base_inputs, variable,
                                     row_points, row_insertion, shared_noise, sources, targets, weights[chosen],
                                     scale[chosen], chunk_size)
         evidence[chosen] = gradient.clamp_min(0)
@@ -293,13 +286,15 @@ def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations
     # less than TIE_BREAK can swap
     tie_break = TIE_BREAK * evidence / evidence.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     saliency = 1 - masks + tie_break
-    return IgosResult(saliency=saliency.numpy().astype(np.float32), iterations=ran, objective=history)
+    return IgosResult(saliency=saliency.numpy().astype(np.float32), iterations=ran, objective=history,
+                      baselines=[kinds[k] for k in kind_of.tolist()])
 
 
-def _data_term(loaded, trace, pixels, perturbed, base_inputs, masks, row_points, row_insertion, noise, sources, targets,
-               weights, scale, chunk_size):
+def _data_term(loaded, trace, pixels, perturbed, kind_of, base_inputs, masks, row_points, row_insertion, noise, sources,
+               targets, weights, scale, chunk_size):
     """(D - I) / gap per mask and its gradient w.r.t. the masks: every mask's integration rows in chunks of
-    `chunk_size` forwards, each chunk's backward adding to the gradient."""
+    `chunk_size` forwards, each chunk's backward adding to the gradient. `perturbed[name]` [n_baselines, n_inside]:
+    the baselines' elements that show the image; mask k uses baseline kind_of[k]."""
     n_masks, per_mask = masks.shape[0], row_points.shape[0]
     gradient = torch.zeros_like(masks)
     totals = torch.zeros(n_masks)
@@ -316,7 +311,7 @@ def _data_term(loaded, trace, pixels, perturbed, base_inputs, masks, row_points,
                 keep = F.grid_sample(masks[mask_of, None], coordinates, mode="bilinear", padding_mode="border",
                                      align_corners=False)[:, 0, 0] * row_points[point_of, None]
                 keep = torch.where(row_insertion[point_of, None], 1 - keep, keep)
-                low = perturbed[name][pixel_map.inside]
+                low = perturbed[name][kind_of[mask_of]]
                 batch = pixel_map.original.expand(len(rows), *pixel_map.original.shape).clone()
                 batch[:, pixel_map.inside] = low + keep * (pixel_map.original[pixel_map.inside] - low) \
                     + noise[name][point_of]
@@ -329,12 +324,21 @@ def _data_term(loaded, trace, pixels, perturbed, base_inputs, masks, row_points,
     return totals, gradient
 
 
-def answer_tokens(trace: Trace, relevance: VisualRelevance) -> tuple[list[int], str]:
-    """The tokens of the answer-level mask: the visually relevant ones, or (none) the one of highest LLR."""
-    tokens = [t for t, keep in enumerate(relevance.relevant) if keep]
+def answer_tokens(trace: Trace, relevance: VisualRelevance, perturbations: dict[str, _Perturbation]) -> tuple[list[int], str]:
+    """The tokens of the answer-level mask: the visually relevant ones (LLR against the blur, the seed's), with the
+    tokens the mask's other baselines remove as clearly (a colour the blur keeps), or (none) the one of highest
+    LLR."""
+    relevant = list(relevance.relevant)
+    others = [kind for kind in perturbations if kind != "blur"]
+    for kind in others:
+        relevant = [a or b for a, b in zip(relevant, relevant_against(trace, relevance.logprob_image,
+                                                                       perturbations[kind].logprob))]
+    tokens = [t for t, keep in enumerate(relevant) if keep]
+    against = " or ".join(["the blur", *others])
     if tokens:
-        return tokens, "visually relevant tokens"
-    return [int(np.argmax(relevance.llr))], "no visually relevant token: the token of highest LLR"
+        return tokens, f"visually relevant tokens (LLR against {against})"
+    return [int(np.argmax(relevance.llr))], f"no visually relevant token (LLR against {against}): the token of " \
+                                            "highest LLR against the blur"
 
 
 def answer_summary(loaded, trace: Trace, answer: Explanation) -> dict:
@@ -345,6 +349,7 @@ def answer_summary(loaded, trace: Trace, answer: Explanation) -> dict:
     curves = deletion_insertion(loaded, trace, answer.details["tokens"], answer.maps[0])
     return {"tokens": answer.details["tokens"], "chosen_by": answer.details["chosen_by"],
             "mask_size": answer.details["mask_size"], "iterations": answer.details["iterations"],
+            "baseline": answer.details["baseline"],
             "deletion_auc": round(curves["deletion_auc"], 6), "insertion_auc": round(curves["insertion_auc"], 6),
             "seed": answer.details["seed"]}
 
@@ -366,8 +371,8 @@ class Igos(ExplanationMethod):
 
     def explain_many(self, trace, token_indices, model=None, iterations: int = 5, mask_size: int | None = None,
                      ig_steps: int = 5, lr: float = 0.2, momentum: float = 3.0, area: float = 1.0,
-                     smoothness: float = 10.0, pull: float = 1.0, pull_decay: float = 1.0, noise: float = 0.2,
-                     tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16, baseline: str = "hue"):
+                     smoothness: float = 10.0, pull: float = 1.0, pull_decay: float = 1.0, noise: float = 0.05,
+                     tolerance: float = 0.002, seed: int = 0, chunk_size: int = 16, baseline: str = "auto"):
         """One mask per token, optimised together (see `optimise_masks`)."""
         options = _checked(model, iterations, mask_size, ig_steps, lr, momentum, area, smoothness, pull, pull_decay,
                            noise, tolerance, seed, chunk_size, baseline)
@@ -382,7 +387,10 @@ class Igos(ExplanationMethod):
         them."""
         self.check_options(options)
         options = _checked(model, **{**_defaults(self.explain_many), **options})
-        tokens, chosen_by = answer_tokens(trace, _SHARED.get(model, trace).relevance)
+        shared = _SHARED.get(model, trace)
+        kinds = AUTO_CANDIDATES if options["baseline"] == "auto" else (options["baseline"],)
+        tokens, chosen_by = answer_tokens(trace, shared.relevance,
+                                          {kind: shared.perturbation(model, trace, kind) for kind in kinds})
         result = optimise_masks(model, trace, [tokens], **options)
         explanation = self._explanation(trace, tokens[0], result, 0, options, tokens)
         explanation.method = "igos_answer"
@@ -396,7 +404,8 @@ class Igos(ExplanationMethod):
         others = [np.zeros((layout.rows, layout.cols), dtype=np.float32) for layout in trace.images[1:]]
         return Explanation(method=self.name, token_index=token_index, maps=[grid, *others], details={
             "tokens": tokens, "fine_map": fine, "mask_size": list(fine.shape), "iterations": result.iterations[k],
-            "objective": result.objective[k], "seed": options["seed"], "options": options})
+            "objective": result.objective[k], "baseline": result.baselines[k], "seed": options["seed"],
+            "options": options})
 
 
 def _defaults(function) -> dict:

@@ -96,12 +96,18 @@ class VisualRelevance:
 def visually_relevant_tokens(loaded, trace: Trace, threshold: float = 1.0) -> VisualRelevance:
     images = [trace.image(k) for k in range(len(trace.images))]
     with_image, with_blur = answer_logprobs_batch(loaded, trace, [images, [blurred(image) for image in images]])
-    llr = (with_image - with_blur).tolist()
+    return VisualRelevance(llr=(with_image - with_blur).tolist(), logprob_image=with_image.tolist(),
+                           logprob_blurred=with_blur.tolist(),
+                           relevant=relevant_against(trace, with_image, with_blur, threshold))
+
+
+def relevant_against(trace: Trace, with_image, with_other, threshold: float = 1.0) -> list[bool]:
+    """Per answer token: a content token whose log-probability (`with_image`, `with_other`: per token, sequences of
+    floats or tensors) drops by more than `threshold` when the image is replaced (a one-token answer: its
+    probability at least halves)."""
+    with_image, with_other = torch.as_tensor(with_image), torch.as_tensor(with_other)
     special = set(trace.special_token_ids)
     content = [is_content_token(text, token, special) for text, token in zip(trace.answer_texts, trace.answer_ids)]
     if trace.n_answer == 1:
-        relevant = [bool(content[0] and with_blur.exp()[0] <= 0.5 * with_image.exp()[0])]
-    else:
-        relevant = [bool(keep and value > threshold) for keep, value in zip(content, llr)]
-    return VisualRelevance(llr=llr, logprob_image=with_image.tolist(), logprob_blurred=with_blur.tolist(),
-                           relevant=relevant)
+        return [bool(content[0] and with_other.exp()[0] <= 0.5 * with_image.exp()[0])]
+    return [bool(keep and value > threshold) for keep, value in zip(content, (with_image - with_other).tolist())]

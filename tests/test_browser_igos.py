@@ -1,0 +1,87 @@
+"""iGOS++ in the method panel, in a real browser on the demo model: chosen before a word is picked it shows the
+answer-level map with a progress bar over its iterations; picked for a word, Cancel stops the run at the next
+iteration and the word's other views still show; picked again it runs in full and the map is the library's. With the
+page in process and on a backend."""
+
+import os
+
+import numpy as np
+import pytest
+
+from components.generation import run_generation
+from components.method_panel import render_method
+from lvlm_interpret import ExplainService
+from lvlm_interpret.images import load_image
+from tests import test_browser
+from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS, ROOT, _generate, _shown_image
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed "
+                                                                       "(make test installs it)")
+
+EXAMPLE = ROOT / "assets" / "examples" / "green-square-blue-circle.png"
+PROMPT = "Describe the image."
+demo_app_url, demo_backend_app_url = test_browser.demo_app_url, test_browser.demo_backend_app_url
+
+
+def _wait_for_text(page, selector: str, text: str, timeout: int = 90_000) -> None:
+    page.wait_for_function(f"(document.querySelector({selector!r}) || {{innerText: ''}}).innerText"
+                           f".includes({text!r})", timeout=timeout)
+
+
+def _assert_same_picture(shown: np.ndarray, expected) -> None:
+    """The page's picture is the library's; the page's process may sum in another thread order, so the optimised
+    mask may differ in its last bits: a few grey levels at most, on average well under one."""
+    expected = np.asarray(expected)
+    assert shown.shape == expected.shape
+    difference = np.abs(shown.astype(np.int16) - expected.astype(np.int16))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
+
+
+@pytest.mark.parametrize("server", ["demo_app_url", "demo_backend_app_url"])
+def test_igos_answer_map_progress_cancel_and_rerun(server, request):
+    """In process, and with the model behind `app.py --backend` (the iterations and the Cancel go over HTTP)."""
+    from playwright.sync_api import sync_playwright
+
+    url = request.getfixturevalue(server)
+    image = load_image(EXAMPLE)
+    service = ExplainService(default_model="demo", device="cpu")
+    request_id, trace = run_generation(service, image, PROMPT, max_new_tokens=32)  # the page's default
+    word = [text.strip() for text in trace.answer_texts].index("blue")
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        _generate(page, url, EXAMPLE, PROMPT)
+        assert page.locator("#answer textarea").input_value() == trace.answer
+        page.get_by_role("tab", name="Methods").click()
+        page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
+
+        # chosen before any word: the progress bar counts iterations, then the answer-level map
+        page.locator("#method label", has_text="igos").click()
+        _wait_for_text(page, "body", "igos: iteration")
+        _wait_for_text(page, "#method-summary", "the answer's visually relevant tokens together")
+        expected = render_method(service, request_id, image, None, "igos")
+        _assert_same_picture(_shown_image(page, "#method-map"), expected[0])
+        page.screenshot(path=str(ARTIFACTS / f"igos-answer-{server}.png"), full_page=True)
+
+        # a word picked: its mask starts; Cancel stops it, the panel says so and the word's attention still shows
+        attention_before = page.locator("#attention-map img").get_attribute("src")
+        page.locator("#answer-tokens .token").nth(word).click()
+        _wait_for_text(page, "body", "igos: iteration 1 of")
+        page.locator("#method-cancel").click()
+        _wait_for_text(page, "#method-summary", "cancelled (igos: iteration")
+        assert page.locator("#method-map img").count() == 0
+        page.wait_for_function(f"document.querySelector('#attention-map img').getAttribute('src') !== "
+                               f"{attention_before!r}", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / f"igos-cancelled-{server}.png"), full_page=True)
+
+        # the method chosen again runs in full for the word: the library's map of that word
+        page.locator("#method label", has_text="tam").click()
+        page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
+        page.locator("#method label", has_text="igos").click()
+        _wait_for_text(page, "#method-summary", "iGOS++ (the token)")
+        expected = render_method(service, request_id, image, word, "igos")
+        _assert_same_picture(_shown_image(page, "#method-map"), expected[0])
+        page.screenshot(path=str(ARTIFACTS / f"igos-word-{server}.png"), full_page=True)
+        browser.close()

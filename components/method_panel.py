@@ -101,13 +101,16 @@ class Cancellations:
         with self._lock:
             self._asked.discard(session)
 
+        shown = []
+
         def report(fraction: float, desc: str = "") -> None:
             with self._lock:
                 asked = session in self._asked
                 self._asked.discard(session)
             if asked:
                 raise Cancelled(f"cancelled ({desc}): choose the method or the word again to start it over")
-            if progress is not None:
+            if progress is not None and shown[-1:] != [fraction]:  # a repeated step (a backend's poll) redraws nothing
+                shown.append(fraction)
                 progress(fraction, desc=desc)
         return report
 

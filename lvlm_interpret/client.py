@@ -277,7 +277,6 @@ class RemoteService:
         job = uuid.uuid4().hex
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(self._call, "POST", path, json={**body, "job": job})
-            shown = 0
             while True:
                 try:
                     return answer.result(timeout=JOB_POLL_S)
@@ -287,14 +286,14 @@ class RemoteService:
                     status = self._call("GET", f"/v1/jobs/{job}")
                 except UserInputError:  # not started yet, or just ended: the answer says which
                     continue
-                if status["done"] > shown:
-                    shown = status["done"]
-                    try:
-                        report(status["done"], status["total"])
-                    except BaseException:
-                        with contextlib.suppress(UserInputError):
-                            self._call("POST", f"/v1/jobs/{job}/cancel")
-                        raise
+                if status["total"] == 0:  # not started its first step
+                    continue
+                try:  # at every poll, not only on a new step: a Cancel pressed now stops the job at its next step
+                    report(status["done"], status["total"])
+                except BaseException:
+                    with contextlib.suppress(UserInputError):
+                        self._call("POST", f"/v1/jobs/{job}/cancel")
+                    raise
 
     def explain_answer(self, request_id: str, method: str = "igos", **options) -> Explanation:
         body = self._for_request(request_id, lambda backend_id: self._explained("/v1/explain_answer", {

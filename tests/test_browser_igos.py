@@ -46,7 +46,8 @@ def test_igos_answer_map_progress_cancel_and_rerun(server, request):
     image = load_image(EXAMPLE)
     service = ExplainService(default_model="demo", device="cpu")
     request_id, trace = run_generation(service, image, PROMPT, max_new_tokens=32)  # the page's default
-    word = [text.strip() for text in trace.answer_texts].index("blue")
+    texts = [text.strip() for text in trace.answer_texts]
+    words = [texts.index(word) for word in ("blue", "circle", "green", "square")]  # masks of 5 iterations
     ARTIFACTS.mkdir(exist_ok=True)
 
     with sync_playwright() as playwright:
@@ -65,12 +66,26 @@ def test_igos_answer_map_progress_cancel_and_rerun(server, request):
         _assert_same_picture(_shown_image(page, "#method-map"), expected[0])
         page.screenshot(path=str(ARTIFACTS / f"igos-answer-{server}.png"), full_page=True)
 
-        # a word picked: its mask starts; Cancel stops it, the panel says so and the word's attention still shows
-        attention_before = page.locator("#attention-map img").get_attribute("src")
-        page.locator("#answer-tokens .token").nth(word).click()
-        _wait_for_text(page, "body", "igos: iteration 1 of")
-        page.locator("#method-cancel").click()
-        _wait_for_text(page, "#method-summary", "cancelled (igos: iteration")
+        # a word picked: its mask starts; Cancel stops it, the panel says so and the word's attention still shows. A
+        # mask takes 2-3 s here, so a Cancel may land after the last iteration: then the word's map shows and the next
+        # word is tried
+        cancelled = None
+        for word in words:
+            attention_before = page.locator("#attention-map img").get_attribute("src")
+            summary_before = page.locator("#method-summary").inner_text()
+            page.locator("#answer-tokens .token").nth(word).click()
+            _wait_for_text(page, "body", "igos: iteration ")
+            # at once, as a reader would: Playwright's wait for a still layout (the progress bar moves it) can outlast
+            # the run's remaining iterations
+            page.locator("#method-cancel").click(force=True)
+            page.wait_for_function(
+                "(() => { const text = document.querySelector('#method-summary').innerText;"
+                f" return text !== {summary_before!r} && (text.includes('cancelled (igos: iteration') ||"
+                " text.includes('iGOS++ (the token)')); })()", timeout=90_000)
+            if "cancelled" in page.locator("#method-summary").inner_text():
+                cancelled = word
+                break
+        assert cancelled is not None, "no Cancel stopped a running mask"
         assert page.locator("#method-map img").count() == 0
         page.wait_for_function(f"document.querySelector('#attention-map img').getAttribute('src') !== "
                                f"{attention_before!r}", timeout=30_000)
@@ -81,7 +96,7 @@ def test_igos_answer_map_progress_cancel_and_rerun(server, request):
         page.wait_for_function("document.querySelector('#method-map img') !== null", timeout=30_000)
         page.locator("#method label", has_text="igos").click()
         _wait_for_text(page, "#method-summary", "iGOS++ (the token)")
-        expected = render_method(service, request_id, image, word, "igos")
+        expected = render_method(service, request_id, image, cancelled, "igos")
         _assert_same_picture(_shown_image(page, "#method-map"), expected[0])
         page.screenshot(path=str(ARTIFACTS / f"igos-word-{server}.png"), full_page=True)
         browser.close()

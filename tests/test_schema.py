@@ -43,7 +43,9 @@ def test_errors_and_fixed_lists_are_declared():
             assert "422" not in declared, (verb, path)  # refused input is 400 here
             refusals = ["413", "500"]
             if path not in ("/v1/health", "/v1/methods"):
-                refusals += ["400", "503"] + ([] if path == "/v1/generate" else ["404"])  # 404: unknown request id
+                # 404: unknown request id; a job's status and cancel compute nothing, so are never busy (503)
+                refusals += ["400"] + ([] if path.startswith("/v1/jobs/") else ["503"]) + \
+                    ([] if path == "/v1/generate" else ["404"])
             for status in refusals:
                 body = declared[status]["content"]["application/json"]["schema"]
                 assert body == {"$ref": "#/components/schemas/ErrorBody"}, (verb, path, status)

@@ -46,6 +46,11 @@ TIE_BREAK = 1e-3  # the most the final integrated gradient adds to a cell's sali
 
 BASELINES = ("auto", "blur", "hue_blur", "hue", "grey", "mean")  # what a mask's low cells show; see `baseline_image`
 AUTO_CANDIDATES = ("blur", "hue")  # "auto": per mask, the one that lowers its tokens' log-probability most
+
+
+def baseline_kinds(baseline: str) -> tuple[str, ...]:
+    """The baseline images an option value may give a mask."""
+    return AUTO_CANDIDATES if baseline == "auto" else (baseline,)
 HUE_SHIFT = 1 / 3  # of the colour circle: red -> green -> blue -> red, so every named colour becomes another
 
 
@@ -227,7 +232,7 @@ def optimise_masks(loaded, trace: Trace, token_sets: list[list[int]], iterations
     weights = torch.zeros(n_masks, n_answer)
     for j, tokens in enumerate(token_sets):
         weights[j, tokens] = 1.0
-    kinds = list(AUTO_CANDIDATES) if baseline == "auto" else [baseline]
+    kinds = baseline_kinds(baseline)
     perturbations = [shared.perturbation(loaded, trace, kind) for kind in kinds]
     logprob_image = torch.tensor(shared.relevance.logprob_image)
     gap, kind_of = torch.stack([weights @ (logprob_image - torch.tensor(p.logprob)) for p in perturbations]).max(0)
@@ -388,9 +393,8 @@ class Igos(ExplanationMethod):
         self.check_options(options)
         options = _checked(model, **{**_defaults(self.explain_many), **options})
         shared = _SHARED.get(model, trace)
-        kinds = AUTO_CANDIDATES if options["baseline"] == "auto" else (options["baseline"],)
-        tokens, chosen_by = answer_tokens(trace, shared.relevance,
-                                          {kind: shared.perturbation(model, trace, kind) for kind in kinds})
+        tokens, chosen_by = answer_tokens(trace, shared.relevance, {
+            kind: shared.perturbation(model, trace, kind) for kind in baseline_kinds(options["baseline"])})
         result = optimise_masks(model, trace, [tokens], **options)
         explanation = self._explanation(trace, tokens[0], result, 0, options, tokens)
         explanation.method = "igos_answer"
